@@ -1,0 +1,72 @@
+//! Typed errors of the SMC core.
+//!
+//! Every fallible public function returns [`SmcError`]. The enum is `#[non_exhaustive]`
+//! so that new failure modes can be added without breaking callers.
+
+use thiserror::Error;
+
+/// Errors raised by the SMC core, its kernels and potentials.
+#[derive(Debug, Error, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum SmcError {
+    /// The number of particles was zero.
+    #[error("the number of particles must be at least 1 (got 0)")]
+    ZeroParticles,
+    /// The ESS threshold was outside `[0, 1]` (or NaN).
+    #[error("the ESS threshold must be a ratio in [0, 1] (got {0})")]
+    InvalidEssThreshold(f64),
+    /// SMC-steer's beam factor `K` was zero.
+    #[error("the SMC-steer extension factor K must be at least 1 (got 0)")]
+    ZeroBeam,
+    /// A potential returned NaN; `-inf` is the only way to reject a sequence.
+    #[error("potential `{name}` returned NaN (use -inf to reject a sequence)")]
+    NanPotential {
+        /// The potential's name.
+        name: String,
+    },
+    /// A proposal returned NaN or a distribution that does not sum to one.
+    #[error("proposal `{name}` is invalid: {reason}")]
+    InvalidProposal {
+        /// The proposal's name.
+        name: String,
+        /// What was wrong.
+        reason: String,
+    },
+    /// Two components disagree on the vocabulary size.
+    #[error("vocabulary mismatch: {what} has {found} tokens but the kernel has {expected}")]
+    VocabularyMismatch {
+        /// Which component disagreed.
+        what: String,
+        /// The kernel's vocabulary size (ordinary tokens, without EOS).
+        expected: usize,
+        /// The component's vocabulary size.
+        found: usize,
+    },
+    /// A token id outside the vocabulary (plus EOS).
+    #[error("token id {token} is out of range (vocabulary has {vocab_size} tokens plus EOS)")]
+    TokenOutOfRange {
+        /// The offending token.
+        token: u32,
+        /// The vocabulary size (without EOS).
+        vocab_size: usize,
+    },
+    /// A kernel distribution was invalid (wrong length, NaN, or not normalised).
+    #[error("kernel returned an invalid distribution: {0}")]
+    InvalidDistribution(String),
+    /// A weight vector passed to a resampler was invalid.
+    #[error("invalid weights: {0}")]
+    InvalidWeights(String),
+    /// A particle program misused the particle API (for example sampling from a stale
+    /// distribution after appending tokens in the same sub-step).
+    #[error("particle program error: {0}")]
+    Program(String),
+    /// A kernel (for example the transformer) failed.
+    #[error("kernel error: {0}")]
+    Kernel(String),
+    /// A configuration value was invalid.
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+}
+
+/// Shorthand for results of the SMC core.
+pub type Result<T, E = SmcError> = std::result::Result<T, E>;

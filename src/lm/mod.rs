@@ -1,0 +1,1 @@
+//! The language-model kernel (feature `lm`): a llama-family transformer on candle.
