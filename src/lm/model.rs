@@ -1,0 +1,1128 @@
+//! A llama-family decoder-only transformer on candle, with the KV cache kept outside.
+//!
+//! Architecture: LLaMA (Touvron et al., 2023, "LLaMA: Open and Efficient Foundation Language
+//! Models", arXiv:2302.13971) — pre-norm decoder blocks with RMSNorm (Zhang & Sennrich, 2019),
+//! rotary position embeddings (RoPE; Su et al., 2021, arXiv:2104.09864), grouped-query
+//! attention (GQA; Ainslie et al., 2023, arXiv:2305.13245) and a SwiGLU feed-forward layer
+//! (Shazeer, 2020, arXiv:2002.05202), with tied or untied input/output embeddings. This covers
+//! Llama 2/3, SmolLM/SmolLM2, Mistral (without sliding windows) and similar models.
+//!
+//! The weights ([`LlamaModel`]) are immutable; all per-sequence state lives in a
+//! [`PagedKvCache`] passed to [`LlamaModel::forward`], so one model serves a whole particle
+//! population whose sequences share prefixes. A forward call takes any number of sequences,
+//! each appending any number of tokens at its own positions: all new tokens of all sequences
+//! are stacked into one `[tokens, hidden]` matrix, so every projection is a single matrix
+//! product, and attention reads each sequence's keys and values through its block table.
+//!
+//! Loading: GGUF files (llama.cpp's format, read with candle's GGUF reader) and Hugging Face
+//! checkpoints (`config.json` + `*.safetensors`). Weights are dequantized to f32 by default
+//! ([`WeightFormat::F32`], the fastest choice on CPU at batch ≥ 8); [`WeightFormat::Quantized`]
+//! keeps GGUF's quantized matrices and multiplies with candle's `QMatMul`.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{Read, Seek};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor, D};
+use rand::{Rng, SeedableRng};
+
+use super::cache::{CacheLayout, CacheSeq, PagedKvCache, QueryMeta};
+use super::error::{LmError, LmResult};
+
+/// How rotary embeddings pair the dimensions of a head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Pairs `(2i, 2i+1)`: GGUF llama files (llama.cpp permutes the query/key weights).
+    Interleaved,
+    /// Pairs `(i, i + d/2)`: Hugging Face checkpoints ("neox" style).
+    Half,
+}
+
+/// Hyper-parameters of a llama-family model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    /// Rows of the embedding and output matrices.
+    pub vocab_size: usize,
+    /// Model width.
+    pub hidden_size: usize,
+    /// Width of the SwiGLU layer.
+    pub intermediate_size: usize,
+    /// Number of decoder blocks.
+    pub n_layers: usize,
+    /// Query heads.
+    pub n_heads: usize,
+    /// Key/value heads (divides `n_heads`).
+    pub n_kv_heads: usize,
+    /// Dimension of one head.
+    pub head_dim: usize,
+    /// RoPE base frequency.
+    pub rope_theta: f64,
+    /// RoPE pairing convention.
+    pub rope_style: RopeStyle,
+    /// RMSNorm epsilon.
+    pub rms_eps: f64,
+    /// Context window (positions for which rotary tables exist).
+    pub max_seq_len: usize,
+    /// Whether the output layer reuses the embedding matrix.
+    pub tie_embeddings: bool,
+}
+
+impl LlamaConfig {
+    /// Check the internal consistency of the dimensions.
+    ///
+    /// # Errors
+    /// [`LmError::Format`].
+    pub fn validate(&self) -> LmResult<()> {
+        let bad = |m: String| Err(LmError::Format(m));
+        if self.vocab_size == 0
+            || self.hidden_size == 0
+            || self.intermediate_size == 0
+            || self.n_layers == 0
+            || self.n_heads == 0
+            || self.n_kv_heads == 0
+            || self.head_dim == 0
+            || self.max_seq_len == 0
+        {
+            return bad(format!("a model dimension is zero: {self:?}"));
+        }
+        if self.n_heads % self.n_kv_heads != 0 {
+            return bad(format!(
+                "{} query heads are not a multiple of {} key/value heads",
+                self.n_heads, self.n_kv_heads
+            ));
+        }
+        if self.head_dim % 2 != 0 {
+            return bad(format!(
+                "head dimension {} is odd (RoPE needs pairs)",
+                self.head_dim
+            ));
+        }
+        if !(self.rope_theta > 0.0 && self.rms_eps >= 0.0) {
+            return bad(format!(
+                "invalid rope_theta {} or rms_eps {}",
+                self.rope_theta, self.rms_eps
+            ));
+        }
+        Ok(())
+    }
+
+    /// A cache layout for this model with `num_blocks` blocks of `block_size` tokens.
+    pub fn cache_layout(&self, block_size: usize, num_blocks: usize) -> CacheLayout {
+        CacheLayout {
+            n_layers: self.n_layers,
+            n_kv_heads: self.n_kv_heads,
+            head_dim: self.head_dim,
+            block_size,
+            num_blocks,
+        }
+    }
+}
+
+/// How weight matrices are stored and multiplied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightFormat {
+    /// Dequantize everything to f32 (default; fastest on CPU for batched decoding).
+    #[default]
+    F32,
+    /// Keep GGUF's quantized matrices and use candle's quantized matmul (smaller, slower at
+    /// large batches; greedy outputs may differ from f32 on near-ties). Ignored for
+    /// safetensors checkpoints.
+    Quantized,
+}
+
+/// Options for loading a model.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Weight storage.
+    pub weights: WeightFormat,
+    /// Cap on the context window (default: the model's own).
+    pub max_seq_len: Option<usize>,
+}
+
+/// A linear map `y = x W^T` with `W: [out, in]`.
+#[derive(Debug, Clone)]
+enum Linear {
+    Dense(Tensor),
+    Quant(QMatMul),
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Linear::Dense(w) => x.matmul(&w.t()?),
+            Linear::Quant(q) => q.forward(x),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    attn_norm: Tensor,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    wo: Linear,
+    ffn_norm: Tensor,
+    w_gate: Linear,
+    w_up: Linear,
+    w_down: Linear,
+}
+
+/// Which rows of logits [`LlamaModel::forward`] returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitRows {
+    /// One row per appended token, in batch order.
+    All,
+    /// One row per sequence: after its last appended token.
+    Last,
+}
+
+/// One entry of a batched forward call: append `tokens` to cache sequence `seq`.
+#[derive(Debug, Clone, Copy)]
+pub struct SeqTokens<'a> {
+    /// The sequence.
+    pub seq: CacheSeq,
+    /// Tokens to append (at least one).
+    pub tokens: &'a [u32],
+}
+
+/// The weights of a llama-family model. See the [module documentation](self).
+#[derive(Debug, Clone)]
+pub struct LlamaModel {
+    config: LlamaConfig,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Linear,
+    /// `cos[p * half + i]`, `sin[...]` for position `p` and frequency `i`.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+/// A source of named tensors (GGUF names: `blk.{i}.attn_q.weight`, ...).
+trait WeightSource {
+    /// A tensor as f32, or `None` when absent.
+    fn dense(&mut self, name: &str) -> LmResult<Option<Tensor>>;
+    /// A matrix for a linear layer, or `None` when absent.
+    fn linear(&mut self, name: &str) -> LmResult<Option<Linear>> {
+        Ok(self.dense(name)?.map(Linear::Dense))
+    }
+}
+
+fn require<T>(t: Option<T>, name: &str) -> LmResult<T> {
+    t.ok_or_else(|| LmError::Format(format!("missing tensor `{name}`")))
+}
+
+fn check_shape(t: &Tensor, dims: &[usize], name: &str) -> LmResult<()> {
+    if t.dims() != dims {
+        return Err(LmError::Format(format!(
+            "tensor `{name}` has shape {:?}, expected {dims:?}",
+            t.dims()
+        )));
+    }
+    Ok(())
+}
+
+fn linear_dims(l: &Linear) -> Vec<usize> {
+    match l {
+        Linear::Dense(w) => w.dims().to_vec(),
+        Linear::Quant(QMatMul::QTensor(q)) => q.shape().dims().to_vec(),
+        Linear::Quant(QMatMul::Tensor(w) | QMatMul::TensorF16(w)) => w.dims().to_vec(),
+    }
+}
+
+impl LlamaModel {
+    fn build(config: LlamaConfig, src: &mut dyn WeightSource) -> LmResult<Self> {
+        config.validate()?;
+        let c = &config;
+        let (h, q_out, kv_out) = (
+            c.hidden_size,
+            c.n_heads * c.head_dim,
+            c.n_kv_heads * c.head_dim,
+        );
+        let embed = require(src.dense("token_embd.weight")?, "token_embd.weight")?;
+        check_shape(&embed, &[c.vocab_size, h], "token_embd.weight")?;
+        let mut lin = |name: String, dims: [usize; 2]| -> LmResult<Linear> {
+            let l = require(src.linear(&name)?, &name)?;
+            if linear_dims(&l) != dims {
+                return Err(LmError::Format(format!(
+                    "tensor `{name}` has shape {:?}, expected {dims:?}",
+                    linear_dims(&l)
+                )));
+            }
+            Ok(l)
+        };
+        let mut layers = Vec::with_capacity(c.n_layers);
+        for i in 0..c.n_layers {
+            let p = format!("blk.{i}");
+            let wq = lin(format!("{p}.attn_q.weight"), [q_out, h])?;
+            let wk = lin(format!("{p}.attn_k.weight"), [kv_out, h])?;
+            let wv = lin(format!("{p}.attn_v.weight"), [kv_out, h])?;
+            let wo = lin(format!("{p}.attn_output.weight"), [h, q_out])?;
+            let w_gate = lin(format!("{p}.ffn_gate.weight"), [c.intermediate_size, h])?;
+            let w_up = lin(format!("{p}.ffn_up.weight"), [c.intermediate_size, h])?;
+            let w_down = lin(format!("{p}.ffn_down.weight"), [h, c.intermediate_size])?;
+            layers.push((wq, wk, wv, wo, w_gate, w_up, w_down));
+        }
+        let lm_head = if c.tie_embeddings {
+            None
+        } else {
+            src.linear("output.weight")?
+        };
+        let lm_head = match lm_head {
+            Some(l) => {
+                if linear_dims(&l) != [c.vocab_size, h] {
+                    return Err(LmError::Format(format!(
+                        "tensor `output.weight` has shape {:?}, expected {:?}",
+                        linear_dims(&l),
+                        [c.vocab_size, h]
+                    )));
+                }
+                l
+            }
+            // Tied embeddings (or no separate output matrix in the file).
+            None => match src.linear("token_embd.weight")? {
+                Some(Linear::Quant(q)) => Linear::Quant(q),
+                _ => Linear::Dense(embed.clone()),
+            },
+        };
+        let mut built = Vec::with_capacity(c.n_layers);
+        for (i, (wq, wk, wv, wo, w_gate, w_up, w_down)) in layers.into_iter().enumerate() {
+            let p = format!("blk.{i}");
+            let attn_norm = require(src.dense(&format!("{p}.attn_norm.weight"))?, "attn_norm")?;
+            check_shape(&attn_norm, &[h], &format!("{p}.attn_norm.weight"))?;
+            let ffn_norm = require(src.dense(&format!("{p}.ffn_norm.weight"))?, "ffn_norm")?;
+            check_shape(&ffn_norm, &[h], &format!("{p}.ffn_norm.weight"))?;
+            built.push(Layer {
+                attn_norm,
+                wq,
+                wk,
+                wv,
+                wo,
+                ffn_norm,
+                w_gate,
+                w_up,
+                w_down,
+            });
+        }
+        let norm = require(src.dense("output_norm.weight")?, "output_norm.weight")?;
+        check_shape(&norm, &[h], "output_norm.weight")?;
+        let (cos, sin) = rope_tables(c);
+        Ok(Self {
+            config,
+            embed,
+            layers: built,
+            norm,
+            lm_head,
+            cos,
+            sin,
+        })
+    }
+
+    /// A model with random weights (for tests and benchmarks): deterministic given `seed`.
+    ///
+    /// # Errors
+    /// [`LmError::Format`] for an inconsistent configuration.
+    pub fn random(config: LlamaConfig, seed: u64) -> LmResult<Self> {
+        config.validate()?;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut tensors = HashMap::new();
+        let c = &config;
+        let h = c.hidden_size;
+        let mat = |rows: usize, cols: usize, rng: &mut rand::rngs::StdRng| {
+            let scale = 1.5 / (cols as f32).sqrt();
+            let data: Vec<f32> = (0..rows * cols)
+                .map(|_| rng.random_range(-scale..scale))
+                .collect();
+            Tensor::from_vec(data, (rows, cols), &Device::Cpu)
+        };
+        let norm = |rng: &mut rand::rngs::StdRng| {
+            let data: Vec<f32> = (0..h)
+                .map(|_| 1.0 + rng.random_range(-0.2f32..0.2))
+                .collect();
+            Tensor::from_vec(data, h, &Device::Cpu)
+        };
+        tensors.insert(
+            "token_embd.weight".to_string(),
+            mat(c.vocab_size, h, &mut rng)?,
+        );
+        for i in 0..c.n_layers {
+            let p = format!("blk.{i}");
+            let qo = c.n_heads * c.head_dim;
+            let kvo = c.n_kv_heads * c.head_dim;
+            tensors.insert(format!("{p}.attn_q.weight"), mat(qo, h, &mut rng)?);
+            tensors.insert(format!("{p}.attn_k.weight"), mat(kvo, h, &mut rng)?);
+            tensors.insert(format!("{p}.attn_v.weight"), mat(kvo, h, &mut rng)?);
+            tensors.insert(format!("{p}.attn_output.weight"), mat(h, qo, &mut rng)?);
+            tensors.insert(
+                format!("{p}.ffn_gate.weight"),
+                mat(c.intermediate_size, h, &mut rng)?,
+            );
+            tensors.insert(
+                format!("{p}.ffn_up.weight"),
+                mat(c.intermediate_size, h, &mut rng)?,
+            );
+            tensors.insert(
+                format!("{p}.ffn_down.weight"),
+                mat(h, c.intermediate_size, &mut rng)?,
+            );
+            tensors.insert(format!("{p}.attn_norm.weight"), norm(&mut rng)?);
+            tensors.insert(format!("{p}.ffn_norm.weight"), norm(&mut rng)?);
+        }
+        tensors.insert("output_norm.weight".to_string(), norm(&mut rng)?);
+        if !c.tie_embeddings {
+            tensors.insert("output.weight".to_string(), mat(c.vocab_size, h, &mut rng)?);
+        }
+        Self::from_tensors(config, tensors)
+    }
+
+    /// Build a model from f32 tensors named as in GGUF files (`token_embd.weight`,
+    /// `blk.{i}.attn_q.weight`, ..., `output_norm.weight`, optional `output.weight`).
+    ///
+    /// # Errors
+    /// [`LmError::Format`] for missing tensors or wrong shapes.
+    pub fn from_tensors(config: LlamaConfig, tensors: HashMap<String, Tensor>) -> LmResult<Self> {
+        struct Map(HashMap<String, Tensor>);
+        impl WeightSource for Map {
+            fn dense(&mut self, name: &str) -> LmResult<Option<Tensor>> {
+                Ok(match self.0.get(name) {
+                    Some(t) => Some(t.to_dtype(DType::F32)?),
+                    None => None,
+                })
+            }
+        }
+        Self::build(config, &mut Map(tensors))
+    }
+
+    /// Load a GGUF file.
+    ///
+    /// # Errors
+    /// [`LmError::ModelNotFound`], [`LmError::CorruptModel`] (truncated or invalid file),
+    /// [`LmError::UnsupportedArchitecture`], [`LmError::Format`].
+    pub fn from_gguf(path: &Path, opts: &LoadOptions) -> LmResult<Self> {
+        let mut gguf = GgufFile::open(path)?;
+        Self::from_gguf_file(&mut gguf, opts)
+    }
+
+    /// Load the model from an opened GGUF file (see [`GgufFile`]).
+    ///
+    /// # Errors
+    /// As [`LlamaModel::from_gguf`].
+    pub fn from_gguf_file(gguf: &mut GgufFile, opts: &LoadOptions) -> LmResult<Self> {
+        let mut config = gguf_config(&gguf.content)?;
+        if let Some(m) = opts.max_seq_len {
+            config.max_seq_len = config.max_seq_len.min(m.max(1));
+        }
+        config.tie_embeddings = !gguf.content.tensor_infos.contains_key("output.weight");
+        struct Src<'a> {
+            g: &'a mut GgufFile,
+            quantized: bool,
+        }
+        impl WeightSource for Src<'_> {
+            fn dense(&mut self, name: &str) -> LmResult<Option<Tensor>> {
+                match self.g.qtensor(name)? {
+                    Some(q) => Ok(Some(q.dequantize(&Device::Cpu)?)),
+                    None => Ok(None),
+                }
+            }
+            fn linear(&mut self, name: &str) -> LmResult<Option<Linear>> {
+                let Some(q) = self.g.qtensor(name)? else {
+                    return Ok(None);
+                };
+                let float = matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+                if self.quantized && !float {
+                    Ok(Some(Linear::Quant(QMatMul::QTensor(Arc::new(q)))))
+                } else {
+                    Ok(Some(Linear::Dense(q.dequantize(&Device::Cpu)?)))
+                }
+            }
+        }
+        let quantized = opts.weights == WeightFormat::Quantized;
+        Self::build(config, &mut Src { g: gguf, quantized })
+    }
+
+    /// Load a Hugging Face checkpoint directory (`config.json` and one or more
+    /// `*.safetensors` files). Weights are converted to f32.
+    ///
+    /// # Errors
+    /// [`LmError::ModelNotFound`], [`LmError::Io`], [`LmError::CorruptModel`],
+    /// [`LmError::UnsupportedArchitecture`], [`LmError::Format`].
+    pub fn from_safetensors(dir: &Path, opts: &LoadOptions) -> LmResult<Self> {
+        let mut config = hf_config(dir)?;
+        if let Some(m) = opts.max_seq_len {
+            config.max_seq_len = config.max_seq_len.min(m.max(1));
+        }
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| LmError::Io {
+                path: dir.to_path_buf(),
+                source: e,
+            })?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(LmError::ModelNotFound {
+                path: dir.join("model.safetensors"),
+            });
+        }
+        let mut tensors = HashMap::new();
+        for f in &files {
+            let t = candle_core::safetensors::load(f, &Device::Cpu).map_err(|e| {
+                LmError::CorruptModel {
+                    path: f.clone(),
+                    reason: e.to_string(),
+                }
+            })?;
+            tensors.extend(t);
+        }
+        if !tensors.contains_key("lm_head.weight") {
+            config.tie_embeddings = true;
+        }
+        struct Hf(HashMap<String, Tensor>);
+        impl WeightSource for Hf {
+            fn dense(&mut self, name: &str) -> LmResult<Option<Tensor>> {
+                let hf = hf_name(name);
+                Ok(match self.0.get(&hf) {
+                    Some(t) => Some(t.to_dtype(DType::F32)?),
+                    None => None,
+                })
+            }
+        }
+        Self::build(config, &mut Hf(tensors))
+    }
+
+    /// The model's hyper-parameters.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// A cache for this model holding `capacity_tokens` tokens in blocks of `block_size`.
+    ///
+    /// # Errors
+    /// [`LmError::InvalidConfig`] for a zero size.
+    pub fn new_cache(&self, block_size: usize, capacity_tokens: usize) -> LmResult<PagedKvCache> {
+        if block_size == 0 {
+            return Err(LmError::InvalidConfig("block size must be positive".into()));
+        }
+        let blocks = capacity_tokens.div_ceil(block_size);
+        PagedKvCache::new(self.config.cache_layout(block_size, blocks))
+    }
+
+    fn check_tokens(&self, tokens: &[u32]) -> LmResult<()> {
+        let v = self.config.vocab_size;
+        match tokens.iter().find(|&&t| t as usize >= v) {
+            Some(&token) => Err(LmError::TokenOutOfRange {
+                token,
+                vocab_size: v,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Append tokens to several cached sequences in one batched pass and return logits.
+    ///
+    /// All new tokens of all entries are processed together; entry `i`'s tokens take
+    /// positions `len_i, len_i + 1, ...` where `len_i` is its current cache length, and each
+    /// attends causally to its own sequence only. Returns a `[rows, vocab]` f32 tensor, rows as
+    /// selected by `rows`.
+    ///
+    /// On error the cache is left as before the call.
+    ///
+    /// # Errors
+    /// [`LmError::NoTokens`], [`LmError::TokenOutOfRange`], [`LmError::ContextOverflow`],
+    /// [`LmError::UnknownSequence`], [`LmError::CacheExhausted`], [`LmError::Candle`].
+    pub fn forward(
+        &self,
+        batch: &[SeqTokens<'_>],
+        cache: &mut PagedKvCache,
+        rows: LogitRows,
+    ) -> LmResult<Tensor> {
+        let layout = cache.layout();
+        let c = &self.config;
+        if layout.n_layers != c.n_layers
+            || layout.n_kv_heads != c.n_kv_heads
+            || layout.head_dim != c.head_dim
+        {
+            return Err(LmError::InvalidConfig(
+                "the cache was built for another model".into(),
+            ));
+        }
+        let mut appends = Vec::with_capacity(batch.len());
+        for e in batch {
+            if e.tokens.is_empty() {
+                return Err(LmError::NoTokens(e.seq.0));
+            }
+            self.check_tokens(e.tokens)?;
+            let len = cache
+                .seq_len(e.seq)
+                .ok_or(LmError::UnknownSequence(e.seq.0))?;
+            if len + e.tokens.len() > c.max_seq_len {
+                return Err(LmError::ContextOverflow {
+                    len: len + e.tokens.len(),
+                    max: c.max_seq_len,
+                });
+            }
+            appends.push((e.seq, e.tokens.len()));
+        }
+        let starts = cache.reserve(&appends)?;
+        let result = self.forward_reserved(batch, &starts, cache, rows);
+        if result.is_err() {
+            for (e, &s) in batch.iter().zip(&starts) {
+                let _ = cache.truncate(e.seq, s);
+            }
+        }
+        result
+    }
+
+    fn forward_reserved(
+        &self,
+        batch: &[SeqTokens<'_>],
+        starts: &[usize],
+        cache: &mut PagedKvCache,
+        rows: LogitRows,
+    ) -> LmResult<Tensor> {
+        let c = &self.config;
+        let (nh, nkv, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
+        let tables: Vec<Vec<u32>> = batch
+            .iter()
+            .map(|e| cache.block_table(e.seq).map(<[u32]>::to_vec))
+            .collect::<Option<_>>()
+            .ok_or_else(|| LmError::InvalidConfig("sequence vanished from the cache".into()))?;
+        let mut ids = Vec::new();
+        let mut meta: Vec<(usize, usize)> = Vec::new(); // (entry, position)
+        for (i, e) in batch.iter().enumerate() {
+            for (j, &t) in e.tokens.iter().enumerate() {
+                ids.push(t);
+                meta.push((i, starts[i] + j));
+            }
+        }
+        let n_tok = ids.len();
+        let queries: Vec<QueryMeta<'_>> = meta
+            .iter()
+            .map(|&(i, pos)| QueryMeta {
+                blocks: &tables[i],
+                pos,
+            })
+            .collect();
+        let ids_t = Tensor::from_vec(ids, n_tok, &Device::Cpu)?;
+        let mut x = self.embed.index_select(&ids_t, 0)?;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut attn = vec![0f32; n_tok * nh * hd];
+        for (li, layer) in self.layers.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, c.rms_eps as f32)?;
+            let mut q = layer.wq.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
+            let mut k = layer.wk.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
+            let v = layer.wv.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
+            for (t, &(i, pos)) in meta.iter().enumerate() {
+                self.rope_row(&mut q[t * nh * hd..(t + 1) * nh * hd], pos);
+                self.rope_row(&mut k[t * nkv * hd..(t + 1) * nkv * hd], pos);
+                let kv = t * nkv * hd..(t + 1) * nkv * hd;
+                cache.write(li, &tables[i], pos, &k[kv.clone()], &v[kv]);
+            }
+            cache.attend(li, &q, &queries, nh, scale, &mut attn);
+            let a = Tensor::from_slice(&attn, (n_tok, nh * hd), &Device::Cpu)?;
+            x = (x + layer.wo.forward(&a)?)?;
+            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, c.rms_eps as f32)?;
+            let g = layer.w_gate.forward(&h)?.silu()?;
+            let u = layer.w_up.forward(&h)?;
+            x = (x + layer.w_down.forward(&(g * u)?)?)?;
+        }
+        let x = match rows {
+            LogitRows::All => x,
+            LogitRows::Last => {
+                let mut last = Vec::with_capacity(batch.len());
+                let mut off = 0u32;
+                for e in batch {
+                    off += e.tokens.len() as u32;
+                    last.push(off - 1);
+                }
+                let n = last.len();
+                x.index_select(&Tensor::from_vec(last, n, &Device::Cpu)?, 0)?
+            }
+        };
+        let x = candle_nn::ops::rms_norm(&x, &self.norm, c.rms_eps as f32)?;
+        Ok(self.lm_head.forward(&x)?)
+    }
+
+    /// Rotate every head of one token's query or key row in place.
+    fn rope_row(&self, row: &mut [f32], pos: usize) {
+        let hd = self.config.head_dim;
+        let half = hd / 2;
+        let cos = &self.cos[pos * half..(pos + 1) * half];
+        let sin = &self.sin[pos * half..(pos + 1) * half];
+        for head in row.chunks_exact_mut(hd) {
+            match self.config.rope_style {
+                RopeStyle::Interleaved => {
+                    for (i, pair) in head.chunks_exact_mut(2).enumerate() {
+                        let (x0, x1) = (pair[0], pair[1]);
+                        pair[0] = x0 * cos[i] - x1 * sin[i];
+                        pair[1] = x0 * sin[i] + x1 * cos[i];
+                    }
+                }
+                RopeStyle::Half => {
+                    let (a, b) = head.split_at_mut(half);
+                    for i in 0..half {
+                        let (x0, x1) = (a[i], b[i]);
+                        a[i] = x0 * cos[i] - x1 * sin[i];
+                        b[i] = x0 * sin[i] + x1 * cos[i];
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reference forward pass without any cache: logits `[tokens.len(), vocab]` for one
+    /// sequence starting at position 0, computed with plain candle tensor operations
+    /// (masked softmax attention, candle's rotary kernels). Quadratic in the length; meant for
+    /// tests.
+    ///
+    /// # Errors
+    /// [`LmError::EmptyPrompt`], [`LmError::TokenOutOfRange`], [`LmError::ContextOverflow`],
+    /// [`LmError::Candle`].
+    pub fn forward_full(&self, tokens: &[u32]) -> LmResult<Tensor> {
+        let c = &self.config;
+        if tokens.is_empty() {
+            return Err(LmError::EmptyPrompt);
+        }
+        self.check_tokens(tokens)?;
+        let n = tokens.len();
+        if n > c.max_seq_len {
+            return Err(LmError::ContextOverflow {
+                len: n,
+                max: c.max_seq_len,
+            });
+        }
+        let (nh, nkv, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
+        let half = hd / 2;
+        let dev = Device::Cpu;
+        let cos = Tensor::from_slice(&self.cos[..n * half], (n, half), &dev)?;
+        let sin = Tensor::from_slice(&self.sin[..n * half], (n, half), &dev)?;
+        let rope = |t: &Tensor| match c.rope_style {
+            RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(t, &cos, &sin),
+            RopeStyle::Half => candle_nn::rotary_emb::rope(t, &cos, &sin),
+        };
+        let mask: Vec<f32> = (0..n * n)
+            .map(|i| {
+                if i % n > i / n {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (1, n, n), &dev)?;
+        // Key/value head of each query head (the reference materialises repeated heads).
+        let kv_index: Vec<u32> = (0..nh).map(|h| (h / (nh / nkv)) as u32).collect();
+        let kv_index = Tensor::from_vec(kv_index, nh, &dev)?;
+        let ids = Tensor::from_slice(tokens, n, &dev)?;
+        let mut x = self.embed.index_select(&ids, 0)?;
+        for layer in &self.layers {
+            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, c.rms_eps as f32)?;
+            let heads = |t: Tensor, k: usize| -> candle_core::Result<Tensor> {
+                t.reshape((1, n, k, hd))?.transpose(1, 2)?.contiguous()
+            };
+            let q = rope(&heads(layer.wq.forward(&h)?, nh)?)?;
+            let k = rope(&heads(layer.wk.forward(&h)?, nkv)?)?;
+            let v = heads(layer.wv.forward(&h)?, nkv)?;
+            let k = k.squeeze(0)?.index_select(&kv_index, 0)?;
+            let v = v.squeeze(0)?.index_select(&kv_index, 0)?;
+            let q = q.squeeze(0)?;
+            let scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
+            let p = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
+            let a = p.matmul(&v)?.transpose(0, 1)?.reshape((n, nh * hd))?;
+            x = (x + layer.wo.forward(&a)?)?;
+            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, c.rms_eps as f32)?;
+            let g = layer.w_gate.forward(&h)?.silu()?;
+            let u = layer.w_up.forward(&h)?;
+            x = (x + layer.w_down.forward(&(g * u)?)?)?;
+        }
+        let x = candle_nn::ops::rms_norm(&x, &self.norm, c.rms_eps as f32)?;
+        Ok(self
+            .lm_head
+            .forward(&x)?
+            .to_dtype(DType::F32)?
+            .contiguous()?)
+    }
+}
+
+/// Rotary tables: `cos/sin(pos * theta^(-2i/d))` for every position and frequency.
+fn rope_tables(c: &LlamaConfig) -> (Vec<f32>, Vec<f32>) {
+    let half = c.head_dim / 2;
+    let inv: Vec<f64> = (0..half)
+        .map(|i| c.rope_theta.powf(-((2 * i) as f64) / c.head_dim as f64))
+        .collect();
+    let mut cos = Vec::with_capacity(c.max_seq_len * half);
+    let mut sin = Vec::with_capacity(c.max_seq_len * half);
+    for p in 0..c.max_seq_len {
+        for &f in &inv {
+            let a = p as f64 * f;
+            cos.push(a.cos() as f32);
+            sin.push(a.sin() as f32);
+        }
+    }
+    (cos, sin)
+}
+
+/// An opened GGUF file: parsed header and metadata, plus the reader for tensor data.
+pub struct GgufFile {
+    path: PathBuf,
+    file: File,
+    /// The parsed header (metadata and tensor directory).
+    pub content: gguf_file::Content,
+}
+
+impl std::fmt::Debug for GgufFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GgufFile")
+            .field("path", &self.path)
+            .field("tensors", &self.content.tensor_infos.len())
+            .finish()
+    }
+}
+
+impl GgufFile {
+    /// Open and parse a GGUF file's header.
+    ///
+    /// # Errors
+    /// [`LmError::ModelNotFound`], [`LmError::Io`], [`LmError::CorruptModel`].
+    pub fn open(path: &Path) -> LmResult<Self> {
+        if !path.is_file() {
+            return Err(LmError::ModelNotFound {
+                path: path.to_path_buf(),
+            });
+        }
+        let mut file = File::open(path).map_err(|e| LmError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        let content = gguf_file::Content::read(&mut file).map_err(|e| LmError::CorruptModel {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        // Every tensor must lie inside the file (a truncated download fails here, not later).
+        let size = file
+            .metadata()
+            .map_err(|e| LmError::Io {
+                path: path.to_path_buf(),
+                source: e,
+            })?
+            .len();
+        for (name, info) in &content.tensor_infos {
+            let elems = info.shape.elem_count();
+            let block = info.ggml_dtype.block_size();
+            let bytes = (elems / block.max(1)) as u64 * info.ggml_dtype.type_size() as u64;
+            let end = content.tensor_data_offset + info.offset + bytes;
+            if end > size {
+                return Err(LmError::CorruptModel {
+                    path: path.to_path_buf(),
+                    reason: format!(
+                        "tensor `{name}` ends at byte {end} but the file has {size} bytes (truncated download? delete it and rerun scripts/fetch-model.sh)"
+                    ),
+                });
+            }
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+            content,
+        })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Read a tensor (`None` when the file has no tensor of that name).
+    fn qtensor(&mut self, name: &str) -> LmResult<Option<QTensor>> {
+        if !self.content.tensor_infos.contains_key(name) {
+            return Ok(None);
+        }
+        self.file.rewind().map_err(|e| LmError::Io {
+            path: self.path.clone(),
+            source: e,
+        })?;
+        let t = self
+            .content
+            .tensor(&mut self.file, name, &Device::Cpu)
+            .map_err(|e| LmError::CorruptModel {
+                path: self.path.clone(),
+                reason: format!("tensor `{name}`: {e}"),
+            })?;
+        Ok(Some(t))
+    }
+
+    /// A metadata value.
+    pub fn meta(&self, key: &str) -> Option<&gguf_file::Value> {
+        self.content.metadata.get(key)
+    }
+
+    /// A string metadata value.
+    pub fn meta_str(&self, key: &str) -> Option<&str> {
+        self.meta(key)
+            .and_then(|v| v.to_string().ok())
+            .map(String::as_str)
+    }
+}
+
+fn md_usize(ct: &gguf_file::Content, key: &str) -> LmResult<usize> {
+    let v = ct
+        .metadata
+        .get(key)
+        .ok_or_else(|| LmError::Format(format!("missing metadata `{key}`")))?;
+    let n = v
+        .to_u64()
+        .or_else(|_| v.to_u32().map(u64::from))
+        .or_else(|_| v.to_i32().map(|x| x.max(0) as u64))
+        .or_else(|_| v.to_i64().map(|x| x.max(0) as u64))
+        .map_err(|e| LmError::Format(format!("metadata `{key}`: {e}")))?;
+    usize::try_from(n).map_err(|_| LmError::Format(format!("metadata `{key}` too large")))
+}
+
+fn md_f64(ct: &gguf_file::Content, key: &str) -> Option<f64> {
+    let v = ct.metadata.get(key)?;
+    v.to_f32().map(f64::from).or_else(|_| v.to_f64()).ok()
+}
+
+/// Architectures whose GGUF tensors follow the llama layout handled here.
+const GGUF_LLAMA_ARCHS: &[&str] = &["llama", "mistral"];
+
+fn gguf_config(ct: &gguf_file::Content) -> LmResult<LlamaConfig> {
+    let arch = ct
+        .metadata
+        .get("general.architecture")
+        .and_then(|v| v.to_string().ok())
+        .ok_or_else(|| LmError::Format("missing metadata `general.architecture`".into()))?
+        .clone();
+    if !GGUF_LLAMA_ARCHS.contains(&arch.as_str()) {
+        return Err(LmError::UnsupportedArchitecture(arch));
+    }
+    let p = |k: &str| format!("{arch}.{k}");
+    let hidden = md_usize(ct, &p("embedding_length"))?;
+    let n_heads = md_usize(ct, &p("attention.head_count"))?;
+    let n_kv_heads = md_usize(ct, &p("attention.head_count_kv")).unwrap_or(n_heads);
+    let head_dim = md_usize(ct, &p("attention.key_length"))
+        .or_else(|_| md_usize(ct, &p("rope.dimension_count")))
+        .unwrap_or(if n_heads > 0 { hidden / n_heads } else { 0 });
+    if let Ok(rd) = md_usize(ct, &p("rope.dimension_count")) {
+        if rd != head_dim {
+            return Err(LmError::Format(format!(
+                "partial rotary embeddings (rope dimension {rd} != head dimension {head_dim}) are not supported"
+            )));
+        }
+    }
+    let embd = ct
+        .tensor_infos
+        .get("token_embd.weight")
+        .ok_or_else(|| LmError::Format("missing tensor `token_embd.weight`".into()))?;
+    let vocab_size = embd.shape.dims().first().copied().unwrap_or(0);
+    Ok(LlamaConfig {
+        vocab_size,
+        hidden_size: hidden,
+        intermediate_size: md_usize(ct, &p("feed_forward_length"))?,
+        n_layers: md_usize(ct, &p("block_count"))?,
+        n_heads,
+        n_kv_heads,
+        head_dim,
+        rope_theta: md_f64(ct, &p("rope.freq_base")).unwrap_or(10_000.0),
+        rope_style: RopeStyle::Interleaved,
+        rms_eps: md_f64(ct, &p("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
+        max_seq_len: md_usize(ct, &p("context_length")).unwrap_or(4096),
+        tie_embeddings: !ct.tensor_infos.contains_key("output.weight"),
+    })
+}
+
+/// Translate a GGUF tensor name into the Hugging Face llama name.
+fn hf_name(gguf: &str) -> String {
+    match gguf {
+        "token_embd.weight" => return "model.embed_tokens.weight".into(),
+        "output_norm.weight" => return "model.norm.weight".into(),
+        "output.weight" => return "lm_head.weight".into(),
+        _ => {}
+    }
+    let Some(rest) = gguf.strip_prefix("blk.") else {
+        return gguf.into();
+    };
+    let Some((i, part)) = rest.split_once('.') else {
+        return gguf.into();
+    };
+    let hf = match part {
+        "attn_q.weight" => "self_attn.q_proj.weight",
+        "attn_k.weight" => "self_attn.k_proj.weight",
+        "attn_v.weight" => "self_attn.v_proj.weight",
+        "attn_output.weight" => "self_attn.o_proj.weight",
+        "ffn_gate.weight" => "mlp.gate_proj.weight",
+        "ffn_up.weight" => "mlp.up_proj.weight",
+        "ffn_down.weight" => "mlp.down_proj.weight",
+        "attn_norm.weight" => "input_layernorm.weight",
+        "ffn_norm.weight" => "post_attention_layernorm.weight",
+        other => other,
+    };
+    format!("model.layers.{i}.{hf}")
+}
+
+#[derive(serde::Deserialize)]
+struct HfConfig {
+    #[serde(default)]
+    architectures: Vec<String>,
+    #[serde(default)]
+    model_type: Option<String>,
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    #[serde(default)]
+    num_key_value_heads: Option<usize>,
+    #[serde(default)]
+    head_dim: Option<usize>,
+    #[serde(default)]
+    rope_theta: Option<f64>,
+    #[serde(default)]
+    rms_norm_eps: Option<f64>,
+    #[serde(default)]
+    max_position_embeddings: Option<usize>,
+    #[serde(default)]
+    tie_word_embeddings: Option<bool>,
+    #[serde(default)]
+    attention_bias: Option<bool>,
+    #[serde(default)]
+    mlp_bias: Option<bool>,
+}
+
+fn hf_config(dir: &Path) -> LmResult<LlamaConfig> {
+    let path = dir.join("config.json");
+    if !path.is_file() {
+        return Err(LmError::ModelNotFound { path });
+    }
+    let mut text = String::new();
+    File::open(&path)
+        .and_then(|mut f| f.read_to_string(&mut text))
+        .map_err(|e| LmError::Io {
+            path: path.clone(),
+            source: e,
+        })?;
+    let c: HfConfig = serde_json::from_str(&text).map_err(|e| LmError::CorruptModel {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    let arch = c
+        .architectures
+        .first()
+        .cloned()
+        .or(c.model_type.clone())
+        .unwrap_or_else(|| "unknown".into());
+    let llama_like = matches!(c.model_type.as_deref(), Some("llama" | "mistral"))
+        || arch == "LlamaForCausalLM"
+        || arch == "MistralForCausalLM";
+    if !llama_like || c.attention_bias == Some(true) || c.mlp_bias == Some(true) {
+        return Err(LmError::UnsupportedArchitecture(arch));
+    }
+    let head_dim = c
+        .head_dim
+        .unwrap_or(c.hidden_size / c.num_attention_heads.max(1));
+    Ok(LlamaConfig {
+        vocab_size: c.vocab_size,
+        hidden_size: c.hidden_size,
+        intermediate_size: c.intermediate_size,
+        n_layers: c.num_hidden_layers,
+        n_heads: c.num_attention_heads,
+        n_kv_heads: c.num_key_value_heads.unwrap_or(c.num_attention_heads),
+        head_dim,
+        rope_theta: c.rope_theta.unwrap_or(10_000.0),
+        rope_style: RopeStyle::Half,
+        rms_eps: c.rms_norm_eps.unwrap_or(1e-5),
+        max_seq_len: c.max_position_embeddings.unwrap_or(4096),
+        tie_embeddings: c.tie_word_embeddings.unwrap_or(false),
+    })
+}
+
+/// The rows of a `[rows, vocab]` logits tensor as f32 vectors.
+///
+/// # Errors
+/// [`LmError::Candle`] if the tensor is not 2-D.
+pub fn logits_to_rows(logits: &Tensor) -> LmResult<Vec<Vec<f32>>> {
+    Ok(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+}
+
+/// Largest absolute difference between two equally shaped tensors.
+///
+/// # Errors
+/// [`LmError::Candle`] on shape mismatch.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> LmResult<f32> {
+    Ok((a - b)?
+        .abs()?
+        .flatten_all()?
+        .max(D::Minus1)?
+        .to_scalar::<f32>()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny(style: RopeStyle, tie: bool) -> LlamaModel {
+        let config = LlamaConfig {
+            vocab_size: 50,
+            hidden_size: 32,
+            intermediate_size: 48,
+            n_layers: 2,
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 8,
+            rope_theta: 10_000.0,
+            rope_style: style,
+            rms_eps: 1e-5,
+            max_seq_len: 128,
+            tie_embeddings: tie,
+        };
+        LlamaModel::random(config, 7).unwrap()
+    }
+
+    #[test]
+    fn cached_prefill_equals_full_recomputation() {
+        for (style, tie) in [(RopeStyle::Interleaved, true), (RopeStyle::Half, false)] {
+            let m = tiny(style, tie);
+            let toks: Vec<u32> = (0..21).map(|i| (i * 7 % 50) as u32).collect();
+            let full = m.forward_full(&toks).unwrap();
+            let mut cache = m.new_cache(4, 64).unwrap();
+            let s = cache.create();
+            let got = m
+                .forward(
+                    &[SeqTokens {
+                        seq: s,
+                        tokens: &toks,
+                    }],
+                    &mut cache,
+                    LogitRows::All,
+                )
+                .unwrap();
+            let d = max_abs_diff(&full, &got).unwrap();
+            assert!(d < 1e-4, "{style:?}: {d}");
+            // Then token by token on a fork.
+            let f = cache.fork(s).unwrap();
+            let mut seq = toks.clone();
+            for t in [3u32, 9, 41] {
+                seq.push(t);
+                let got = m
+                    .forward(
+                        &[SeqTokens {
+                            seq: f,
+                            tokens: &[t],
+                        }],
+                        &mut cache,
+                        LogitRows::Last,
+                    )
+                    .unwrap();
+                let full = m.forward_full(&seq).unwrap();
+                let last = full.narrow(0, seq.len() - 1, 1).unwrap();
+                let d = max_abs_diff(&last, &got).unwrap();
+                assert!(d < 1e-4, "{style:?}: {d}");
+            }
+        }
+    }
+}
