@@ -40,6 +40,25 @@ pub fn log_add_exp(a: f64, b: f64) -> f64 {
     hi + (lo - hi).exp().ln_1p()
 }
 
+/// `a + b` for log-values, where `-inf` absorbs (`-inf + x = -inf` for any `x`, never NaN).
+pub fn log_mul(a: f64, b: f64) -> f64 {
+    if a == f64::NEG_INFINITY || b == f64::NEG_INFINITY {
+        f64::NEG_INFINITY
+    } else {
+        a + b
+    }
+}
+
+/// `a − b` for log-values, where a dead numerator or denominator gives `-inf` (a dead
+/// prefix stays dead instead of producing NaN).
+pub fn log_div(a: f64, b: f64) -> f64 {
+    if a == f64::NEG_INFINITY || b == f64::NEG_INFINITY {
+        f64::NEG_INFINITY
+    } else {
+        a - b
+    }
+}
+
 /// Normalised weights `exp(x_i - log Σ exp x)`; all zeros when every entry is `-inf`.
 pub fn normalise(xs: &[f64]) -> Vec<f64> {
     let total = log_sum_exp(xs);
@@ -64,7 +83,10 @@ mod tests {
     #[test]
     fn extreme_values_do_not_overflow() {
         assert!((log_sum_exp(&[1000.0, 1000.0]) - (1000.0 + 2f64.ln())).abs() < 1e-9);
-        assert_eq!(log_add_exp(f64::NEG_INFINITY, f64::NEG_INFINITY), f64::NEG_INFINITY);
+        assert_eq!(
+            log_add_exp(f64::NEG_INFINITY, f64::NEG_INFINITY),
+            f64::NEG_INFINITY
+        );
         let w = normalise(&[f64::NEG_INFINITY, f64::NEG_INFINITY]);
         assert_eq!(w, vec![0.0, 0.0]);
     }

@@ -105,7 +105,10 @@ impl ToyKernel {
                 transition.len()
             )));
         }
-        let rows = transition.iter().map(|r| check_probs(r, n)).collect::<Result<Vec<_>>>()?;
+        let rows = transition
+            .iter()
+            .map(|r| check_probs(r, n))
+            .collect::<Result<Vec<_>>>()?;
         Ok(Self::from_fn(vocab, move |hist| match hist.last() {
             None => initial.clone(),
             Some(&t) => rows[t as usize].clone(),
@@ -119,10 +122,14 @@ impl ToyKernel {
     /// [`SmcError::InvalidConfig`] for `tokens` outside `1..=26` or `eos_prob` outside (0, 1).
     pub fn random_bigram(tokens: usize, eos_prob: f64, seed: u64) -> Result<Self> {
         if !(1..=26).contains(&tokens) {
-            return Err(SmcError::InvalidConfig(format!("tokens must be in 1..=26, got {tokens}")));
+            return Err(SmcError::InvalidConfig(format!(
+                "tokens must be in 1..=26, got {tokens}"
+            )));
         }
         if !(eos_prob > 0.0 && eos_prob < 1.0) {
-            return Err(SmcError::InvalidConfig(format!("eos_prob must be in (0, 1), got {eos_prob}")));
+            return Err(SmcError::InvalidConfig(format!(
+                "eos_prob must be in (0, 1), got {eos_prob}"
+            )));
         }
         let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(seed);
         let gamma = Gamma::new(1.0, 1.0).map_err(|e| SmcError::InvalidConfig(e.to_string()))?;
@@ -135,7 +142,9 @@ impl ToyKernel {
         };
         let initial = row();
         let transition: Vec<Vec<f64>> = (0..tokens).map(|_| row()).collect();
-        let names: Vec<String> = (0..tokens).map(|i| ((b'a' + i as u8) as char).to_string()).collect();
+        let names: Vec<String> = (0..tokens)
+            .map(|i| ((b'a' + i as u8) as char).to_string())
+            .collect();
         let vocab = Vocabulary::new(names.into_iter().map(String::into_bytes).collect())?;
         Self::bigram(vocab, &initial, &transition)
     }
@@ -143,6 +152,11 @@ impl ToyKernel {
     /// The next-token log-probabilities after `history` (for enumeration and tests).
     pub fn log_probs(&self, history: &[TokenId]) -> Vec<f64> {
         (self.dist)(history)
+    }
+
+    /// The vocabulary (also available through [`Kernel::vocab`]).
+    pub fn vocab_ref(&self) -> &Vocabulary {
+        &self.vocab
     }
 
     /// Number of sequences currently held.
@@ -163,7 +177,9 @@ impl ToyKernel {
     }
 
     fn get(&self, seq: SeqId) -> Result<&Vec<TokenId>> {
-        self.seqs.get(&seq.0).ok_or_else(|| SmcError::Kernel(format!("unknown sequence {seq:?}")))
+        self.seqs
+            .get(&seq.0)
+            .ok_or_else(|| SmcError::Kernel(format!("unknown sequence {seq:?}")))
     }
 }
 
@@ -175,7 +191,10 @@ impl Kernel for ToyKernel {
     fn start(&mut self, prompt: &[TokenId]) -> Result<(SeqId, Vec<f64>)> {
         for &t in prompt {
             if t >= self.vocab.eos() {
-                return Err(SmcError::TokenOutOfRange { token: t, vocab_size: self.vocab.len() });
+                return Err(SmcError::TokenOutOfRange {
+                    token: t,
+                    vocab_size: self.vocab.len(),
+                });
             }
         }
         let dist = self.checked_dist(prompt)?;
@@ -203,7 +222,10 @@ impl Kernel for ToyKernel {
         for req in batch {
             for &t in req.tokens {
                 if t >= self.vocab.eos() {
-                    return Err(SmcError::TokenOutOfRange { token: t, vocab_size: self.vocab.len() });
+                    return Err(SmcError::TokenOutOfRange {
+                        token: t,
+                        vocab_size: self.vocab.len(),
+                    });
                 }
             }
             let mut hist = self.get(req.seq)?.clone();
@@ -217,7 +239,10 @@ impl Kernel for ToyKernel {
             let next = self.checked_dist(&hist)?;
             self.tokens_processed += req.tokens.len();
             self.seqs.insert(req.seq.0, hist);
-            out.push(Extension { inner_log_probs: inner, next_log_probs: next });
+            out.push(Extension {
+                inner_log_probs: inner,
+                next_log_probs: next,
+            });
         }
         Ok(out)
     }
@@ -243,10 +268,23 @@ mod tests {
     fn extend_reports_inner_scores() {
         let mut k = ToyKernel::random_bigram(3, 0.2, 1).unwrap();
         let (s, _) = k.start(&[]).unwrap();
-        let ext = k.extend(&[Extend { seq: s, tokens: &[0, 1, 2] }]).unwrap();
-        assert_eq!(ext[0].inner_log_probs, vec![k.log_probs(&[0])[1], k.log_probs(&[0, 1])[2]]);
+        let ext = k
+            .extend(&[Extend {
+                seq: s,
+                tokens: &[0, 1, 2],
+            }])
+            .unwrap();
+        assert_eq!(
+            ext[0].inner_log_probs,
+            vec![k.log_probs(&[0])[1], k.log_probs(&[0, 1])[2]]
+        );
         assert_eq!(ext[0].next_log_probs, k.log_probs(&[0, 1, 2]));
-        assert!(k.extend(&[Extend { seq: s, tokens: &[3] }]).is_err());
+        assert!(k
+            .extend(&[Extend {
+                seq: s,
+                tokens: &[3]
+            }])
+            .is_err());
         assert!(k.fork(SeqId(99)).is_err());
     }
 

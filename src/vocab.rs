@@ -30,10 +30,14 @@ impl Vocabulary {
     /// ```
     pub fn new(tokens: Vec<Vec<u8>>) -> Result<Self> {
         if tokens.is_empty() {
-            return Err(SmcError::InvalidConfig("a vocabulary needs at least one token".into()));
+            return Err(SmcError::InvalidConfig(
+                "a vocabulary needs at least one token".into(),
+            ));
         }
         if tokens.len() >= u32::MAX as usize {
-            return Err(SmcError::InvalidConfig("vocabulary too large for u32 token ids".into()));
+            return Err(SmcError::InvalidConfig(
+                "vocabulary too large for u32 token ids".into(),
+            ));
         }
         Ok(Self { tokens })
     }
@@ -68,7 +72,10 @@ impl Vocabulary {
 
     /// The bytes of a token; EOS and out-of-range ids have none.
     pub fn bytes(&self, token: TokenId) -> &[u8] {
-        self.tokens.get(token as usize).map(Vec::as_slice).unwrap_or(&[])
+        self.tokens
+            .get(token as usize)
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
     }
 
     /// All token byte strings, indexed by id.
@@ -84,7 +91,10 @@ impl Vocabulary {
         if (token as usize) <= self.tokens.len() {
             Ok(())
         } else {
-            Err(SmcError::TokenOutOfRange { token, vocab_size: self.tokens.len() })
+            Err(SmcError::TokenOutOfRange {
+                token,
+                vocab_size: self.tokens.len(),
+            })
         }
     }
 

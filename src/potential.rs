@@ -1,0 +1,496 @@
+//! Potentials `G_t`: user-written scores of partial and complete sequences, in log space.
+//!
+//! A [`Potential`] gives a *prefix* score `log φ(x_{1:t})` for an unfinished sequence and a
+//! *complete* score `log φ_end(x)` for a sequence that ended with EOS. The Feynman-Kac
+//! potential of step `t` is the ratio `G_t = φ(x_{1:t}) / φ(x_{1:t-1})` (or
+//! `φ_end(x) / φ(x)` on EOS), so the weights telescope to `φ_end(x)` and the target is
+//! `π(x) ∝ p(x) · φ_end(x)`.
+//!
+//! Hard constraints are potentials with values `0` or `-inf`; soft scores are any finite
+//! log-weights. `NaN` is never a valid value: the engine turns it into
+//! [`crate::SmcError::NanPotential`].
+//!
+//! Potentials see the *generated* tokens (the prompt is not included) and their bytes.
+
+use std::sync::Arc;
+
+use crate::logspace::log_mul;
+use crate::vocab::{utf8_prefix, TokenId, Vocabulary};
+
+/// A read-only view of a particle's generated sequence.
+#[derive(Debug, Clone, Copy)]
+pub struct SeqView<'a> {
+    /// Generated token ids (prompt excluded, EOS excluded).
+    pub tokens: &'a [TokenId],
+    /// Concatenated bytes of `tokens`.
+    pub bytes: &'a [u8],
+    /// The kernel's vocabulary.
+    pub vocab: &'a Vocabulary,
+}
+
+impl<'a> SeqView<'a> {
+    /// The text up to the last complete UTF-8 character.
+    pub fn text(&self) -> &'a str {
+        utf8_prefix(self.bytes)
+    }
+}
+
+/// A potential on token sequences, in log space.
+///
+/// Implement [`Potential::prefix`] and [`Potential::complete`]; override
+/// [`Potential::log_weight_next`] when all next-token weights can be computed faster than
+/// one prefix evaluation per token.
+///
+/// # Example
+/// ```
+/// use smc_steer::potential::{Potential, SeqView};
+/// /// Rewards sequences with many `a` bytes.
+/// struct LikesA;
+/// impl Potential for LikesA {
+///     fn name(&self) -> &str { "likes-a" }
+///     fn prefix(&self, s: &SeqView) -> f64 { s.bytes.iter().filter(|b| **b == b'a').count() as f64 * 0.5 }
+///     fn complete(&self, s: &SeqView) -> f64 { self.prefix(s) }
+/// }
+/// ```
+pub trait Potential: Send + Sync {
+    /// A name used in error messages.
+    fn name(&self) -> &str;
+
+    /// `log φ(x)` for an unfinished sequence `x`.
+    fn prefix(&self, seq: &SeqView<'_>) -> f64;
+
+    /// `log φ_end(x)` for a sequence `x` that ended with EOS.
+    fn complete(&self, seq: &SeqView<'_>) -> f64;
+
+    /// The log-weight of every next symbol: `out[v] = prefix(x·v) − prefix(x)` for ordinary
+    /// tokens and `out[eos] = complete(x) − prefix(x)`. `out` has `vocab.dist_len()` entries.
+    ///
+    /// The default evaluates [`Potential::prefix`] once per token; when `prefix(x)` is
+    /// `-inf` every entry is `-inf`.
+    fn log_weight_next(&self, seq: &SeqView<'_>, out: &mut [f64]) {
+        let base = self.prefix(seq);
+        if base == f64::NEG_INFINITY {
+            out.fill(f64::NEG_INFINITY);
+            return;
+        }
+        let mut tokens = seq.tokens.to_vec();
+        let mut bytes = seq.bytes.to_vec();
+        let n_bytes = bytes.len();
+        for v in 0..seq.vocab.len() {
+            tokens.push(v as TokenId);
+            bytes.extend_from_slice(seq.vocab.bytes(v as TokenId));
+            let view = SeqView {
+                tokens: &tokens,
+                bytes: &bytes,
+                vocab: seq.vocab,
+            };
+            out[v] = self.prefix(&view) - base;
+            tokens.pop();
+            bytes.truncate(n_bytes);
+        }
+        out[seq.vocab.len()] = self.complete(seq) - base;
+    }
+
+    /// The vocabulary size this potential was built for, if it depends on one.
+    fn vocab_size(&self) -> Option<usize> {
+        None
+    }
+}
+
+impl<P: Potential + ?Sized> Potential for Arc<P> {
+    fn name(&self) -> &str {
+        (**self).name()
+    }
+    fn prefix(&self, seq: &SeqView<'_>) -> f64 {
+        (**self).prefix(seq)
+    }
+    fn complete(&self, seq: &SeqView<'_>) -> f64 {
+        (**self).complete(seq)
+    }
+    fn log_weight_next(&self, seq: &SeqView<'_>, out: &mut [f64]) {
+        (**self).log_weight_next(seq, out)
+    }
+    fn vocab_size(&self) -> Option<usize> {
+        (**self).vocab_size()
+    }
+}
+
+/// The potential that is 1 everywhere (log 0): plain sampling from the kernel.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Trivial;
+
+impl Potential for Trivial {
+    fn name(&self) -> &str {
+        "trivial"
+    }
+    fn prefix(&self, _: &SeqView<'_>) -> f64 {
+        0.0
+    }
+    fn complete(&self, _: &SeqView<'_>) -> f64 {
+        0.0
+    }
+    fn log_weight_next(&self, _: &SeqView<'_>, out: &mut [f64]) {
+        out.fill(0.0);
+    }
+}
+
+/// Which sequences a [`Hard`] or [`Soft`] potential applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Scope {
+    /// Prefixes and complete sequences (the constraint prunes as early as possible).
+    Always,
+    /// Only complete sequences (prefix score 0).
+    Complete,
+}
+
+type Pred = dyn Fn(&SeqView<'_>) -> bool + Send + Sync;
+type Score = dyn Fn(&SeqView<'_>) -> f64 + Send + Sync;
+
+/// A hard constraint from a Boolean predicate: `log φ = 0` when it holds, `-inf` when not.
+///
+/// # Example
+/// ```
+/// use smc_steer::potential::Hard;
+/// // Every word has at most 5 letters.
+/// let short_words = Hard::on_text("short-words", |text: &str| {
+///     text.split(|c: char| !c.is_alphabetic()).all(|w| w.chars().count() <= 5)
+/// });
+/// # let _ = short_words;
+/// ```
+#[derive(Clone)]
+pub struct Hard {
+    name: String,
+    pred: Arc<Pred>,
+    scope: Scope,
+}
+
+impl Hard {
+    /// A constraint on the generated token ids.
+    pub fn on_tokens(
+        name: &str,
+        pred: impl Fn(&[TokenId]) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            pred: Arc::new(move |s: &SeqView<'_>| pred(s.tokens)),
+            scope: Scope::Always,
+        }
+    }
+
+    /// A constraint on the generated text (prefixes see the text up to the last complete
+    /// UTF-8 character).
+    pub fn on_text(name: &str, pred: impl Fn(&str) -> bool + Send + Sync + 'static) -> Self {
+        Self {
+            name: name.into(),
+            pred: Arc::new(move |s: &SeqView<'_>| pred(s.text())),
+            scope: Scope::Always,
+        }
+    }
+
+    /// A constraint on the whole view (tokens, bytes and vocabulary).
+    pub fn on_view(
+        name: &str,
+        pred: impl Fn(&SeqView<'_>) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            pred: Arc::new(pred),
+            scope: Scope::Always,
+        }
+    }
+
+    /// Apply the constraint to complete sequences only.
+    pub fn complete_only(mut self) -> Self {
+        self.scope = Scope::Complete;
+        self
+    }
+
+    fn value(ok: bool) -> f64 {
+        if ok {
+            0.0
+        } else {
+            f64::NEG_INFINITY
+        }
+    }
+}
+
+impl Potential for Hard {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn prefix(&self, seq: &SeqView<'_>) -> f64 {
+        match self.scope {
+            Scope::Always => Self::value((self.pred)(seq)),
+            Scope::Complete => 0.0,
+        }
+    }
+    fn complete(&self, seq: &SeqView<'_>) -> f64 {
+        Self::value((self.pred)(seq))
+    }
+}
+
+/// A soft potential from a scoring function returning a log-weight.
+///
+/// With [`Scope::Always`] the score applies to prefixes too (its increments steer every
+/// step); with [`Scope::Complete`] only the final score counts.
+#[derive(Clone)]
+pub struct Soft {
+    name: String,
+    score: Arc<Score>,
+    scope: Scope,
+}
+
+impl Soft {
+    /// A score of the generated token ids.
+    pub fn on_tokens(
+        name: &str,
+        score: impl Fn(&[TokenId]) -> f64 + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            score: Arc::new(move |s: &SeqView<'_>| score(s.tokens)),
+            scope: Scope::Always,
+        }
+    }
+
+    /// A score of the generated text.
+    pub fn on_text(name: &str, score: impl Fn(&str) -> f64 + Send + Sync + 'static) -> Self {
+        Self {
+            name: name.into(),
+            score: Arc::new(move |s: &SeqView<'_>| score(s.text())),
+            scope: Scope::Always,
+        }
+    }
+
+    /// A score of the whole view.
+    pub fn on_view(
+        name: &str,
+        score: impl Fn(&SeqView<'_>) -> f64 + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            score: Arc::new(score),
+            scope: Scope::Always,
+        }
+    }
+
+    /// Score complete sequences only.
+    pub fn complete_only(mut self) -> Self {
+        self.scope = Scope::Complete;
+        self
+    }
+}
+
+impl Potential for Soft {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn prefix(&self, seq: &SeqView<'_>) -> f64 {
+        match self.scope {
+            Scope::Always => (self.score)(seq),
+            Scope::Complete => 0.0,
+        }
+    }
+    fn complete(&self, seq: &SeqView<'_>) -> f64 {
+        (self.score)(seq)
+    }
+}
+
+/// A potential that factorises over tokens: `log φ(x) = Σ_t log_w[x_t]`, and the complete
+/// score adds `log_w[eos]`. Its next-token weights are the table itself (no re-evaluation).
+#[derive(Debug, Clone)]
+pub struct TokenWeights {
+    name: String,
+    log_w: Vec<f64>,
+}
+
+impl TokenWeights {
+    /// `log_w` has one entry per token plus EOS (last).
+    ///
+    /// # Errors
+    /// [`crate::SmcError::InvalidConfig`] if `log_w` has fewer than two entries or holds NaN.
+    pub fn new(name: &str, log_w: Vec<f64>) -> crate::Result<Self> {
+        if log_w.len() < 2 || log_w.iter().any(|x| x.is_nan()) {
+            return Err(crate::SmcError::InvalidConfig(
+                "token weights need one non-NaN entry per token plus EOS".into(),
+            ));
+        }
+        Ok(Self {
+            name: name.into(),
+            log_w,
+        })
+    }
+
+    fn weight(&self, t: TokenId) -> f64 {
+        self.log_w
+            .get(t as usize)
+            .copied()
+            .unwrap_or(f64::NEG_INFINITY)
+    }
+}
+
+impl Potential for TokenWeights {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn prefix(&self, seq: &SeqView<'_>) -> f64 {
+        seq.tokens.iter().map(|&t| self.weight(t)).sum()
+    }
+    fn complete(&self, seq: &SeqView<'_>) -> f64 {
+        self.prefix(seq) + self.log_w[self.log_w.len() - 1]
+    }
+    fn log_weight_next(&self, seq: &SeqView<'_>, out: &mut [f64]) {
+        if self.prefix(seq) == f64::NEG_INFINITY {
+            out.fill(f64::NEG_INFINITY);
+        } else {
+            out.copy_from_slice(&self.log_w);
+        }
+    }
+    fn vocab_size(&self) -> Option<usize> {
+        Some(self.log_w.len() - 1)
+    }
+}
+
+/// The product of potentials (a sum in log space).
+///
+/// # Example
+/// ```
+/// use smc_steer::potential::{Hard, Product, Soft};
+/// let p = Product::new("short-and-vowelly")
+///     .with(Hard::on_text("no-z", |t: &str| !t.contains('z')))
+///     .with(Soft::on_text("vowels", |t: &str| t.matches(['a', 'e']).count() as f64 * 0.1));
+/// # let _ = p;
+/// ```
+#[derive(Clone)]
+pub struct Product {
+    name: String,
+    parts: Vec<Arc<dyn Potential>>,
+}
+
+impl Product {
+    /// An empty product (the trivial potential) with a name.
+    pub fn new(name: &str) -> Self {
+        Self {
+            name: name.into(),
+            parts: Vec::new(),
+        }
+    }
+
+    /// Add a factor.
+    pub fn with(mut self, p: impl Potential + 'static) -> Self {
+        self.parts.push(Arc::new(p));
+        self
+    }
+
+    /// Add a shared factor.
+    pub fn with_arc(mut self, p: Arc<dyn Potential>) -> Self {
+        self.parts.push(p);
+        self
+    }
+
+    /// The factors.
+    pub fn parts(&self) -> &[Arc<dyn Potential>] {
+        &self.parts
+    }
+}
+
+impl Potential for Product {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn prefix(&self, seq: &SeqView<'_>) -> f64 {
+        let mut total = 0.0;
+        for p in &self.parts {
+            total = log_mul(total, p.prefix(seq));
+            if total == f64::NEG_INFINITY {
+                break;
+            }
+        }
+        total
+    }
+    fn complete(&self, seq: &SeqView<'_>) -> f64 {
+        let mut total = 0.0;
+        for p in &self.parts {
+            total = log_mul(total, p.complete(seq));
+            if total == f64::NEG_INFINITY {
+                break;
+            }
+        }
+        total
+    }
+    fn log_weight_next(&self, seq: &SeqView<'_>, out: &mut [f64]) {
+        out.fill(0.0);
+        let mut part = vec![0.0; out.len()];
+        for p in &self.parts {
+            p.log_weight_next(seq, &mut part);
+            for (o, x) in out.iter_mut().zip(&part) {
+                *o = log_mul(*o, *x);
+            }
+        }
+    }
+    fn vocab_size(&self) -> Option<usize> {
+        self.parts.iter().find_map(|p| p.vocab_size())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vocab() -> Vocabulary {
+        Vocabulary::from_strs(&["a", "b", " "]).unwrap()
+    }
+
+    #[test]
+    fn default_next_weights_are_prefix_differences() {
+        let v = vocab();
+        let p = Soft::on_text("count-a", |t: &str| t.matches('a').count() as f64);
+        let view = SeqView {
+            tokens: &[0],
+            bytes: b"a",
+            vocab: &v,
+        };
+        let mut out = vec![0.0; 4];
+        p.log_weight_next(&view, &mut out);
+        assert_eq!(out, vec![1.0, 0.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn product_of_hard_and_soft() {
+        let v = vocab();
+        let p = Product::new("p")
+            .with(Hard::on_text("no-b", |t: &str| !t.contains('b')))
+            .with(Soft::on_tokens("len", |t: &[TokenId]| t.len() as f64));
+        let ok = SeqView {
+            tokens: &[0, 0],
+            bytes: b"aa",
+            vocab: &v,
+        };
+        let bad = SeqView {
+            tokens: &[0, 1],
+            bytes: b"ab",
+            vocab: &v,
+        };
+        assert_eq!(p.prefix(&ok), 2.0);
+        assert_eq!(p.prefix(&bad), f64::NEG_INFINITY);
+        let mut out = vec![0.0; 4];
+        p.log_weight_next(&ok, &mut out);
+        assert_eq!(out, vec![1.0, f64::NEG_INFINITY, 1.0, 0.0]);
+        p.log_weight_next(&bad, &mut out);
+        assert!(out.iter().all(|x| *x == f64::NEG_INFINITY));
+    }
+
+    #[test]
+    fn complete_only_scope() {
+        let v = vocab();
+        let h = Hard::on_text("ends-with-b", |t: &str| t.ends_with('b')).complete_only();
+        let s = SeqView {
+            tokens: &[0],
+            bytes: b"a",
+            vocab: &v,
+        };
+        assert_eq!(h.prefix(&s), 0.0);
+        assert_eq!(h.complete(&s), f64::NEG_INFINITY);
+    }
+}

@@ -1,0 +1,52 @@
+//! Proposals: how a particle chooses its next token.
+//!
+//! Sampling token `v` from a proposal `q` instead of the kernel `p` multiplies the weight by
+//! the importance correction `p(v) / q(v)`, so the target is unchanged. The built-in
+//! choices of the Feynman-Kac program are listed in [`ProposalKind`].
+
+use std::sync::Arc;
+
+use crate::potential::{Potential, SeqView};
+
+/// A user proposal: a next-token distribution that may depend on the sequence and on the
+/// kernel's distribution.
+///
+/// The support of `q` must cover every token with `p(v)·G(v) > 0`; tokens outside it can
+/// never be drawn, which biases the result.
+pub trait Proposal: Send + Sync {
+    /// A name used in error messages.
+    fn name(&self) -> &str;
+
+    /// Write `log q(v)` for every symbol (vocabulary + EOS) into `out`, normalised.
+    fn log_probs(&self, seq: &SeqView<'_>, kernel_log_probs: &[f64], out: &mut [f64]);
+}
+
+/// The proposals of [`crate::FeynmanKac`].
+#[derive(Clone)]
+#[non_exhaustive]
+pub enum ProposalKind {
+    /// Sample from the kernel; weight `G_t` of the drawn token.
+    Bootstrap,
+    /// The locally optimal proposal for the model's potential: `q(v) ∝ p(v)·G_t(v)`, with
+    /// incremental weight `log Σ_v p(v)·G_t(v)` (independent of the draw). Evaluates the
+    /// potential's next-token weights for the whole vocabulary.
+    LocallyOptimal,
+    /// A token mask from a (Boolean) potential: allowed tokens are those with a finite
+    /// next-token weight. The mask is treated as a Bernoulli event: the weight gains
+    /// `log P(next ∈ mask)`, the token is drawn from `p` restricted to the mask, then the
+    /// model's potential `G_t` of that token is applied.
+    Mask(Arc<dyn Potential>),
+    /// Any user proposal, with the correction `log p(v) − log q(v)` and `G_t(v)`.
+    Custom(Arc<dyn Proposal>),
+}
+
+impl std::fmt::Debug for ProposalKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProposalKind::Bootstrap => write!(f, "Bootstrap"),
+            ProposalKind::LocallyOptimal => write!(f, "LocallyOptimal"),
+            ProposalKind::Mask(p) => write!(f, "Mask({})", p.name()),
+            ProposalKind::Custom(q) => write!(f, "Custom({})", q.name()),
+        }
+    }
+}

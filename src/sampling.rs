@@ -1,0 +1,65 @@
+//! Drawing from categorical distributions given in log space.
+
+use rand::Rng;
+
+/// Draw an index with probability proportional to `exp(log_w[i])`.
+///
+/// Returns `None` when every entry is `-inf` (nothing can be drawn).
+///
+/// # Example
+/// ```
+/// use rand::SeedableRng;
+/// use smc_steer::sampling::sample_log_categorical;
+/// let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(1);
+/// let i = sample_log_categorical(&[f64::NEG_INFINITY, 0.0], &mut rng);
+/// assert_eq!(i, Some(1));
+/// ```
+pub fn sample_log_categorical<R: Rng + ?Sized>(log_w: &[f64], rng: &mut R) -> Option<usize> {
+    let max = log_w.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if !max.is_finite() {
+        return None;
+    }
+    let total: f64 = log_w.iter().map(|&x| (x - max).exp()).sum();
+    let mut u = rng.random::<f64>() * total;
+    let mut last = None;
+    for (i, &x) in log_w.iter().enumerate() {
+        let p = (x - max).exp();
+        if p > 0.0 {
+            last = Some(i);
+            if u < p {
+                return Some(i);
+            }
+            u -= p;
+        }
+    }
+    // Rounding left `u` just above the total: the last positive entry takes it.
+    last
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    const SEED: u64 = 0x5eed;
+
+    #[test]
+    fn frequencies_match_probabilities() {
+        let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(SEED);
+        let probs = [0.2, 0.5, 0.0, 0.3];
+        let lw: Vec<f64> = probs.iter().map(|p: &f64| p.ln()).collect();
+        let n = 100_000;
+        let mut counts = [0usize; 4];
+        for _ in 0..n {
+            counts[sample_log_categorical(&lw, &mut rng).unwrap()] += 1;
+        }
+        for (c, p) in counts.iter().zip(probs) {
+            let se = (p * (1.0 - p) / n as f64).sqrt();
+            assert!((*c as f64 / n as f64 - p).abs() <= 5.0 * se + 1e-12);
+        }
+        assert_eq!(
+            sample_log_categorical(&[f64::NEG_INFINITY; 3], &mut rng),
+            None
+        );
+    }
+}

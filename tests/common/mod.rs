@@ -1,0 +1,60 @@
+//! Shared toy models for the statistical tests.
+#![allow(dead_code)]
+
+use rand::SeedableRng;
+use rand_pcg::Pcg64Mcg;
+use smc_steer::potential::{Hard, Product, Soft};
+use smc_steer::toy::ToyKernel;
+
+/// Seed of the toy bigram kernel used throughout.
+pub const KERNEL_SEED: u64 = 20261127;
+/// Master seed of replicate runs.
+pub const MASTER_SEED: u64 = 0xC0FFEE;
+
+/// A bigram kernel over `a`, `b`, `c` with EOS probability 0.3.
+pub fn kernel() -> ToyKernel {
+    ToyKernel::random_bigram(3, 0.3, KERNEL_SEED).expect("valid toy kernel")
+}
+
+/// A hard constraint (no two consecutive `c`) times a soft score (0.7 per `a`).
+pub fn potential() -> Product {
+    Product::new("no-cc-likes-a")
+        .with(Hard::on_text("no-cc", |t: &str| !t.contains("cc")))
+        .with(Soft::on_text("likes-a", |t: &str| {
+            0.7 * t.matches('a').count() as f64
+        }))
+}
+
+/// A seeded test RNG.
+pub fn rng(seed: u64) -> Pcg64Mcg {
+    Pcg64Mcg::seed_from_u64(seed)
+}
+
+/// Chi-square goodness of fit of `counts` against `probs`, merging cells with expected
+/// count below 5 into one. Returns (statistic, degrees of freedom).
+pub fn chi_square(counts: &[f64], probs: &[f64]) -> (f64, usize) {
+    let total: f64 = counts.iter().sum();
+    let mut cells: Vec<(f64, f64)> = Vec::new();
+    let (mut small_obs, mut small_exp) = (0.0, 0.0);
+    for (c, p) in counts.iter().zip(probs) {
+        let e = p * total;
+        if e < 5.0 {
+            small_obs += c;
+            small_exp += e;
+        } else {
+            cells.push((*c, e));
+        }
+    }
+    if small_exp > 0.0 {
+        cells.push((small_obs, small_exp));
+    }
+    let stat = cells.iter().map(|(o, e)| (o - e).powi(2) / e).sum();
+    (stat, cells.len().saturating_sub(1))
+}
+
+/// Upper tail probability of a chi-square statistic.
+pub fn chi_square_p(stat: f64, df: usize) -> f64 {
+    use statrs::distribution::{ChiSquared, ContinuousCDF};
+    let d = ChiSquared::new(df.max(1) as f64).expect("df > 0");
+    1.0 - d.cdf(stat)
+}

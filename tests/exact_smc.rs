@@ -1,0 +1,382 @@
+//! SMC, importance sampling and SMC-steer against exact enumeration on toy kernels.
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::*;
+use rand::Rng;
+use smc_steer::exact::enumerate;
+use smc_steer::potential::{Hard, Potential, TokenWeights, Trivial};
+use smc_steer::replicate::run_replicates;
+use smc_steer::toy::ToyKernel;
+use smc_steer::{
+    Algorithm, FeynmanKac, ProposalKind, Resampling, Smc, SmcConfig, SmcResult, Truncation,
+    Vocabulary,
+};
+
+const MAX_TOKENS: usize = 4;
+
+/// Every configuration the statistical tests cover: each resampling scheme, importance
+/// sampling, and SMC-steer.
+fn configurations() -> Vec<(String, SmcConfig)> {
+    let base = SmcConfig {
+        particles: 8,
+        max_tokens: MAX_TOKENS,
+        ..SmcConfig::default()
+    };
+    let mut out: Vec<(String, SmcConfig)> = Resampling::ALL
+        .into_iter()
+        .map(|r| {
+            (
+                format!("smc-{}", r.name()),
+                SmcConfig {
+                    resampling: r,
+                    ess_threshold: 0.7,
+                    ..base.clone()
+                },
+            )
+        })
+        .collect();
+    out.push((
+        "importance-sampling".into(),
+        SmcConfig {
+            ess_threshold: 0.0,
+            ..base.clone()
+        },
+    ));
+    out.push((
+        "always-resample".into(),
+        SmcConfig {
+            ess_threshold: 1.0,
+            ..base.clone()
+        },
+    ));
+    out.push((
+        "smc-steer-k3".into(),
+        SmcConfig {
+            particles: 4,
+            algorithm: Algorithm::Steer { beam: 3 },
+            ..base.clone()
+        },
+    ));
+    out
+}
+
+fn run(
+    config: &SmcConfig,
+    model: FeynmanKac,
+    seed: u64,
+) -> smc_steer::Result<SmcResult<FeynmanKac>> {
+    Smc::new(
+        kernel(),
+        model,
+        &[],
+        SmcConfig {
+            seed,
+            ..config.clone()
+        },
+    )?
+    .run()
+}
+
+#[test]
+fn z_hat_is_unbiased_for_every_scheme_and_algorithm() {
+    for truncation in [Truncation::Truncate, Truncation::ForceEos] {
+        let exact = enumerate(&kernel(), &potential(), &[], MAX_TOKENS, truncation).unwrap();
+        for (name, config) in configurations() {
+            let config = SmcConfig {
+                truncation,
+                ..config
+            };
+            let reps = run_replicates(MASTER_SEED, 300, |seed| {
+                run(&config, FeynmanKac::new(potential()), seed)
+            })
+            .unwrap();
+            let ratio = reps.z_ratio(exact.log_z);
+            assert!(
+                (ratio.mean - 1.0).abs() <= 4.0 * ratio.se,
+                "{name} ({truncation:?}): mean Ẑ/Z = {} ± {}",
+                ratio.mean,
+                ratio.se
+            );
+        }
+    }
+}
+
+#[test]
+fn proposals_are_unbiased_and_respect_the_constraint() {
+    let exact = enumerate(
+        &kernel(),
+        &potential(),
+        &[],
+        MAX_TOKENS,
+        Truncation::Truncate,
+    )
+    .unwrap();
+    let mask: std::sync::Arc<dyn Potential> =
+        std::sync::Arc::new(Hard::on_text("no-cc", |t: &str| !t.contains("cc")));
+    for (name, proposal) in [
+        ("locally-optimal", ProposalKind::LocallyOptimal),
+        ("mask", ProposalKind::Mask(mask)),
+        (
+            "custom-uniform",
+            ProposalKind::Custom(std::sync::Arc::new(UniformProposal)),
+        ),
+    ] {
+        let config = SmcConfig {
+            particles: 8,
+            max_tokens: MAX_TOKENS,
+            ..SmcConfig::default()
+        };
+        let reps = run_replicates(MASTER_SEED, 300, |seed| {
+            run(
+                &config,
+                FeynmanKac::new(potential()).with_proposal(proposal.clone()),
+                seed,
+            )
+        })
+        .unwrap();
+        let ratio = reps.z_ratio(exact.log_z);
+        assert!(
+            (ratio.mean - 1.0).abs() <= 4.0 * ratio.se,
+            "{name}: mean Ẑ/Z = {} ± {}",
+            ratio.mean,
+            ratio.se
+        );
+        for r in &reps.runs {
+            for c in &r.particles {
+                assert!(
+                    c.log_weight == f64::NEG_INFINITY || !c.text.contains("cc"),
+                    "{name} kept {:?}",
+                    c.text
+                );
+            }
+        }
+    }
+}
+
+/// Uniform over all symbols: a valid (if poor) proposal.
+struct UniformProposal;
+impl smc_steer::Proposal for UniformProposal {
+    fn name(&self) -> &str {
+        "uniform"
+    }
+    fn log_probs(&self, _: &smc_steer::SeqView<'_>, p: &[f64], out: &mut [f64]) {
+        out.fill(-(p.len() as f64).ln());
+    }
+}
+
+/// Large-N posterior: draw from the weighted particles and compare with the exact posterior.
+#[test]
+fn posterior_passes_chi_square_for_every_scheme_and_algorithm() {
+    const DRAWS: usize = 1000;
+    let exact = enumerate(
+        &kernel(),
+        &potential(),
+        &[],
+        MAX_TOKENS,
+        Truncation::Truncate,
+    )
+    .unwrap();
+    let target = exact.posterior();
+    let keys: Vec<(Vec<u32>, bool)> = target.keys().cloned().collect();
+    let probs: Vec<f64> = keys.iter().map(|k| target[k]).collect();
+    for (name, config) in configurations() {
+        let n = if matches!(config.algorithm, Algorithm::Steer { .. }) {
+            6000
+        } else {
+            20000
+        };
+        let config = SmcConfig {
+            particles: n,
+            ..config
+        };
+        let result = run(&config, FeynmanKac::new(potential()), MASTER_SEED).unwrap();
+        let weights = result.normalised_weights();
+        let ancestors = Resampling::Multinomial
+            .resample(&weights, DRAWS, &mut rng(MASTER_SEED))
+            .unwrap();
+        let mut counts: HashMap<(Vec<u32>, bool), f64> = HashMap::new();
+        for a in ancestors {
+            let c = &result.particles[a];
+            *counts.entry((c.tokens.clone(), c.eos)).or_default() += 1.0;
+        }
+        for k in counts.keys() {
+            assert!(
+                target.contains_key(k),
+                "{name}: sampled an outcome outside the support: {k:?}"
+            );
+        }
+        let observed: Vec<f64> = keys
+            .iter()
+            .map(|k| counts.get(k).copied().unwrap_or(0.0))
+            .collect();
+        let (stat, df) = chi_square(&observed, &probs);
+        let p = chi_square_p(stat, df);
+        assert!(
+            p > 1e-3,
+            "{name}: chi-square {stat:.1} on {df} df, p = {p:.2e}"
+        );
+    }
+}
+
+#[test]
+fn locally_optimal_weights_equal_z_exactly_when_the_potential_factorises() {
+    // A unigram kernel and token-level weights that forbid EOS: every sequence has length
+    // T, each step's incremental weight is Σ_v p(v)·w(v), so every particle's weight is Z.
+    let vocab = Vocabulary::from_strs(&["a", "b", "c"]).unwrap();
+    let kernel = ToyKernel::unigram(vocab, &[0.2, 0.3, 0.1, 0.4]).unwrap();
+    let weights = TokenWeights::new("w", vec![0.5, -1.0, 2.0, f64::NEG_INFINITY]).unwrap();
+    let exact = enumerate(&kernel, &weights, &[], MAX_TOKENS, Truncation::Truncate).unwrap();
+    let per_step: f64 = (0.2 * 0.5f64.exp() + 0.3 * (-1.0f64).exp() + 0.1 * 2.0f64.exp()).ln();
+    assert!((exact.log_z - MAX_TOKENS as f64 * per_step).abs() < 1e-12);
+    for resampling in Resampling::ALL {
+        let config = SmcConfig {
+            particles: 16,
+            max_tokens: MAX_TOKENS,
+            resampling,
+            ess_threshold: 1.0,
+            ..Default::default()
+        };
+        let model = FeynmanKac::new(weights.clone()).with_proposal(ProposalKind::LocallyOptimal);
+        let result = Smc::new(kernel.clone(), model, &[], config)
+            .unwrap()
+            .run()
+            .unwrap();
+        for c in &result.particles {
+            assert!(
+                (c.log_weight - exact.log_z).abs() < 1e-9,
+                "{} vs {}",
+                c.log_weight,
+                exact.log_z
+            );
+        }
+        assert!((result.log_z - exact.log_z).abs() < 1e-9);
+    }
+    // The same identity for the mask proposal and a token-level hard constraint.
+    let hard =
+        TokenWeights::new("no-b", vec![0.0, f64::NEG_INFINITY, 0.0, f64::NEG_INFINITY]).unwrap();
+    let exact = enumerate(&kernel, &hard, &[], MAX_TOKENS, Truncation::Truncate).unwrap();
+    assert!((exact.log_z - MAX_TOKENS as f64 * 0.3f64.ln()).abs() < 1e-12);
+    let model =
+        FeynmanKac::new(hard.clone()).with_proposal(ProposalKind::Mask(std::sync::Arc::new(hard)));
+    let config = SmcConfig {
+        particles: 16,
+        max_tokens: MAX_TOKENS,
+        ..Default::default()
+    };
+    let result = Smc::new(kernel, model, &[], config).unwrap().run().unwrap();
+    for c in &result.particles {
+        assert!((c.log_weight - exact.log_z).abs() < 1e-9);
+        assert!(!c.tokens.contains(&1));
+    }
+}
+
+#[test]
+fn trivial_potential_gives_log_z_zero_exactly() {
+    for (name, config) in configurations() {
+        let result = run(&config, FeynmanKac::new(Trivial), MASTER_SEED).unwrap();
+        assert!(
+            result.log_z.abs() < 1e-12,
+            "{name}: log Z = {}",
+            result.log_z
+        );
+    }
+}
+
+#[test]
+fn exact_enumeration_sums_to_one_without_potential() {
+    for truncation in [Truncation::Truncate, Truncation::ForceEos] {
+        let exact = enumerate(&kernel(), &Trivial, &[], MAX_TOKENS, truncation).unwrap();
+        match truncation {
+            // Truncation keeps all the mass; forcing EOS conditions on ending within T.
+            Truncation::Truncate => assert!(exact.log_z.abs() < 1e-12),
+            _ => assert!(exact.log_z < 0.0),
+        }
+    }
+}
+
+#[test]
+fn no_positive_weight_particle_violates_the_hard_constraint() {
+    let mut rng = rng(MASTER_SEED);
+    for (name, config) in configurations() {
+        let result = run(&config, FeynmanKac::new(potential()), rng.random()).unwrap();
+        for c in &result.particles {
+            if c.log_weight > f64::NEG_INFINITY {
+                assert!(
+                    !c.text.contains("cc"),
+                    "{name}: {:?} has positive weight",
+                    c.text
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn same_seed_same_result_whatever_the_thread_count() {
+    let go = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            configurations()
+                .into_iter()
+                .map(|(_, c)| {
+                    let r = run(
+                        &SmcConfig { particles: 64, ..c },
+                        FeynmanKac::new(potential()),
+                        MASTER_SEED,
+                    )
+                    .unwrap();
+                    (
+                        r.log_z,
+                        r.particles
+                            .iter()
+                            .map(|p| (p.tokens.clone(), p.log_weight))
+                            .collect::<Vec<_>>(),
+                    )
+                })
+                .collect::<Vec<_>>()
+        })
+    };
+    assert_eq!(go(1), go(2));
+}
+
+#[test]
+fn every_step_makes_one_batched_kernel_call() {
+    let config = SmcConfig {
+        particles: 32,
+        max_tokens: 6,
+        ..SmcConfig::default()
+    };
+    let mut smc = Smc::new(kernel(), FeynmanKac::new(potential()), &[], config).unwrap();
+    let mut steps = 0;
+    while smc.step().unwrap() {
+        steps += 1;
+        // A step whose particles all finished on EOS needs no kernel call.
+        assert!(smc.kernel().extend_calls <= steps);
+    }
+    let calls = smc.kernel().extend_calls;
+    assert!(calls >= steps - 1 && calls <= steps);
+    let result = smc.finish();
+    assert_eq!(result.steps, steps);
+}
+
+#[test]
+fn all_dead_is_a_defined_result() {
+    let impossible = Hard::on_tokens("nothing", |_| false);
+    let result = run(
+        &configurations()[0].1,
+        FeynmanKac::new(impossible),
+        MASTER_SEED,
+    )
+    .unwrap();
+    assert!(result.all_dead);
+    assert_eq!(result.log_z, f64::NEG_INFINITY);
+    assert!(result.posterior().is_empty());
+    assert_eq!(result.ess, 0.0);
+    assert_eq!(result.expectation(|_| 1.0), None);
+}
