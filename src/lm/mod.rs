@@ -8,11 +8,19 @@
 //! * [`kernel`]: [`TransformerKernel`], the [`crate::Kernel`] implementation.
 
 pub mod cache;
+pub mod chat;
 pub mod error;
+pub mod kernel;
 pub mod model;
+pub mod tokenizer;
 
 pub use cache::{CacheLayout, CacheSeq, PagedKvCache};
+pub use chat::{ChatMessage, ChatTemplate};
 pub use error::{LmError, LmResult};
+pub use kernel::{
+    resolve_model_path, KernelOptions, TransformerKernel, DEFAULT_MODEL_FILE, MODEL_ENV,
+};
 pub use model::{
     GgufFile, LlamaConfig, LlamaModel, LoadOptions, LogitRows, RopeStyle, SeqTokens, WeightFormat,
 };
+pub use tokenizer::Tokenizer;

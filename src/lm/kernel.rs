@@ -1,0 +1,467 @@
+//! [`TransformerKernel`]: the SMC core's [`Kernel`] on a llama-family transformer.
+//!
+//! * [`Kernel::start`] runs the prompt through the model once, at batch size 1, and keeps its
+//!   keys and values in the shared [`PagedKvCache`].
+//! * [`Kernel::fork`] shares every block of the parent (resampling copies nothing).
+//! * [`Kernel::extend`] appends tokens to a whole batch of sequences in **one** forward pass;
+//!   sequences may append different numbers of tokens (forced tokens, infilling).
+//!
+//! Distributions have `vocab + 1` entries: every stop token of the model (`<|endoftext|>`,
+//! `<|im_end|>`, the GGUF's EOS id, ...) has its probability moved into the final EOS entry
+//! (log-sum-exp) and its own entry set to `-inf`, so the core sees exactly one way to end.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+
+use super::cache::{CacheSeq, PagedKvCache};
+use super::chat::{ChatMessage, ChatTemplate};
+use super::error::{LmError, LmResult};
+use super::model::{GgufFile, LlamaModel, LoadOptions, LogitRows, SeqTokens, WeightFormat};
+use super::tokenizer::Tokenizer;
+use crate::error::{Result, SmcError};
+use crate::kernel::{Extend, Extension, Kernel, SeqId};
+use crate::vocab::{TokenId, Vocabulary};
+
+/// File name of the default model (fetched by `scripts/fetch-model.sh`).
+pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// Environment variable naming the model file.
+pub const MODEL_ENV: &str = "SMC_STEER_MODEL";
+
+/// Strings that end generation when the tokenizer knows them.
+const STOP_STRINGS: &[&str] = &[
+    "<|endoftext|>",
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|end_of_text|>",
+    "</s>",
+];
+
+/// Options of a [`TransformerKernel`].
+#[derive(Debug, Clone)]
+pub struct KernelOptions {
+    /// Weight storage (f32 by default).
+    pub weights: WeightFormat,
+    /// Tokens per KV-cache block.
+    pub block_size: usize,
+    /// Tokens the KV cache can hold in total (all sequences, shared tokens counted once).
+    /// Default: `4096 + particles * (max_new_tokens + block_size)`.
+    pub cache_tokens: Option<usize>,
+    /// Expected number of particles (sizes the default cache).
+    pub particles: usize,
+    /// Expected number of generated tokens per particle (sizes the default cache).
+    pub max_new_tokens: usize,
+    /// Cap on the context window.
+    pub max_seq_len: Option<usize>,
+    /// Softmax temperature (1 = the model's distribution).
+    pub temperature: f64,
+}
+
+impl Default for KernelOptions {
+    fn default() -> Self {
+        Self {
+            weights: WeightFormat::F32,
+            block_size: 16,
+            cache_tokens: None,
+            particles: 64,
+            max_new_tokens: 256,
+            max_seq_len: None,
+            temperature: 1.0,
+        }
+    }
+}
+
+impl KernelOptions {
+    fn cache_capacity(&self) -> usize {
+        self.cache_tokens.unwrap_or_else(|| {
+            4096 + self.particles.max(1) * (self.max_new_tokens + self.block_size)
+        })
+    }
+}
+
+/// Find the model file: `explicit`, else `$SMC_STEER_MODEL`, else
+/// `models/SmolLM2-135M-Instruct.Q4_1.gguf` (relative to the working directory, then to this
+/// crate's source directory).
+///
+/// # Errors
+/// [`LmError::ModelNotFound`] (its message names `scripts/fetch-model.sh`).
+pub fn resolve_model_path(explicit: Option<&Path>) -> LmResult<PathBuf> {
+    let path = if let Some(p) = explicit {
+        p.to_path_buf()
+    } else if let Some(p) = std::env::var_os(MODEL_ENV).filter(|p| !p.is_empty()) {
+        PathBuf::from(p)
+    } else {
+        let local = Path::new("models").join(DEFAULT_MODEL_FILE);
+        let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("models")
+            .join(DEFAULT_MODEL_FILE);
+        if !local.exists() && crate_dir.exists() {
+            crate_dir
+        } else {
+            local
+        }
+    };
+    if path.exists() {
+        Ok(path)
+    } else {
+        Err(LmError::ModelNotFound { path })
+    }
+}
+
+/// Role of one output row of the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Row {
+    /// An ordinary token.
+    Token,
+    /// A stop token: its mass goes to EOS.
+    Stop,
+    /// A row without a tokenizer entry (embedding padding): probability zero.
+    Padding,
+}
+
+/// The transformer kernel. See the [module documentation](self).
+#[derive(Debug)]
+pub struct TransformerKernel {
+    model: LlamaModel,
+    tokenizer: Option<Tokenizer>,
+    chat: Option<ChatTemplate>,
+    vocab: Vocabulary,
+    cache: PagedKvCache,
+    /// Model rows whose mass goes to EOS.
+    stop: Vec<u32>,
+    /// What each output row is.
+    kind: Vec<Row>,
+    temperature: f64,
+}
+
+impl TransformerKernel {
+    /// Load a model: a GGUF file, or a Hugging Face directory (`config.json`,
+    /// `*.safetensors`, `tokenizer.json`). The path is resolved with
+    /// [`resolve_model_path`].
+    ///
+    /// # Errors
+    /// Every [`LmError`] of loading: missing file, corrupt file, unsupported architecture,
+    /// tokenizer problems, vocabulary mismatch.
+    pub fn load(path: Option<&Path>, opts: KernelOptions) -> LmResult<Self> {
+        let path = resolve_model_path(path)?;
+        let load = LoadOptions {
+            weights: opts.weights,
+            max_seq_len: opts.max_seq_len,
+        };
+        if path.is_dir() {
+            let model = LlamaModel::from_safetensors(&path, &load)?;
+            let tokenizer = Tokenizer::from_file(&path.join("tokenizer.json"))?;
+            let chat = hf_chat_template(&path, &tokenizer)?;
+            return Self::from_parts(model, Some(tokenizer), chat, opts);
+        }
+        let mut gguf = GgufFile::open(&path)?;
+        let model = LlamaModel::from_gguf_file(&mut gguf, &load)?;
+        let tokenizer = Tokenizer::from_gguf(&gguf)?;
+        let chat = ChatTemplate::from_gguf(&gguf)?;
+        Self::from_parts(model, Some(tokenizer), chat, opts)
+    }
+
+    /// Assemble a kernel from a model and (optionally) its tokenizer and chat template.
+    ///
+    /// Without a tokenizer, token `i` has the bytes `"<i>"` and there is no stop token (used
+    /// with random test models).
+    ///
+    /// # Errors
+    /// [`LmError::VocabMismatch`] when the tokenizer has more tokens than the model has
+    /// output rows; [`LmError::InvalidConfig`] for bad options.
+    pub fn from_parts(
+        model: LlamaModel,
+        tokenizer: Option<Tokenizer>,
+        chat: Option<ChatTemplate>,
+        opts: KernelOptions,
+    ) -> LmResult<Self> {
+        if !(opts.temperature.is_finite() && opts.temperature > 0.0) {
+            return Err(LmError::InvalidConfig(format!(
+                "temperature must be positive and finite (got {})",
+                opts.temperature
+            )));
+        }
+        let n = model.config().vocab_size;
+        let (bytes, known, stop) = match &tokenizer {
+            Some(t) => {
+                if t.vocab_size() > n {
+                    return Err(LmError::VocabMismatch {
+                        tokenizer: t.vocab_size(),
+                        model: n,
+                    });
+                }
+                let mut stop: Vec<u32> =
+                    STOP_STRINGS.iter().filter_map(|s| t.token_id(s)).collect();
+                stop.extend(t.eos_id());
+                stop.retain(|&s| (s as usize) < n);
+                let stop: Vec<u32> = stop
+                    .into_iter()
+                    .collect::<HashSet<_>>()
+                    .into_iter()
+                    .collect();
+                let mut bytes = t.token_bytes().to_vec();
+                bytes.resize(n, Vec::new());
+                (bytes, t.vocab_size(), stop)
+            }
+            None => (
+                (0..n).map(|i| format!("<{i}>").into_bytes()).collect(),
+                n,
+                Vec::new(),
+            ),
+        };
+        let mut stop = stop;
+        stop.sort_unstable();
+        let mut kind: Vec<Row> = (0..n)
+            .map(|i| if i < known { Row::Token } else { Row::Padding })
+            .collect();
+        for &s in &stop {
+            kind[s as usize] = Row::Stop;
+        }
+        let vocab = Vocabulary::new(bytes).map_err(|e| LmError::InvalidConfig(e.to_string()))?;
+        let cache = model.new_cache(opts.block_size, opts.cache_capacity())?;
+        Ok(Self {
+            model,
+            tokenizer,
+            chat,
+            vocab,
+            cache,
+            stop,
+            kind,
+            temperature: opts.temperature,
+        })
+    }
+
+    /// The model.
+    pub fn model(&self) -> &LlamaModel {
+        &self.model
+    }
+
+    /// The KV cache (for statistics such as [`PagedKvCache::used_bytes`]).
+    pub fn cache(&self) -> &PagedKvCache {
+        &self.cache
+    }
+
+    /// The tokenizer, when the kernel was loaded from a model file.
+    pub fn tokenizer(&self) -> Option<&Tokenizer> {
+        self.tokenizer.as_ref()
+    }
+
+    /// Model token ids whose probability is merged into EOS.
+    pub fn stop_tokens(&self) -> &[u32] {
+        &self.stop
+    }
+
+    /// The softmax temperature.
+    pub fn temperature(&self) -> f64 {
+        self.temperature
+    }
+
+    /// Change the softmax temperature (affects later calls only).
+    ///
+    /// # Errors
+    /// [`LmError::InvalidConfig`] unless positive and finite.
+    pub fn set_temperature(&mut self, t: f64) -> LmResult<()> {
+        if !(t.is_finite() && t > 0.0) {
+            return Err(LmError::InvalidConfig(format!(
+                "temperature must be positive (got {t})"
+            )));
+        }
+        self.temperature = t;
+        Ok(())
+    }
+
+    /// Tokenize text (special-token markers become their ids; no BOS is added).
+    ///
+    /// # Errors
+    /// [`LmError::Tokenizer`] (also when the kernel has no tokenizer).
+    pub fn encode(&self, text: &str) -> LmResult<Vec<TokenId>> {
+        self.tokenizer
+            .as_ref()
+            .ok_or_else(|| LmError::Tokenizer("this kernel has no tokenizer".into()))?
+            .encode(text)
+    }
+
+    /// Decoded text of tokens (EOS and unknown ids contribute nothing).
+    pub fn decode(&self, tokens: &[TokenId]) -> String {
+        self.vocab.decode(tokens)
+    }
+
+    /// Render a conversation with the model's chat template.
+    ///
+    /// # Errors
+    /// [`LmError::ChatTemplate`] (also when the model has no template).
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> LmResult<String> {
+        self.chat
+            .as_ref()
+            .ok_or_else(|| LmError::ChatTemplate("the model has no chat template".into()))?
+            .apply(messages, add_generation_prompt)
+    }
+
+    /// Token ids of a conversation rendered with the chat template, ending with the
+    /// assistant header (ready for [`Kernel::start`]).
+    ///
+    /// # Errors
+    /// As [`TransformerKernel::apply_chat_template`] and [`TransformerKernel::encode`].
+    pub fn chat_prompt(&self, messages: &[ChatMessage]) -> LmResult<Vec<TokenId>> {
+        self.encode(&self.apply_chat_template(messages, true)?)
+    }
+
+    /// Normalised log-probabilities over `vocab + 1` symbols from one row of logits.
+    fn distribution(&self, logits: &[f32]) -> Vec<f64> {
+        let n = self.vocab.len();
+        let inv_t = 1.0 / self.temperature;
+        let mut max = f64::NEG_INFINITY;
+        for (&l, &k) in logits.iter().zip(&self.kind) {
+            if k != Row::Padding {
+                max = max.max(f64::from(l) * inv_t);
+            }
+        }
+        let mut sum = 0.0;
+        let mut stop_sum = 0.0;
+        let mut out = vec![f64::NEG_INFINITY; n + 1];
+        for ((&l, &k), o) in logits.iter().zip(&self.kind).zip(out.iter_mut()) {
+            let z = f64::from(l) * inv_t - max;
+            match k {
+                Row::Token => {
+                    *o = z;
+                    sum += z.exp();
+                }
+                Row::Stop => {
+                    let e = z.exp();
+                    stop_sum += e;
+                    sum += e;
+                }
+                Row::Padding => {}
+            }
+        }
+        let lse = sum.ln();
+        for o in out.iter_mut().take(n) {
+            *o -= lse;
+        }
+        out[n] = if stop_sum > 0.0 {
+            stop_sum.ln() - lse
+        } else {
+            f64::NEG_INFINITY
+        };
+        out
+    }
+
+    fn run(&mut self, batch: &[Extend<'_>]) -> LmResult<Vec<Extension>> {
+        let mut seen = HashSet::with_capacity(batch.len());
+        for e in batch {
+            if !seen.insert(e.seq) {
+                return Err(LmError::InvalidConfig(format!(
+                    "sequence {} appears twice in one extend batch",
+                    e.seq.0
+                )));
+            }
+        }
+        let entries: Vec<SeqTokens<'_>> = batch
+            .iter()
+            .map(|e| SeqTokens {
+                seq: CacheSeq(e.seq.0),
+                tokens: e.tokens,
+            })
+            .collect();
+        let logits = self
+            .model
+            .forward(&entries, &mut self.cache, LogitRows::All)?;
+        let rows = logits.to_vec2::<f32>()?;
+        let dists: Vec<Vec<f64>> = rows.par_iter().map(|r| self.distribution(r)).collect();
+        let mut out = Vec::with_capacity(batch.len());
+        let mut r = 0;
+        for e in batch {
+            let n = e.tokens.len();
+            let inner = (1..n)
+                .map(|j| dists[r + j - 1][e.tokens[j] as usize])
+                .collect();
+            out.push(Extension {
+                inner_log_probs: inner,
+                next_log_probs: Vec::new(),
+            });
+            r += n;
+        }
+        // Move the last distribution of each entry out instead of cloning it.
+        let mut dists = dists.into_iter().map(Some).collect::<Vec<_>>();
+        let mut r = 0;
+        for (e, ext) in batch.iter().zip(out.iter_mut()) {
+            r += e.tokens.len();
+            ext.next_log_probs = dists[r - 1].take().unwrap_or_default();
+        }
+        Ok(out)
+    }
+
+    fn start_inner(&mut self, prompt: &[TokenId]) -> LmResult<(SeqId, Vec<f64>)> {
+        if prompt.is_empty() {
+            return Err(LmError::EmptyPrompt);
+        }
+        let max = self.model.config().max_seq_len;
+        if prompt.len() > max {
+            return Err(LmError::ContextOverflow {
+                len: prompt.len(),
+                max,
+            });
+        }
+        let seq = self.cache.create();
+        let entry = [SeqTokens {
+            seq,
+            tokens: prompt,
+        }];
+        match self.model.forward(&entry, &mut self.cache, LogitRows::Last) {
+            Ok(logits) => {
+                let row = logits.flatten_all()?.to_vec1::<f32>()?;
+                Ok((SeqId(seq.0), self.distribution(&row)))
+            }
+            Err(e) => {
+                self.cache.release(seq);
+                Err(e)
+            }
+        }
+    }
+}
+
+fn hf_chat_template(dir: &Path, tok: &Tokenizer) -> LmResult<Option<ChatTemplate>> {
+    let Ok(text) = std::fs::read_to_string(dir.join("tokenizer_config.json")) else {
+        return Ok(None);
+    };
+    let cfg: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| LmError::Tokenizer(e.to_string()))?;
+    let Some(src) = cfg["chat_template"].as_str() else {
+        return Ok(None);
+    };
+    let name = |id: Option<u32>| id.map(|i| tok.decode(&[i])).unwrap_or_default();
+    ChatTemplate::new(src, name(tok.bos_id()), name(tok.eos_id())).map(Some)
+}
+
+impl Kernel for TransformerKernel {
+    fn vocab(&self) -> &Vocabulary {
+        &self.vocab
+    }
+
+    fn start(&mut self, prompt: &[TokenId]) -> Result<(SeqId, Vec<f64>)> {
+        self.start_inner(prompt).map_err(SmcError::from)
+    }
+
+    fn fork(&mut self, seq: SeqId) -> Result<SeqId> {
+        Ok(SeqId(
+            self.cache.fork(CacheSeq(seq.0)).map_err(SmcError::from)?.0,
+        ))
+    }
+
+    fn release(&mut self, seq: SeqId) {
+        self.cache.release(CacheSeq(seq.0));
+    }
+
+    fn extend(&mut self, batch: &[Extend<'_>]) -> Result<Vec<Extension>> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.run(batch).map_err(SmcError::from)
+    }
+}
