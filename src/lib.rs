@@ -29,6 +29,7 @@
 
 #![warn(missing_docs)]
 
+pub mod constraints;
 pub mod error;
 pub mod exact;
 pub mod feynman_kac;
