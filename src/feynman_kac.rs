@@ -56,7 +56,11 @@ impl FeynmanKac {
 
     /// As [`FeynmanKac::new`] with a shared potential.
     pub fn from_arc(potential: Arc<dyn Potential>) -> Self {
-        Self { potential, proposal: ProposalKind::Bootstrap, prefix_score: 0.0 }
+        Self {
+            potential,
+            proposal: ProposalKind::Bootstrap,
+            prefix_score: 0.0,
+        }
     }
 
     /// Use another proposal.
@@ -72,7 +76,9 @@ impl FeynmanKac {
 
     fn checked(&self, x: f64) -> Result<f64> {
         if x.is_nan() {
-            Err(SmcError::NanPotential { name: self.potential.name().to_string() })
+            Err(SmcError::NanPotential {
+                name: self.potential.name().to_string(),
+            })
         } else {
             Ok(x)
         }
@@ -88,7 +94,11 @@ impl FeynmanKac {
         tokens.push(t);
         let mut bytes = view.bytes.to_vec();
         bytes.extend_from_slice(view.vocab.bytes(t));
-        let next = SeqView { tokens: &tokens, bytes: &bytes, vocab: view.vocab };
+        let next = SeqView {
+            tokens: &tokens,
+            bytes: &bytes,
+            vocab: view.vocab,
+        };
         let s = self.checked(self.potential.prefix(&next))?;
         let inc = log_div(s, self.prefix_score);
         self.prefix_score = s;
@@ -99,7 +109,9 @@ impl FeynmanKac {
         let mut w = vec![0.0; view.vocab.dist_len()];
         potential.log_weight_next(view, &mut w);
         if w.iter().any(|x| x.is_nan()) {
-            return Err(SmcError::NanPotential { name: potential.name().to_string() });
+            return Err(SmcError::NanPotential {
+                name: potential.name().to_string(),
+            });
         }
         Ok(w)
     }
@@ -115,7 +127,10 @@ impl Program for FeynmanKac {
             }),
             _ => Ok(()),
         };
-        check(&format!("potential `{}`", self.potential.name()), self.potential.vocab_size())?;
+        check(
+            &format!("potential `{}`", self.potential.name()),
+            self.potential.vocab_size(),
+        )?;
         if let ProposalKind::Mask(m) = &self.proposal {
             check(&format!("mask `{}`", m.name()), m.vocab_size())?;
         }
@@ -156,7 +171,13 @@ impl Program for FeynmanKac {
                 let masked: Vec<f64> = log_p
                     .iter()
                     .zip(&w)
-                    .map(|(a, b)| if *b > f64::NEG_INFINITY { *a } else { f64::NEG_INFINITY })
+                    .map(|(a, b)| {
+                        if *b > f64::NEG_INFINITY {
+                            *a
+                        } else {
+                            f64::NEG_INFINITY
+                        }
+                    })
                     .collect();
                 let log_mass = log_sum_exp(&masked);
                 if log_mass == f64::NEG_INFINITY {

@@ -63,3 +63,8 @@ pub use resampling::Resampling;
 pub use result::{Completion, Distinct, SmcResult};
 pub use smc::{Algorithm, Smc, SmcConfig};
 pub use vocab::{TokenId, Vocabulary};
+
+/// The README's Rust examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -76,7 +76,7 @@ pub trait Potential: Send + Sync {
         let mut tokens = seq.tokens.to_vec();
         let mut bytes = seq.bytes.to_vec();
         let n_bytes = bytes.len();
-        for v in 0..seq.vocab.len() {
+        for (v, o) in out.iter_mut().enumerate().take(seq.vocab.len()) {
             tokens.push(v as TokenId);
             bytes.extend_from_slice(seq.vocab.bytes(v as TokenId));
             let view = SeqView {
@@ -84,7 +84,7 @@ pub trait Potential: Send + Sync {
                 bytes: &bytes,
                 vocab: seq.vocab,
             };
-            out[v] = self.prefix(&view) - base;
+            *o = self.prefix(&view) - base;
             tokens.pop();
             bytes.truncate(n_bytes);
         }

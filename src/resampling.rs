@@ -94,7 +94,10 @@ fn check(weights: &[f64]) -> Result<()> {
     if weights.is_empty() {
         return Err(SmcError::InvalidWeights("no weights to resample".into()));
     }
-    if weights.iter().any(|w| !(*w >= 0.0) || !w.is_finite()) {
+    if weights
+        .iter()
+        .any(|w| w.is_nan() || *w < 0.0 || !w.is_finite())
+    {
         return Err(SmcError::InvalidWeights(
             "weights must be finite and non-negative".into(),
         ));

@@ -49,7 +49,7 @@ fn check_probs(row: &[f64], dist_len: usize) -> Result<Vec<f64>> {
         )));
     }
     let total: f64 = row.iter().sum();
-    if row.iter().any(|p| !(*p >= 0.0)) || (total - 1.0).abs() > 1e-9 {
+    if row.iter().any(|p| p.is_nan() || *p < 0.0) || (total - 1.0).abs() > 1e-9 {
         return Err(SmcError::InvalidDistribution(format!(
             "probabilities must be non-negative and sum to 1 (sum = {total})"
         )));

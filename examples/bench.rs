@@ -1,0 +1,362 @@
+//! Benchmarks on SmolLM2-135M-Instruct: decode steps, SMC steps, prefill, KV-cache bytes,
+//! against candle-transformers' stock `quantized_llama` measured in the same run.
+//!
+//! ```text
+//! scripts/fetch-model.sh && cargo run --release --example bench -- [--json] [--ns 1,8,32,64]
+//!     [--steps 8] [--prompt-tokens 64] [--model PATH] [--skip-candle]
+//! ```
+//!
+//! With `--json` every figure is one JSON object per line with `metric`, `impl`, `n` and
+//! `value` (plus `unit`); derived ratios come last. Timings are medians over `--steps` steps.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use smc_steer::lm::{KernelOptions, TransformerKernel};
+use smc_steer::potential::TokenWeights;
+use smc_steer::{Extend, FeynmanKac, Kernel, ProposalKind, SeqId, Smc, SmcConfig, TokenId};
+
+const TEXT: &str = "The history of the Federal Reserve begins in 1913, when Congress passed the \
+Federal Reserve Act after a series of financial panics. The new central bank was designed to \
+provide an elastic currency, to supervise banks, and to serve as a lender of last resort. Over \
+the following century its role grew: it now sets interest rates, manages inflation, and works to \
+keep employment high. Critics say it has too much power; supporters say it keeps the economy \
+stable. Economists still debate how it should respond to shocks, and each meeting of its \
+committee is watched closely by markets around the world, from New York to Tokyo and London. \
+In this essay we look at three episodes that shaped the institution, and at the lessons they \
+hold for the next crisis, whenever it comes, and however it begins.";
+
+struct Args {
+    json: bool,
+    ns: Vec<usize>,
+    steps: usize,
+    prompt_tokens: usize,
+    model: Option<PathBuf>,
+    skip_candle: bool,
+}
+
+fn parse() -> Result<Args, String> {
+    let mut a = Args {
+        json: false,
+        ns: vec![1, 8, 32, 64],
+        steps: 8,
+        prompt_tokens: 64,
+        model: None,
+        skip_candle: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = |name: &str| it.next().ok_or(format!("{name} needs a value"));
+        match flag.as_str() {
+            "--json" => a.json = true,
+            "--skip-candle" => a.skip_candle = true,
+            "--ns" => {
+                a.ns = value("--ns")?
+                    .split(',')
+                    .map(|s| s.trim().parse::<usize>().map_err(|e| format!("--ns: {e}")))
+                    .collect::<Result<_, _>>()?
+            }
+            "--steps" => {
+                a.steps = value("--steps")?
+                    .parse()
+                    .map_err(|e| format!("--steps: {e}"))?
+            }
+            "--prompt-tokens" => {
+                a.prompt_tokens = value("--prompt-tokens")?
+                    .parse()
+                    .map_err(|e| format!("--prompt-tokens: {e}"))?
+            }
+            "--model" => a.model = Some(PathBuf::from(value("--model")?)),
+            other => return Err(format!("unknown argument `{other}`")),
+        }
+    }
+    if a.steps == 0 || a.ns.is_empty() || a.ns.contains(&0) {
+        return Err("--steps and every n must be positive".into());
+    }
+    Ok(a)
+}
+
+struct Report {
+    json: bool,
+    lines: Vec<serde_json::Value>,
+}
+
+impl Report {
+    fn emit(&mut self, metric: &str, imp: &str, n: usize, value: f64, unit: &str) {
+        let line = serde_json::json!({ "metric": metric, "impl": imp, "n": n, "value": value, "unit": unit });
+        if self.json {
+            println!("{line}");
+        } else {
+            println!("{metric:<22} {imp:<10} n={n:<4} {value:>12.3} {unit}");
+        }
+        self.lines.push(line);
+    }
+
+    fn get(&self, metric: &str, imp: &str, n: usize) -> Option<f64> {
+        self.lines
+            .iter()
+            .find(|l| l["metric"] == metric && l["impl"] == imp && l["n"] == n)
+            .and_then(|l| l["value"].as_f64())
+    }
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    let m = xs.len() / 2;
+    if xs.len() % 2 == 1 {
+        xs[m]
+    } else {
+        0.5 * (xs[m - 1] + xs[m])
+    }
+}
+
+/// The most likely ordinary token (a cheap deterministic decode choice).
+fn argmax_token(log_probs: &[f64]) -> TokenId {
+    let n = log_probs.len() - 1;
+    (0..n)
+        .max_by(|&a, &b| log_probs[a].total_cmp(&log_probs[b]))
+        .unwrap_or(0) as TokenId
+}
+
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load(args: &Args, particles: usize, new_tokens: usize) -> Result<TransformerKernel, String> {
+    let opts = KernelOptions {
+        particles,
+        max_new_tokens: new_tokens,
+        ..KernelOptions::default()
+    };
+    TransformerKernel::load(args.model.as_deref(), opts).map_err(|e| e.to_string())
+}
+
+/// Plain batched decode through our kernel: `n` sequences forked from one prompt, one token
+/// each per step. Returns per-step milliseconds and the cache bytes in use at the end.
+fn decode_ours(
+    kernel: &mut TransformerKernel,
+    prompt: &[TokenId],
+    n: usize,
+    steps: usize,
+) -> Result<(Vec<f64>, usize), String> {
+    let e = |e: smc_steer::SmcError| e.to_string();
+    let (root, dist) = kernel.start(prompt).map_err(e)?;
+    let mut seqs: Vec<SeqId> = vec![root];
+    for _ in 1..n {
+        seqs.push(kernel.fork(root).map_err(e)?);
+    }
+    let mut next: Vec<TokenId> = vec![argmax_token(&dist); n];
+    let mut times = Vec::new();
+    for step in 0..=steps {
+        let toks: Vec<[TokenId; 1]> = next.iter().map(|t| [*t]).collect();
+        let batch: Vec<Extend<'_>> = seqs
+            .iter()
+            .zip(&toks)
+            .map(|(s, t)| Extend { seq: *s, tokens: t })
+            .collect();
+        let t0 = Instant::now();
+        let out = kernel.extend(&batch).map_err(e)?;
+        if step > 0 {
+            // The first step is a warm-up.
+            times.push(ms(t0));
+        }
+        next = out
+            .iter()
+            .map(|x| argmax_token(&x.next_log_probs))
+            .collect();
+    }
+    let bytes = kernel.cache().used_bytes();
+    for s in seqs {
+        kernel.release(s);
+    }
+    Ok((times, bytes))
+}
+
+/// Full SMC steps (forward, mask proposal, weights, ESS, resampling when due).
+fn smc_steps(
+    kernel: TransformerKernel,
+    prompt: &[TokenId],
+    n: usize,
+    steps: usize,
+) -> Result<Vec<f64>, String> {
+    let vocab_len = kernel.vocab().len();
+    // A trivial potential that forbids EOS, so every particle stays in the batch.
+    let mut w = vec![0.0; vocab_len + 1];
+    w[vocab_len] = f64::NEG_INFINITY;
+    let no_eos = TokenWeights::new("no-eos", w).map_err(|e| e.to_string())?;
+    let model = FeynmanKac::new(no_eos.clone())
+        .with_proposal(ProposalKind::Mask(std::sync::Arc::new(no_eos)));
+    let config = SmcConfig {
+        particles: n,
+        max_tokens: steps + 2,
+        ..SmcConfig::default()
+    };
+    let mut smc = Smc::new(kernel, model, prompt, config).map_err(|e| e.to_string())?;
+    let mut times = Vec::new();
+    for step in 0..=steps {
+        let t0 = Instant::now();
+        smc.step().map_err(|e| e.to_string())?;
+        if step > 0 {
+            times.push(ms(t0));
+        }
+    }
+    Ok(times)
+}
+
+/// candle-transformers' stock quantized_llama with every weight dequantized to f32.
+fn decode_candle(
+    path: &std::path::Path,
+    prompt: &[TokenId],
+    n: usize,
+    steps: usize,
+) -> Result<Vec<f64>, String> {
+    use candle_core::{Device, Tensor};
+    use candle_transformers::models::quantized_llama::ModelWeights;
+    let e = |e: candle_core::Error| e.to_string();
+    let mut file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file).map_err(e)?;
+    let mut model = ModelWeights::from_gguf(content, &mut file, &Device::Cpu).map_err(e)?;
+    let rows: Vec<u32> = (0..n).flat_map(|_| prompt.iter().copied()).collect();
+    let x = Tensor::from_vec(rows, (n, prompt.len()), &Device::Cpu).map_err(e)?;
+    let logits = model.forward(&x, 0).map_err(e)?;
+    let mut next: Vec<u32> = logits
+        .argmax(candle_core::D::Minus1)
+        .map_err(e)?
+        .to_vec1::<u32>()
+        .map_err(e)?;
+    let mut times = Vec::new();
+    for step in 0..=steps {
+        let x = Tensor::from_vec(next.clone(), (n, 1), &Device::Cpu).map_err(e)?;
+        let t0 = Instant::now();
+        let logits = model.forward(&x, prompt.len() + step).map_err(e)?;
+        next = logits
+            .argmax(candle_core::D::Minus1)
+            .map_err(e)?
+            .to_vec1::<u32>()
+            .map_err(e)?;
+        if step > 0 {
+            times.push(ms(t0));
+        }
+    }
+    Ok(times)
+}
+
+fn run() -> Result<(), String> {
+    let args = parse()?;
+    let mut report = Report {
+        json: args.json,
+        lines: Vec::new(),
+    };
+    let max_n = *args.ns.iter().max().unwrap_or(&1);
+    let mut kernel = load(&args, max_n, 512)?;
+    let text_tokens = kernel.encode(&TEXT.repeat(4)).map_err(|e| e.to_string())?;
+    if text_tokens.len() < 256.max(args.prompt_tokens) {
+        return Err("benchmark text too short".into());
+    }
+    let prompt: Vec<TokenId> = text_tokens[..args.prompt_tokens].to_vec();
+    if !args.json {
+        println!(
+            "SmolLM2-135M-Instruct, f32 weights, {}-token prompt, medians over {} steps",
+            args.prompt_tokens, args.steps
+        );
+    }
+
+    // Prefill: one 256-token prompt (batch 1), then 8 different 256-token suffixes at once.
+    let long: Vec<TokenId> = text_tokens[..256].to_vec();
+    let t0 = Instant::now();
+    let (root, _) = kernel.start(&long).map_err(|e| e.to_string())?;
+    let single = 256.0 / t0.elapsed().as_secs_f64();
+    kernel.release(root);
+    report.emit("prefill_tokens_per_s", "smc-steer", 1, single, "tokens/s");
+    let batch_n = 8;
+    let (root, _) = kernel.start(&long[..1]).map_err(|e| e.to_string())?;
+    let mut seqs = vec![root];
+    for _ in 1..batch_n {
+        seqs.push(kernel.fork(root).map_err(|e| e.to_string())?);
+    }
+    let suffixes: Vec<&[TokenId]> = (0..batch_n).map(|i| &text_tokens[1 + i..256 + i]).collect();
+    let batch: Vec<Extend<'_>> = seqs
+        .iter()
+        .zip(&suffixes)
+        .map(|(s, t)| Extend { seq: *s, tokens: t })
+        .collect();
+    let t0 = Instant::now();
+    kernel.extend(&batch).map_err(|e| e.to_string())?;
+    let batched = (255 * batch_n) as f64 / t0.elapsed().as_secs_f64();
+    for s in seqs {
+        kernel.release(s);
+    }
+    report.emit(
+        "prefill_tokens_per_s",
+        "smc-steer",
+        batch_n,
+        batched,
+        "tokens/s",
+    );
+    let best_prefill = single.max(batched);
+
+    for &n in &args.ns {
+        let (times, _) = decode_ours(&mut kernel, &prompt, n, args.steps)?;
+        report.emit("decode_step_ms", "smc-steer", n, median(times), "ms");
+        let smc_kernel = load(&args, n, args.steps + 4)?;
+        let times = smc_steps(smc_kernel, &prompt, n, args.steps)?;
+        report.emit("smc_step_ms", "smc-steer", n, median(times), "ms");
+        if !args.skip_candle {
+            // Read by candle when it loads quantized tensors: dequantize every weight to f32.
+            std::env::set_var("CANDLE_DEQUANTIZE_ALL", "1");
+            let path = smc_steer::lm::resolve_model_path(args.model.as_deref())
+                .map_err(|e| e.to_string())?;
+            let times = decode_candle(&path, &prompt, n, args.steps)?;
+            report.emit("decode_step_ms", "candle", n, median(times), "ms");
+        }
+    }
+
+    // KV bytes: 64 particles, the prompt, 64 generated tokens.
+    let kv_n = 64;
+    let (_, ours) = decode_ours(&mut kernel, &prompt, kv_n, 63)?;
+    let per_token = kernel.cache().layout().bytes_per_token();
+    report.emit("kv_bytes", "smc-steer", kv_n, ours as f64, "bytes");
+    report.emit(
+        "kv_bytes",
+        "naive",
+        kv_n,
+        (kv_n * (prompt.len() + 64) * per_token) as f64,
+        "bytes",
+    );
+
+    for &n in &args.ns {
+        if let (Some(smc), Some(dec)) = (
+            report.get("smc_step_ms", "smc-steer", n),
+            report.get("decode_step_ms", "smc-steer", n),
+        ) {
+            report.emit("smc_overhead", "smc-steer", n, smc / dec, "ratio");
+        }
+        if let (Some(c), Some(ours)) = (
+            report.get("decode_step_ms", "candle", n),
+            report.get("decode_step_ms", "smc-steer", n),
+        ) {
+            report.emit("speedup_vs_candle", "smc-steer", n, c / ours, "ratio");
+        }
+    }
+    if let Some(dec) = report.get("decode_step_ms", "smc-steer", 64) {
+        report.emit(
+            "decode_efficiency",
+            "smc-steer",
+            64,
+            (64.0 / (dec / 1e3)) / best_prefill,
+            "ratio",
+        );
+    }
+    Ok(())
+}
