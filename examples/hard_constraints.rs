@@ -49,7 +49,9 @@ fn parse() -> Result<Args, String> {
             "--prompt" => a.prompt = value("--prompt")?,
             "--particles" => a.particles = num("--particles", value("--particles")?)? as usize,
             "--max-tokens" => a.max_tokens = num("--max-tokens", value("--max-tokens")?)? as usize,
-            "--max-letters" => a.max_letters = num("--max-letters", value("--max-letters")?)? as usize,
+            "--max-letters" => {
+                a.max_letters = num("--max-letters", value("--max-letters")?)? as usize
+            }
             "--seed" => a.seed = num("--seed", value("--seed")?)?,
             "--model" => a.model = Some(PathBuf::from(value("--model")?)),
             "--json" => a.json = true,
@@ -72,18 +74,25 @@ fn main() -> ExitCode {
 
 fn run() -> Result<(), String> {
     let args = parse()?;
-    let opts = KernelOptions { particles: args.particles, max_new_tokens: args.max_tokens, ..KernelOptions::default() };
+    let opts = KernelOptions {
+        particles: args.particles,
+        max_new_tokens: args.max_tokens,
+        ..KernelOptions::default()
+    };
     let kernel = TransformerKernel::load(args.model.as_deref(), opts).map_err(|e| e.to_string())?;
     let prompt = kernel.encode(&args.prompt).map_err(|e| e.to_string())?;
     let constraint = MaxWordLetters::new(args.max_letters);
-    let model = FeynmanKac::new(constraint).with_proposal(ProposalKind::Mask(std::sync::Arc::new(constraint)));
+    let model = FeynmanKac::new(constraint)
+        .with_proposal(ProposalKind::Mask(std::sync::Arc::new(constraint)));
     let config = SmcConfig {
         particles: args.particles,
         max_tokens: args.max_tokens,
         seed: args.seed,
         ..SmcConfig::default()
     };
-    let result = Smc::new(kernel, model, &prompt, config).and_then(Smc::run).map_err(|e| e.to_string())?;
+    let result = Smc::new(kernel, model, &prompt, config)
+        .and_then(Smc::run)
+        .map_err(|e| e.to_string())?;
 
     if args.json {
         let particles: Vec<_> = result
@@ -107,14 +116,22 @@ fn run() -> Result<(), String> {
         println!("{out}");
         return Ok(());
     }
-    println!("prompt: {:?} (every word ≤ {} letters)", args.prompt, args.max_letters);
+    println!(
+        "prompt: {:?} (every word ≤ {} letters)",
+        args.prompt, args.max_letters
+    );
     if result.all_dead {
         println!("every particle died: no completion satisfies the constraint (log Z = -inf)");
         return Ok(());
     }
     println!("{:>7}  completion", "prob");
     for d in result.posterior_by_text().iter().take(10) {
-        println!("{:>7.4}  {:?}{}", d.probability, d.text, if d.eos { " <eos>" } else { "" });
+        println!(
+            "{:>7.4}  {:?}{}",
+            d.probability,
+            d.text,
+            if d.eos { " <eos>" } else { "" }
+        );
     }
     println!(
         "ESS {:.2} of {} | log Z {:.3} | {:.1} tokens/s ({} tokens in {:.2} s)",
