@@ -327,10 +327,20 @@ impl LlamaModel {
     /// # Errors
     /// [`LmError::Format`] for an inconsistent configuration.
     pub fn random(config: LlamaConfig, seed: u64) -> LmResult<Self> {
+        let tensors = Self::random_tensors(&config, seed)?;
+        Self::from_tensors(config, tensors)
+    }
+
+    /// The random weights of [`LlamaModel::random`], named as in GGUF files (useful to write
+    /// test checkpoints).
+    ///
+    /// # Errors
+    /// [`LmError::Format`] for an inconsistent configuration.
+    pub fn random_tensors(config: &LlamaConfig, seed: u64) -> LmResult<HashMap<String, Tensor>> {
         config.validate()?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut tensors = HashMap::new();
-        let c = &config;
+        let c = config;
         let h = c.hidden_size;
         let mat = |rows: usize, cols: usize, rng: &mut rand::rngs::StdRng| {
             let scale = 1.5 / (cols as f32).sqrt();
@@ -376,7 +386,7 @@ impl LlamaModel {
         if !c.tie_embeddings {
             tensors.insert("output.weight".to_string(), mat(c.vocab_size, h, &mut rng)?);
         }
-        Self::from_tensors(config, tensors)
+        Ok(tensors)
     }
 
     /// Build a model from f32 tensors named as in GGUF files (`token_embd.weight`,
@@ -936,8 +946,9 @@ fn gguf_config(ct: &gguf_file::Content) -> LmResult<LlamaConfig> {
     })
 }
 
-/// Translate a GGUF tensor name into the Hugging Face llama name.
-fn hf_name(gguf: &str) -> String {
+/// Translate a GGUF tensor name (`blk.3.attn_q.weight`) into the Hugging Face llama name
+/// (`model.layers.3.self_attn.q_proj.weight`).
+pub fn hf_name(gguf: &str) -> String {
     match gguf {
         "token_embd.weight" => return "model.embed_tokens.weight".into(),
         "output_norm.weight" => return "model.norm.weight".into(),

@@ -1,0 +1,120 @@
+//! Hand-run timing check (not a timed test; it asserts nothing about speed):
+//!
+//! ```text
+//! cargo test --test lm_timing -- --ignored --nocapture   (test profile: opt-level 2)
+//! ```
+//!
+//! Decode step time at batch 1/8/32/64 after a 64-token prompt, for our model (f32 weights,
+//! paged cache, prompt shared) and for candle-transformers' stock `quantized_llama` with every
+//! weight dequantized to f32 (`CANDLE_DEQUANTIZE_ALL=1`). Medians over 8 steps.
+#![cfg(feature = "lm")]
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use smc_steer::lm::{resolve_model_path, KernelOptions, TransformerKernel};
+use smc_steer::{Extend, Kernel};
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+#[test]
+#[ignore = "timing, run by hand"]
+fn decode_step_timing() {
+    let path = match resolve_model_path(None) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("SKIPPED: {e}");
+            return;
+        }
+    };
+    let sizes: Vec<usize> = std::env::var("SIZES")
+        .ok()
+        .map(|s| s.split(',').filter_map(|x| x.parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 8, 32, 64]);
+    let steps = 8;
+    let prompt: Vec<u32> = (0..64).map(|i| 1000 + 17 * i).collect();
+
+    let opts = KernelOptions {
+        particles: 64,
+        max_new_tokens: 64,
+        ..Default::default()
+    };
+    let t = Instant::now();
+    let mut k = TransformerKernel::load(Some(&path), opts).unwrap();
+    eprintln!("load: {:.2} s", t.elapsed().as_secs_f64());
+    let t = Instant::now();
+    let (root, _) = k.start(&prompt).unwrap();
+    let pre = t.elapsed().as_secs_f64();
+    eprintln!(
+        "smc-steer prefill 64 tokens: {:.1} ms ({:.0} tok/s)",
+        pre * 1e3,
+        64.0 / pre
+    );
+    for &n in &sizes {
+        let seqs: Vec<_> = (0..n).map(|_| k.fork(root).unwrap()).collect();
+        let mut times = Vec::new();
+        for step in 0..steps + 1 {
+            let toks: Vec<[u32; 1]> = (0..n).map(|i| [(500 + 31 * i + 7 * step) as u32]).collect();
+            let batch: Vec<Extend<'_>> = seqs
+                .iter()
+                .zip(&toks)
+                .map(|(&s, t)| Extend { seq: s, tokens: t })
+                .collect();
+            let t = Instant::now();
+            k.extend(&batch).unwrap();
+            if step > 0 {
+                times.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        let m = median(times);
+        eprintln!(
+            "TIMING impl=smc-steer n={n} decode_step_ms={m:.1} tok/s={:.1}",
+            n as f64 / m * 1e3
+        );
+        for s in seqs {
+            k.release(s);
+        }
+    }
+    drop(k);
+
+    // candle-transformers stock model, all weights dequantized to f32, on a fresh thread
+    // (candle reads the variable once per thread).
+    std::env::set_var("CANDLE_DEQUANTIZE_ALL", "1");
+    std::thread::spawn(move || {
+        let mut file = std::fs::File::open(&path).unwrap();
+        let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
+        let mut m = candle_transformers::models::quantized_llama::ModelWeights::from_gguf(
+            content,
+            &mut file,
+            &Device::Cpu,
+        )
+        .unwrap();
+        for &n in &sizes {
+            m.clear_kv_cache();
+            let rows: Vec<u32> = (0..n).flat_map(|_| prompt.iter().copied()).collect();
+            let x = Tensor::from_vec(rows, (n, 64), &Device::Cpu).unwrap();
+            m.forward(&x, 0).unwrap();
+            let mut times = Vec::new();
+            for step in 0..steps + 1 {
+                let toks: Vec<u32> = (0..n).map(|i| (500 + 31 * i + 7 * step) as u32).collect();
+                let x = Tensor::from_vec(toks, (n, 1), &Device::Cpu).unwrap();
+                let t = Instant::now();
+                let l = m.forward(&x, 64 + step).unwrap();
+                let _ = l.to_vec2::<f32>().unwrap();
+                if step > 0 {
+                    times.push(t.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+            let med = median(times);
+            eprintln!(
+                "TIMING impl=candle n={n} decode_step_ms={med:.1} tok/s={:.1}",
+                n as f64 / med * 1e3
+            );
+        }
+    })
+    .join()
+    .unwrap();
+}
