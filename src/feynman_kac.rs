@@ -190,6 +190,19 @@ impl Program for FeynmanKac {
                 p.score(log_mass)?;
                 p.score(inc)?;
             }
+            ProposalKind::Awrs(constraint) => {
+                let options = crate::awrs::AwrsOptions::default();
+                let mut rng = rand_pcg::Pcg64Mcg::new(rand::Rng::random(p.rng()));
+                let draw = crate::awrs::awrs(&log_p, &p.view(), constraint.as_ref(), options, &mut rng)?;
+                let Some(t) = draw.token else {
+                    p.condition(false);
+                    return Ok(Flow::Yield);
+                };
+                let inc = self.increment(&p.view(), t)?;
+                p.append_to(0, t)?;
+                p.score(draw.log_weight)?;
+                p.score(inc)?;
+            }
             ProposalKind::Custom(q) => {
                 let t = p.sample_with(0, q.as_ref())?;
                 // `sample_with` appended t; score its potential increment on the prefix before it.

@@ -29,6 +29,7 @@
 
 #![warn(missing_docs)]
 
+pub mod awrs;
 pub mod constraints;
 pub mod error;
 pub mod exact;

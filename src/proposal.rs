@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use crate::awrs::TokenConstraint;
 use crate::potential::{Potential, SeqView};
 
 /// A user proposal: a next-token distribution that may depend on the sequence and on the
@@ -38,6 +39,11 @@ pub enum ProposalKind {
     Mask(Arc<dyn Potential>),
     /// Any user proposal, with the correction `log p(v) − log q(v)` and `G_t(v)`.
     Custom(Arc<dyn Proposal>),
+    /// Adaptive weighted rejection sampling ([`crate::awrs`]) under a token constraint
+    /// evaluated lazily: the token is an exact draw from `p` restricted to the constraint,
+    /// the weight gains an unbiased estimate of `P(next satisfies it)`, then `G_t`. As with
+    /// [`ProposalKind::Mask`], the constraint becomes part of the target.
+    Awrs(Arc<dyn TokenConstraint>),
 }
 
 impl std::fmt::Debug for ProposalKind {
@@ -47,6 +53,7 @@ impl std::fmt::Debug for ProposalKind {
             ProposalKind::LocallyOptimal => write!(f, "LocallyOptimal"),
             ProposalKind::Mask(p) => write!(f, "Mask({})", p.name()),
             ProposalKind::Custom(q) => write!(f, "Custom({})", q.name()),
+            ProposalKind::Awrs(c) => write!(f, "Awrs({})", c.name()),
         }
     }
 }
