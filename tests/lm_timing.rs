@@ -12,7 +12,10 @@
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use smc_steer::lm::{resolve_model_path, KernelOptions, TransformerKernel};
+use smc_steer::lm::{
+    resolve_model_path, KernelOptions, LlamaModel, LoadOptions, LogitRows, SeqTokens,
+    TransformerKernel,
+};
 use smc_steer::{Extend, Kernel};
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -80,6 +83,55 @@ fn decode_step_timing() {
     }
     drop(k);
 
+    // Breakdown: the model's forward pass alone (no log-softmax), and the pass without the
+    // output layer's cost (rows = Last on a single sequence is not comparable, so time the
+    // full [n, vocab] logits and the conversion separately).
+    let model = LlamaModel::from_gguf(&path, &LoadOptions::default()).unwrap();
+    let mut cache = model.new_cache(16, 64 * 80 + 128).unwrap();
+    let root = cache.create();
+    model
+        .forward(
+            &[SeqTokens {
+                seq: root,
+                tokens: &prompt,
+            }],
+            &mut cache,
+            LogitRows::Last,
+        )
+        .unwrap();
+    for &n in &sizes {
+        let seqs: Vec<_> = (0..n).map(|_| cache.fork(root).unwrap()).collect();
+        let (mut fwd, mut conv) = (Vec::new(), Vec::new());
+        for step in 0..steps + 1 {
+            let toks: Vec<[u32; 1]> = (0..n).map(|i| [(500 + 31 * i + 7 * step) as u32]).collect();
+            let batch: Vec<SeqTokens<'_>> = seqs
+                .iter()
+                .zip(&toks)
+                .map(|(&s, t)| SeqTokens { seq: s, tokens: t })
+                .collect();
+            let t = Instant::now();
+            let l = model.forward(&batch, &mut cache, LogitRows::All).unwrap();
+            let t1 = t.elapsed().as_secs_f64() * 1e3;
+            let _rows = l.to_vec2::<f32>().unwrap();
+            let t2 = t.elapsed().as_secs_f64() * 1e3;
+            if step > 0 {
+                fwd.push(t1);
+                conv.push(t2 - t1);
+            }
+        }
+        eprintln!(
+            "BREAKDOWN n={n} forward_ms={:.1} to_vec_ms={:.1}",
+            median(fwd),
+            median(conv)
+        );
+        for s in seqs {
+            cache.release(s);
+        }
+    }
+
+    if std::env::var("SKIP_CANDLE").is_ok() {
+        return;
+    }
     // candle-transformers stock model, all weights dequantized to f32, on a fresh thread
     // (candle reads the variable once per thread).
     std::env::set_var("CANDLE_DEQUANTIZE_ALL", "1");

@@ -145,14 +145,21 @@ pub struct LoadOptions {
 /// A linear map `y = x W^T` with `W: [out, in]`.
 #[derive(Debug, Clone)]
 enum Linear {
+    /// Stores `W^T` (`[in, out]`, contiguous): the row-major product `x W^T` then streams
+    /// the weights in order, which is markedly faster for small batches.
     Dense(Tensor),
     Quant(QMatMul),
 }
 
 impl Linear {
+    /// A dense layer from `W: [out, in]`.
+    fn dense(w: Tensor) -> candle_core::Result<Self> {
+        Ok(Linear::Dense(w.t()?.contiguous()?))
+    }
+
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            Linear::Dense(w) => x.matmul(&w.t()?),
+            Linear::Dense(wt) => x.matmul(wt),
             Linear::Quant(q) => q.forward(x),
         }
     }
@@ -208,7 +215,10 @@ trait WeightSource {
     fn dense(&mut self, name: &str) -> LmResult<Option<Tensor>>;
     /// A matrix for a linear layer, or `None` when absent.
     fn linear(&mut self, name: &str) -> LmResult<Option<Linear>> {
-        Ok(self.dense(name)?.map(Linear::Dense))
+        self.dense(name)?
+            .map(Linear::dense)
+            .transpose()
+            .map_err(LmError::from)
     }
 }
 
@@ -228,7 +238,7 @@ fn check_shape(t: &Tensor, dims: &[usize], name: &str) -> LmResult<()> {
 
 fn linear_dims(l: &Linear) -> Vec<usize> {
     match l {
-        Linear::Dense(w) => w.dims().to_vec(),
+        Linear::Dense(wt) => wt.dims().iter().rev().copied().collect(),
         Linear::Quant(QMatMul::QTensor(q)) => q.shape().dims().to_vec(),
         Linear::Quant(QMatMul::Tensor(w) | QMatMul::TensorF16(w)) => w.dims().to_vec(),
     }
@@ -286,7 +296,7 @@ impl LlamaModel {
             // Tied embeddings (or no separate output matrix in the file).
             None => match src.linear("token_embd.weight")? {
                 Some(Linear::Quant(q)) => Linear::Quant(q),
-                _ => Linear::Dense(embed.clone()),
+                _ => Linear::dense(embed.clone())?,
             },
         };
         let mut built = Vec::with_capacity(c.n_layers);
@@ -446,7 +456,7 @@ impl LlamaModel {
                 if self.quantized && !float {
                     Ok(Some(Linear::Quant(QMatMul::QTensor(Arc::new(q)))))
                 } else {
-                    Ok(Some(Linear::Dense(q.dequantize(&Device::Cpu)?)))
+                    Ok(Some(Linear::dense(q.dequantize(&Device::Cpu)?)?))
                 }
             }
         }
