@@ -927,7 +927,7 @@ fn gguf_config(ct: &gguf_file::Content) -> LmResult<LlamaConfig> {
     let n_kv_heads = md_usize(ct, &p("attention.head_count_kv")).unwrap_or(n_heads);
     let head_dim = md_usize(ct, &p("attention.key_length"))
         .or_else(|_| md_usize(ct, &p("rope.dimension_count")))
-        .unwrap_or(if n_heads > 0 { hidden / n_heads } else { 0 });
+        .unwrap_or(hidden.checked_div(n_heads).unwrap_or(0));
     if let Ok(rd) = md_usize(ct, &p("rope.dimension_count")) {
         if rd != head_dim {
             return Err(LmError::Format(format!(
