@@ -5,7 +5,7 @@
 //! program is written on top of the [`Program`] interface, so both forms run on the same
 //! engine.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use crate::error::{Result, SmcError};
 use crate::logspace::{log_div, log_mul, log_sum_exp};
@@ -37,6 +37,37 @@ pub struct FeynmanKac {
     proposal: ProposalKind,
     /// `log φ` of the current prefix (so each step evaluates one new prefix only).
     prefix_score: f64,
+    unit: StepUnit,
+    /// Word steps: what the next draw is conditioned on.
+    phase: WordPhase,
+    /// Word steps: which tokens continue the current word (computed once, shared).
+    continues_word: Arc<OnceLock<Vec<bool>>>,
+}
+
+/// What one SMC step of a [`FeynmanKac`] model generates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum StepUnit {
+    /// One token per step (the default).
+    #[default]
+    Token,
+    /// One word per step: after each token the program samples, with the model's own
+    /// probability, whether the next token continues the current word (its first byte is a
+    /// letter, digit or a non-ASCII byte); the step ends when it does not, and the next
+    /// step's first token is drawn conditioned on that event. The target is unchanged
+    /// (the event is sampled from its exact probability); only the resampling points move
+    /// to word boundaries. Uses sub-steps ([`Flow::Continue`]) within a step.
+    Word,
+}
+
+/// Where a word step stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WordPhase {
+    /// Draw the next token, conditioned on continuing the word (`Some(true)`), on not
+    /// continuing it (`Some(false)`) or on nothing.
+    Draw(Option<bool>),
+    /// A token was just appended: sample whether the next one continues the word.
+    Decide,
 }
 
 impl std::fmt::Debug for FeynmanKac {
@@ -60,7 +91,16 @@ impl FeynmanKac {
             potential,
             proposal: ProposalKind::Bootstrap,
             prefix_score: 0.0,
+            unit: StepUnit::Token,
+            phase: WordPhase::Draw(None),
+            continues_word: Arc::new(OnceLock::new()),
         }
+    }
+
+    /// Generate one token (default) or one word per SMC step.
+    pub fn with_step_unit(mut self, unit: StepUnit) -> Self {
+        self.unit = unit;
+        self
     }
 
     /// Use another proposal.
@@ -72,6 +112,101 @@ impl FeynmanKac {
     /// The potential.
     pub fn potential(&self) -> &Arc<dyn Potential> {
         &self.potential
+    }
+
+    /// Draw one token from `log_p` (the kernel's distribution, possibly conditioned on a
+    /// word-boundary event) with the proposal, append it and update the weight. Returns
+    /// `None` when the particle died.
+    fn draw_token(&mut self, p: &mut Particle<'_>, log_p: &[f64]) -> Result<Option<u32>> {
+        let t = match self.proposal.clone() {
+            ProposalKind::Bootstrap => {
+                let t = p.draw(log_p)?;
+                let inc = self.increment(&p.view(), t)?;
+                p.append_to(0, t)?;
+                p.score(inc)?;
+                t
+            }
+            ProposalKind::LocallyOptimal => {
+                let w = self.next_weights(&p.view(), self.potential.as_ref())?;
+                let joint: Vec<f64> = log_p.iter().zip(&w).map(|(a, b)| log_mul(*a, *b)).collect();
+                let local_z = log_sum_exp(&joint);
+                if local_z == f64::NEG_INFINITY {
+                    p.condition(false);
+                    return Ok(None);
+                }
+                let t = p.draw(&joint)?;
+                if t != p.vocab().eos() {
+                    self.prefix_score = log_mul(self.prefix_score, w[t as usize]);
+                }
+                p.append_to(0, t)?;
+                p.score(local_z)?;
+                t
+            }
+            ProposalKind::Mask(mask) => {
+                let w = self.next_weights(&p.view(), mask.as_ref())?;
+                let masked: Vec<f64> = log_p
+                    .iter()
+                    .zip(&w)
+                    .map(|(a, b)| {
+                        if *b > f64::NEG_INFINITY {
+                            *a
+                        } else {
+                            f64::NEG_INFINITY
+                        }
+                    })
+                    .collect();
+                let log_mass = log_sum_exp(&masked);
+                if log_mass == f64::NEG_INFINITY {
+                    p.condition(false);
+                    return Ok(None);
+                }
+                let t = p.draw(&masked)?;
+                let inc = self.increment(&p.view(), t)?;
+                p.append_to(0, t)?;
+                p.score(log_mass)?;
+                p.score(inc)?;
+                t
+            }
+            ProposalKind::Awrs(constraint) => {
+                let options = crate::awrs::AwrsOptions::default();
+                let mut rng = rand_pcg::Pcg64Mcg::new(rand::Rng::random(p.rng()));
+                let draw =
+                    crate::awrs::awrs(log_p, &p.view(), constraint.as_ref(), options, &mut rng)?;
+                let Some(t) = draw.token else {
+                    p.condition(false);
+                    return Ok(None);
+                };
+                let inc = self.increment(&p.view(), t)?;
+                p.append_to(0, t)?;
+                p.score(draw.log_weight)?;
+                p.score(inc)?;
+                t
+            }
+            ProposalKind::Custom(q) => {
+                let mut lq = vec![f64::NEG_INFINITY; log_p.len()];
+                q.log_probs(&p.view(), log_p, &mut lq);
+                let total = log_sum_exp(&lq);
+                if lq.iter().any(|x| x.is_nan()) || total.abs() > 1e-6 {
+                    return Err(SmcError::InvalidProposal {
+                        name: q.name().into(),
+                        reason: format!(
+                            "log q must be a normalised distribution without NaN (log Σ q = {total})"
+                        ),
+                    });
+                }
+                let t = p.draw(&lq)?;
+                let inc = self.increment(&p.view(), t)?;
+                p.append_to(0, t)?;
+                p.score(log_div(log_p[t as usize], lq[t as usize]))?;
+                p.score(inc)?;
+                t
+            }
+        };
+        Ok(if p.is_finished() && p.log_weight() == f64::NEG_INFINITY {
+            None
+        } else {
+            Some(t)
+        })
     }
 
     fn checked(&self, x: f64) -> Result<f64> {
@@ -144,79 +279,73 @@ impl Program for FeynmanKac {
 
     fn step(&mut self, p: &mut Particle<'_>) -> Result<Flow> {
         let log_p = p.log_probs()?;
-        match self.proposal.clone() {
-            ProposalKind::Bootstrap => {
-                let t = p.draw(&log_p)?;
-                let inc = self.increment(&p.view(), t)?;
-                p.append_to(0, t)?;
-                p.score(inc)?;
-            }
-            ProposalKind::LocallyOptimal => {
-                let w = self.next_weights(&p.view(), self.potential.as_ref())?;
-                let joint: Vec<f64> = log_p.iter().zip(&w).map(|(a, b)| log_mul(*a, *b)).collect();
-                let local_z = log_sum_exp(&joint);
-                if local_z == f64::NEG_INFINITY {
-                    p.condition(false);
+        if self.unit == StepUnit::Token {
+            self.draw_token(p, &log_p)?;
+            return Ok(Flow::Yield);
+        }
+        let continues = self
+            .continues_word
+            .get_or_init(|| continuation_tokens(p.vocab()))
+            .clone();
+        let in_word = |v: usize| continues.get(v).copied().unwrap_or(false);
+        let mut restriction = match self.phase {
+            WordPhase::Draw(r) => r,
+            WordPhase::Decide => {
+                // The event "next token continues the word", drawn with its model probability.
+                let cont: Vec<f64> = log_p
+                    .iter()
+                    .enumerate()
+                    .filter(|(v, _)| in_word(*v))
+                    .map(|(_, l)| *l)
+                    .collect();
+                let p_cont = log_sum_exp(&cont).exp();
+                let u: f64 = rand::Rng::random(p.rng());
+                if u < p_cont && p.tokens_left() > 0 {
+                    Some(true)
+                } else {
+                    self.phase = WordPhase::Draw(Some(false));
                     return Ok(Flow::Yield);
                 }
-                let t = p.draw(&joint)?;
-                if t != p.vocab().eos() {
-                    self.prefix_score = log_mul(self.prefix_score, w[t as usize]);
-                }
-                p.append_to(0, t)?;
-                p.score(local_z)?;
             }
-            ProposalKind::Mask(mask) => {
-                let w = self.next_weights(&p.view(), mask.as_ref())?;
+        };
+        if p.tokens().is_empty() {
+            restriction = None;
+        }
+        // Condition the kernel's distribution on the event: p(v | event) = p(v)·1[v ∈ E] / P(E).
+        let conditioned: Vec<f64> = match restriction {
+            None => log_p.to_vec(),
+            Some(want) => {
                 let masked: Vec<f64> = log_p
                     .iter()
-                    .zip(&w)
-                    .map(|(a, b)| {
-                        if *b > f64::NEG_INFINITY {
-                            *a
+                    .enumerate()
+                    .map(|(v, l)| {
+                        if in_word(v) == want {
+                            *l
                         } else {
                             f64::NEG_INFINITY
                         }
                     })
                     .collect();
-                let log_mass = log_sum_exp(&masked);
-                if log_mass == f64::NEG_INFINITY {
-                    p.condition(false);
-                    return Ok(Flow::Yield);
+                let mass = log_sum_exp(&masked);
+                if mass == f64::NEG_INFINITY {
+                    return Err(SmcError::Program(
+                        "a word-boundary event of probability zero was drawn".into(),
+                    ));
                 }
-                let t = p.draw(&masked)?;
-                let inc = self.increment(&p.view(), t)?;
-                p.append_to(0, t)?;
-                p.score(log_mass)?;
-                p.score(inc)?;
+                masked.iter().map(|l| log_div(*l, mass)).collect()
             }
-            ProposalKind::Awrs(constraint) => {
-                let options = crate::awrs::AwrsOptions::default();
-                let mut rng = rand_pcg::Pcg64Mcg::new(rand::Rng::random(p.rng()));
-                let draw = crate::awrs::awrs(&log_p, &p.view(), constraint.as_ref(), options, &mut rng)?;
-                let Some(t) = draw.token else {
-                    p.condition(false);
-                    return Ok(Flow::Yield);
-                };
-                let inc = self.increment(&p.view(), t)?;
-                p.append_to(0, t)?;
-                p.score(draw.log_weight)?;
-                p.score(inc)?;
+        };
+        let drawn = self.draw_token(p, &conditioned)?;
+        match drawn {
+            Some(t) if t != p.vocab().eos() && !p.is_finished() => {
+                self.phase = WordPhase::Decide;
+                Ok(Flow::Continue)
             }
-            ProposalKind::Custom(q) => {
-                let t = p.sample_with(0, q.as_ref())?;
-                // `sample_with` appended t; score its potential increment on the prefix before it.
-                let view = p.view();
-                let before = SeqView {
-                    tokens: &view.tokens[..view.tokens.len() - usize::from(t != view.vocab.eos())],
-                    bytes: &view.bytes[..view.bytes.len() - view.vocab.bytes(t).len()],
-                    vocab: view.vocab,
-                };
-                let inc = self.increment(&before, t)?;
-                p.score(inc)?;
+            _ => {
+                self.phase = WordPhase::Draw(None);
+                Ok(Flow::Yield)
             }
         }
-        Ok(Flow::Yield)
     }
 
     fn at_token_limit(&mut self, p: &mut Particle<'_>, policy: Truncation) -> Result<()> {
@@ -231,4 +360,18 @@ impl Program for FeynmanKac {
         }
         Ok(())
     }
+}
+
+/// Tokens whose first byte continues a word: ASCII letters and digits, and non-ASCII bytes.
+fn continuation_tokens(vocab: &Vocabulary) -> Vec<bool> {
+    let mut out: Vec<bool> = vocab
+        .tokens()
+        .iter()
+        .map(|t| {
+            t.first()
+                .is_some_and(|b| b.is_ascii_alphanumeric() || *b >= 0x80)
+        })
+        .collect();
+    out.push(false); // EOS ends the word
+    out
 }

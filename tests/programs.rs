@@ -495,3 +495,81 @@ fn a_twist_is_removed_before_the_next_step() {
     let result = smc.finish();
     assert!((result.log_z - expected).abs() < 1e-12);
 }
+
+/// A kernel over word pieces: `a`, `b` continue a word, ` a`, ` b` start one.
+fn word_kernel() -> smc_steer::toy::ToyKernel {
+    let vocab = smc_steer::Vocabulary::from_strs(&["a", "b", " a", " b"]).unwrap();
+    let table = [
+        [0.1, 0.2, 0.3, 0.2, 0.2],
+        [0.3, 0.1, 0.2, 0.2, 0.2],
+        [0.25, 0.25, 0.1, 0.2, 0.2],
+        [0.2, 0.3, 0.2, 0.1, 0.2],
+    ];
+    let first = [0.2, 0.1, 0.3, 0.3, 0.1];
+    smc_steer::toy::ToyKernel::bigram(
+        vocab,
+        &first,
+        &table.iter().map(|r| r.to_vec()).collect::<Vec<_>>(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn word_steps_keep_the_target_and_resample_at_word_boundaries() {
+    use smc_steer::feynman_kac::StepUnit;
+    let soft = || Soft::on_text("likes-b", |t: &str| 0.8 * t.matches('b').count() as f64);
+    let exact = enumerate(&word_kernel(), &soft(), &[], 5, Truncation::Truncate).unwrap();
+    for proposal in [
+        smc_steer::ProposalKind::Bootstrap,
+        smc_steer::ProposalKind::LocallyOptimal,
+    ] {
+        let config = SmcConfig {
+            particles: 8,
+            max_tokens: 5,
+            record: true,
+            record_text: true,
+            ..SmcConfig::default()
+        };
+        let reps = run_replicates(MASTER_SEED, 400, |seed| {
+            let model = FeynmanKac::new(soft())
+                .with_proposal(proposal.clone())
+                .with_step_unit(StepUnit::Word);
+            let r = Smc::new(
+                word_kernel(),
+                model,
+                &[],
+                SmcConfig {
+                    seed,
+                    ..config.clone()
+                },
+            )?
+            .run()?;
+            for rec in &r.records {
+                assert!(rec.texts.is_some());
+            }
+            Ok(r)
+        })
+        .unwrap();
+        let ratio = reps.z_ratio(exact.log_z);
+        assert!(
+            (ratio.mean - 1.0).abs() <= 4.0 * ratio.se,
+            "{proposal:?}: mean Ẑ/Z = {} ± {}",
+            ratio.mean,
+            ratio.se
+        );
+        // Fewer steps than tokens: several tokens per step.
+        let steps: usize = reps.runs.iter().map(|r| r.steps).sum();
+        let tokens: usize = reps
+            .runs
+            .iter()
+            .map(|r| {
+                r.particles
+                    .iter()
+                    .map(|p| p.tokens.len())
+                    .max()
+                    .unwrap_or(0)
+            })
+            .sum();
+        assert!(steps < tokens, "{steps} steps for {tokens} tokens");
+    }
+}
