@@ -16,8 +16,13 @@ pub struct StepRecord {
     pub ess: f64,
     /// Whether the population was resampled.
     pub resampled: bool,
-    /// For each particle after this step, the index of its parent in the previous
-    /// step's population (the identity when nothing was resampled).
+    /// For each particle of this step (the population whose `log_weights` and `texts` are
+    /// recorded, before resampling), the index of its parent in the previous record's
+    /// population (for the first step, the initial particle).
+    pub parents: Vec<usize>,
+    /// The resampling selection: particle `j` of the next step's starting population is a
+    /// copy of particle `ancestors[j]` of this step (the identity when not resampled;
+    /// SMC-steer's kept candidates).
     pub ancestors: Vec<usize>,
     /// Each particle's log-weight before resampling (`null` = `-inf`).
     #[serde(with = "log_values")]
@@ -86,6 +91,7 @@ mod tests {
             live: 1,
             ess: 1.0,
             resampled: false,
+            parents: vec![0, 0],
             ancestors: vec![0, 1],
             log_weights: vec![-0.5, f64::NEG_INFINITY],
             log_z: f64::NEG_INFINITY,

@@ -138,7 +138,8 @@ pub struct Smc<K: Kernel, P: Program> {
     rng: Pcg64Mcg,
     /// The current population.
     pub particles: Vec<ParticleState<P>>,
-    /// Parent indices from the last step (identity when it did not resample).
+    /// The last step's selection: particle `j` now is a copy of particle `ancestors[j]` of
+    /// that step's population before resampling (the identity when it did not resample).
     pub ancestors: Vec<usize>,
     /// Steps taken so far.
     pub steps: usize,
@@ -282,13 +283,18 @@ impl<K: Kernel, P: Program> Smc<K, P> {
             untwist(p);
         }
         let log_z_before = self.log_z();
-        let parents = match self.config.algorithm {
+        // Particle i of this step descends from `self.ancestors[expansion[i]]` of the last step.
+        let expansion = match self.config.algorithm {
             Algorithm::Standard => {
                 let live = self.live_indices();
                 self.advance(live)?;
                 None
             }
             Algorithm::Steer { beam } => Some(self.expand(beam)?),
+        };
+        let parents: Vec<usize> = match &expansion {
+            None => self.ancestors.clone(),
+            Some(e) => e.iter().map(|&k| self.ancestors[k]).collect(),
         };
         let log_weights = self.log_weights();
         if log_weights.iter().any(|w| w.is_nan()) {
@@ -303,9 +309,9 @@ impl<K: Kernel, P: Program> Smc<K, P> {
                 .map(|p| self.kernel.vocab().decode(p.tokens()))
                 .collect()
         });
-        let (resampled, ancestors) = match parents {
+        let (resampled, ancestors) = match expansion {
             None => self.resample_standard(&weights)?,
-            Some(parents) => (true, self.resample_steer(&parents)?),
+            Some(_) => (true, self.resample_steer()?),
         };
         self.ancestors = ancestors;
         let log_z = self.log_z();
@@ -315,6 +321,7 @@ impl<K: Kernel, P: Program> Smc<K, P> {
                 live: self.particles.iter().filter(|p| !p.finished).count(),
                 ess: weights.ess(),
                 resampled,
+                parents,
                 ancestors: self.ancestors.clone(),
                 log_weights,
                 log_z,
@@ -593,9 +600,9 @@ impl<K: Kernel, P: Program> Smc<K, P> {
         Ok(parents)
     }
 
-    /// Fearnhead–Clifford reduction of the candidates back to `N`; returns the ancestors
-    /// (indices into the population before the extension).
-    fn resample_steer(&mut self, parents: &[usize]) -> Result<Vec<usize>> {
+    /// Fearnhead–Clifford reduction of the candidates back to `N`; returns the selected
+    /// candidates' indices.
+    fn resample_steer(&mut self) -> Result<Vec<usize>> {
         let n = self.config.particles;
         let log_weights = self.log_weights();
         let selection = fearnhead_clifford(&log_weights, n, &mut self.rng)?;
@@ -626,7 +633,7 @@ impl<K: Kernel, P: Program> Smc<K, P> {
                 release(&mut self.kernel, p);
             }
         }
-        Ok(keep.iter().map(|&i| parents[i]).collect())
+        Ok(keep)
     }
 }
 

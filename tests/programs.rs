@@ -573,3 +573,38 @@ fn word_steps_keep_the_target_and_resample_at_word_boundaries() {
         assert!(steps < tokens, "{steps} steps for {tokens} tokens");
     }
 }
+
+#[test]
+fn record_lineage_links_each_particle_to_its_parent() {
+    for algorithm in [Algorithm::Standard, Algorithm::Steer { beam: 3 }] {
+        let config = SmcConfig {
+            particles: 6,
+            max_tokens: 5,
+            record: true,
+            record_text: true,
+            ess_threshold: 0.9,
+            algorithm,
+            seed: MASTER_SEED,
+            ..Default::default()
+        };
+        let result = Smc::new(kernel(), FeynmanKac::new(potential()), &[], config)
+            .unwrap()
+            .run()
+            .unwrap();
+        for pair in result.records.windows(2) {
+            let (prev, cur) = (&pair[0], &pair[1]);
+            let prev_texts = prev.texts.as_ref().unwrap();
+            for (i, &parent) in cur.parents.iter().enumerate() {
+                let child = &cur.texts.as_ref().unwrap()[i];
+                assert!(
+                    child.starts_with(prev_texts[parent].as_str()),
+                    "{algorithm:?}: {child:?} from {:?}",
+                    prev_texts[parent]
+                );
+            }
+            if algorithm == Algorithm::Standard {
+                assert_eq!(cur.parents, prev.ancestors);
+            }
+        }
+    }
+}
