@@ -18,6 +18,15 @@
 //! in parallel over (query token, head) pairs with rayon, accumulates in f32, and handles
 //! grouped-query attention by mapping each query head to its key/value head.
 //!
+//! ```text
+//!  pool (one per layer, K and V)     block tables                 refs
+//!  ┌────┬────┬────┬────┬────┬───┐
+//!  │ b0 │ b1 │ b2 │ b3 │ b4 │ … │    prompt  : [b0 b1 b2]         b0: 3  b1: 3
+//!  └────┴────┴────┴────┴────┴───┘    particle: [b0 b1 b3]         b2: 1  (prompt's partial
+//!   b0, b1: full prompt blocks       particle: [b0 b1 b4]         b3: 1   last block, copied
+//!   b2: prompt's partial last block                               b4: 1   on first write)
+//! ```
+//!
 //! Pool layout (per layer, for keys and values alike): block `b`, key/value head `h`,
 //! slot `s`, dimension `d` is at `((b * n_kv_heads + h) * block_size + s) * head_dim + d`, so
 //! the keys of one head inside one block are contiguous.
