@@ -42,6 +42,7 @@ pub mod program;
 pub mod proposal;
 pub mod record;
 pub mod replicate;
+pub mod report;
 pub mod resampling;
 pub mod result;
 pub mod sampling;
