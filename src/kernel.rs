@@ -90,3 +90,22 @@ impl<K: Kernel + ?Sized> Kernel for Box<K> {
         (**self).extend(batch)
     }
 }
+
+/// A borrowed kernel is a kernel, so one loaded model can serve many runs in turn.
+impl<K: Kernel + ?Sized> Kernel for &mut K {
+    fn vocab(&self) -> &Vocabulary {
+        (**self).vocab()
+    }
+    fn start(&mut self, prompt: &[TokenId]) -> Result<(SeqId, Vec<f64>)> {
+        (**self).start(prompt)
+    }
+    fn fork(&mut self, seq: SeqId) -> Result<SeqId> {
+        (**self).fork(seq)
+    }
+    fn release(&mut self, seq: SeqId) {
+        (**self).release(seq)
+    }
+    fn extend(&mut self, batch: &[Extend<'_>]) -> Result<Vec<Extension>> {
+        (**self).extend(batch)
+    }
+}

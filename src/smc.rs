@@ -354,8 +354,7 @@ impl<K: Kernel, P: Program> Smc<K, P> {
             release(&mut self.kernel, p);
         }
         let vocab = self.kernel.vocab().clone();
-        let particles = self
-            .particles
+        let particles = std::mem::take(&mut self.particles)
             .into_iter()
             .map(|p| Completion {
                 text: vocab.decode(p.tokens()),
@@ -373,7 +372,7 @@ impl<K: Kernel, P: Program> Smc<K, P> {
             steps: self.steps,
             tokens_generated: self.tokens_generated,
             elapsed_s: self.started.elapsed().as_secs_f64(),
-            records: self.records,
+            records: std::mem::take(&mut self.records),
         }
     }
 
@@ -634,6 +633,16 @@ impl<K: Kernel, P: Program> Smc<K, P> {
             }
         }
         Ok(keep)
+    }
+}
+
+/// A run dropped early (after an error, say) still returns its sequences to the kernel, so
+/// a borrowed kernel's cache stays usable.
+impl<K: Kernel, P: Program> Drop for Smc<K, P> {
+    fn drop(&mut self) {
+        for p in &mut self.particles {
+            release(&mut self.kernel, p);
+        }
     }
 }
 

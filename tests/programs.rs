@@ -608,3 +608,33 @@ fn record_lineage_links_each_particle_to_its_parent() {
         }
     }
 }
+
+#[test]
+fn a_borrowed_kernel_serves_several_runs_and_gets_its_sequences_back() {
+    let mut k = kernel();
+    for seed in 0..3 {
+        let config = SmcConfig {
+            particles: 8,
+            max_tokens: 4,
+            seed,
+            ..Default::default()
+        };
+        let r = Smc::new(&mut k, FeynmanKac::new(potential()), &[], config)
+            .unwrap()
+            .run()
+            .unwrap();
+        assert_eq!(r.particles.len(), 8);
+        assert_eq!(k.live_sequences(), 0);
+    }
+    // A run that fails part-way releases its sequences when dropped.
+    let e = Smc::new(
+        &mut k,
+        FeynmanKac::new(NanPotential),
+        &[],
+        SmcConfig::default(),
+    )
+    .unwrap()
+    .run();
+    assert!(e.is_err());
+    assert_eq!(k.live_sequences(), 0);
+}
