@@ -52,7 +52,11 @@ impl<P: crate::Potential> TokenConstraint for PotentialConstraint<P> {
         tokens.push(token);
         let mut bytes = seq.bytes.to_vec();
         bytes.extend_from_slice(seq.vocab.bytes(token));
-        self.0.prefix(&SeqView { tokens: &tokens, bytes: &bytes, vocab: seq.vocab }) > f64::NEG_INFINITY
+        self.0.prefix(&SeqView {
+            tokens: &tokens,
+            bytes: &bytes,
+            vocab: seq.vocab,
+        }) > f64::NEG_INFINITY
     }
 }
 
@@ -97,7 +101,13 @@ struct WithoutReplacement<'a> {
 impl<'a> WithoutReplacement<'a> {
     fn new(probs: &'a [f64]) -> Self {
         let removed = vec![false; probs.len()];
-        let mut s = Self { probs, removed, cdf: Vec::new(), cdf_mass: 0.0, remaining: 0.0 };
+        let mut s = Self {
+            probs,
+            removed,
+            cdf: Vec::new(),
+            cdf_mass: 0.0,
+            remaining: 0.0,
+        };
         s.rebuild();
         s
     }
@@ -131,7 +141,10 @@ impl<'a> WithoutReplacement<'a> {
         }
         loop {
             let u = rng.random::<f64>() * self.cdf_mass;
-            let i = self.cdf.partition_point(|c| *c <= u).min(self.probs.len() - 1);
+            let i = self
+                .cdf
+                .partition_point(|c| *c <= u)
+                .min(self.probs.len() - 1);
             if !self.removed[i] && self.probs[i] > 0.0 {
                 return Some(i);
             }
@@ -169,17 +182,27 @@ pub fn awrs<R: Rng + ?Sized>(
     rng: &mut R,
 ) -> Result<AwrsDraw> {
     if options.estimate_draws == 0 {
-        return Err(SmcError::InvalidConfig("AWRS needs at least one estimate draw".into()));
+        return Err(SmcError::InvalidConfig(
+            "AWRS needs at least one estimate draw".into(),
+        ));
     }
     let max = log_p.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     if !max.is_finite() {
-        return Ok(AwrsDraw { token: None, log_weight: f64::NEG_INFINITY, evaluations: 0 });
+        return Ok(AwrsDraw {
+            token: None,
+            log_weight: f64::NEG_INFINITY,
+            evaluations: 0,
+        });
     }
     // Probabilities relative to the largest; `scale` turns them back into kernel mass.
     let probs: Vec<f64> = log_p.iter().map(|x| (x - max).exp()).collect();
     let total: f64 = probs.iter().sum();
     let mut cache: HashMap<usize, bool> = HashMap::new();
-    let mut eval = |i: usize| *cache.entry(i).or_insert_with(|| constraint.allows(seq, i as TokenId));
+    let mut eval = |i: usize| {
+        *cache
+            .entry(i)
+            .or_insert_with(|| constraint.allows(seq, i as TokenId))
+    };
 
     // 1. Sample without replacement until the first acceptance.
     let mut pool = WithoutReplacement::new(&probs);
@@ -191,10 +214,19 @@ pub fn awrs<R: Rng + ?Sized>(
         }
     };
     let Some(x) = accepted else {
-        return Ok(AwrsDraw { token: None, log_weight: f64::NEG_INFINITY, evaluations: cache.len() });
+        return Ok(AwrsDraw {
+            token: None,
+            log_weight: f64::NEG_INFINITY,
+            evaluations: cache.len(),
+        });
     };
     // Mass outside the rejected set, summed directly to avoid cancellation.
-    let outside: f64 = probs.iter().zip(&pool.removed).filter(|(_, r)| !**r).map(|(p, _)| p).sum();
+    let outside: f64 = probs
+        .iter()
+        .zip(&pool.removed)
+        .filter(|(_, r)| !**r)
+        .map(|(p, _)| p)
+        .sum();
 
     // 2. Sum-and-sample estimate of the acceptance probability on V ∖ R, fresh draws.
     let mut fresh = WithoutReplacement::new(&probs);
@@ -219,6 +251,14 @@ pub fn awrs<R: Rng + ?Sized>(
         }
     }
     let log_weight = (outside / total).ln() + estimate.ln() + crate::logspace::log_sum_exp(log_p);
-    let log_weight = if estimate > 0.0 { log_weight } else { f64::NEG_INFINITY };
-    Ok(AwrsDraw { token: Some(x as TokenId), log_weight, evaluations: cache.len() })
+    let log_weight = if estimate > 0.0 {
+        log_weight
+    } else {
+        f64::NEG_INFINITY
+    };
+    Ok(AwrsDraw {
+        token: Some(x as TokenId),
+        log_weight,
+        evaluations: cache.len(),
+    })
 }

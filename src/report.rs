@@ -63,7 +63,12 @@ pub struct RunRecord {
 impl RunRecord {
     /// Collect a run's record (its per-step records need [`SmcConfig::record`]; texts need
     /// [`SmcConfig::record_text`]).
-    pub fn from_result<P>(prompt: &str, constraints: Vec<String>, config: &SmcConfig, result: &SmcResult<P>) -> Self {
+    pub fn from_result<P>(
+        prompt: &str,
+        constraints: Vec<String>,
+        config: &SmcConfig,
+        result: &SmcResult<P>,
+    ) -> Self {
         let completions = result
             .posterior_by_text()
             .into_iter()
@@ -96,7 +101,8 @@ impl RunRecord {
     /// [`crate::SmcError::InvalidConfig`] if serialisation fails (it does not for valid
     /// records).
     pub fn to_json(&self) -> crate::Result<String> {
-        serde_json::to_string_pretty(self).map_err(|e| crate::SmcError::InvalidConfig(e.to_string()))
+        serde_json::to_string_pretty(self)
+            .map_err(|e| crate::SmcError::InvalidConfig(e.to_string()))
     }
 
     /// The self-contained HTML report.
@@ -106,7 +112,10 @@ impl RunRecord {
 }
 
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 fn fmt_log(x: f64) -> String {
@@ -121,8 +130,18 @@ fn fmt_log(x: f64) -> String {
 fn line_chart(id: &str, title: &str, values: &[f64], markers: &[bool]) -> String {
     let (w, h, pad) = (640.0, 200.0, 36.0);
     let finite: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
-    let (lo, hi) = finite.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(*v), b.max(*v)));
-    let (lo, hi) = if finite.is_empty() { (0.0, 1.0) } else if hi - lo < 1e-9 { (lo - 0.5, hi + 0.5) } else { (lo, hi) };
+    let (lo, hi) = finite
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
+            (a.min(*v), b.max(*v))
+        });
+    let (lo, hi) = if finite.is_empty() {
+        (0.0, 1.0)
+    } else if hi - lo < 1e-9 {
+        (lo - 0.5, hi + 0.5)
+    } else {
+        (lo, hi)
+    };
     let n = values.len().max(2) as f64 - 1.0;
     let x = |i: usize| pad + (w - 2.0 * pad) * i as f64 / n;
     let y = |v: f64| h - pad - (h - 2.0 * pad) * (v - lo) / (hi - lo);
@@ -130,7 +149,12 @@ fn line_chart(id: &str, title: &str, values: &[f64], markers: &[bool]) -> String
     let mut pen = false;
     for (i, v) in values.iter().enumerate() {
         if v.is_finite() {
-            d.push_str(&format!("{}{:.1},{:.1} ", if pen { "L" } else { "M" }, x(i), y(*v)));
+            d.push_str(&format!(
+                "{}{:.1},{:.1} ",
+                if pen { "L" } else { "M" },
+                x(i),
+                y(*v)
+            ));
             pen = true;
         } else {
             pen = false;
@@ -163,11 +187,18 @@ fn line_chart(id: &str, title: &str, values: &[f64], markers: &[bool]) -> String
 
 /// The ancestry tree: one column per step, one dot per particle, a line to its parent.
 fn tree(steps: &[StepRecord]) -> String {
-    let rows = steps.iter().map(|s| s.log_weights.len()).max().unwrap_or(0).max(1);
+    let rows = steps
+        .iter()
+        .map(|s| s.log_weights.len())
+        .max()
+        .unwrap_or(0)
+        .max(1);
     let (dx, dy, pad) = (28.0, 14.0, 20.0);
     let w = pad * 2.0 + dx * steps.len().max(1) as f64;
     let h = pad * 2.0 + dy * rows as f64;
-    let mut out = format!("<svg id=\"tree\" viewBox=\"0 0 {w:.0} {h:.0}\" width=\"{w:.0}\" height=\"{h:.0}\">");
+    let mut out = format!(
+        "<svg id=\"tree\" viewBox=\"0 0 {w:.0} {h:.0}\" width=\"{w:.0}\" height=\"{h:.0}\">"
+    );
     for (t, s) in steps.iter().enumerate() {
         if s.resampled {
             out.push_str(&format!(
@@ -190,10 +221,18 @@ fn tree(steps: &[StepRecord]) -> String {
         }
     }
     for (t, s) in steps.iter().enumerate() {
-        let max = s.log_weights.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let max = s
+            .log_weights
+            .iter()
+            .copied()
+            .fold(f64::NEG_INFINITY, f64::max);
         for (i, lw) in s.log_weights.iter().enumerate() {
             // Radius grows with the normalised weight; dead particles are hollow.
-            let rel = if lw.is_finite() && max.is_finite() { (lw - max).exp() } else { 0.0 };
+            let rel = if lw.is_finite() && max.is_finite() {
+                (lw - max).exp()
+            } else {
+                0.0
+            };
             let class = if lw.is_finite() { "node" } else { "node dead" };
             out.push_str(&format!(
                 "<circle class=\"{class}\" data-step=\"{t}\" data-i=\"{i}\" cx=\"{:.1}\" cy=\"{:.1}\" r=\"{:.1}\"/>",
@@ -213,7 +252,7 @@ fn bars(completions: &[CompletionSummary]) -> String {
         out.push_str(&format!(
             "<div class=\"bar-row\"><div class=\"bar-label\" title=\"{t}\">{t}{eos}</div>\
 <div class=\"bar-track\"><div class=\"bar\" style=\"width:{pct:.2}%\"></div></div><div class=\"bar-value\">{p:.4}</div></div>",
-            t = esc(&c.text),
+            t = if c.text.is_empty() { "(empty)".to_string() } else { esc(&c.text) },
             eos = if c.eos { " <span class=\"eos\">⏎</span>" } else { "" },
             pct = 100.0 * c.probability,
             p = c.probability
@@ -279,14 +318,24 @@ pub fn render_html(r: &RunRecord) -> String {
     let log_z: Vec<f64> = r.steps.iter().map(|s| s.log_z).collect();
     let resampled: Vec<bool> = r.steps.iter().map(|s| s.resampled).collect();
     // JSON inside <script>: `</` must not close the element.
-    let data = serde_json::to_string(r).unwrap_or_else(|_| "{}".into()).replace("</", "<\\/");
+    let data = serde_json::to_string(r)
+        .unwrap_or_else(|_| "{}".into())
+        .replace("</", "<\\/");
     let dead = if r.all_dead {
         "<p id=\"all-dead\" class=\"warn\">Every particle died: no completion satisfies the constraints (log Z = −∞, empty posterior).</p>"
     } else {
         ""
     };
-    let constraints = if r.constraints.is_empty() { "none".to_string() } else { esc(&r.constraints.join("; ")) };
-    let tps = if r.elapsed_s > 0.0 { r.tokens_generated as f64 / r.elapsed_s } else { 0.0 };
+    let constraints = if r.constraints.is_empty() {
+        "none".to_string()
+    } else {
+        esc(&r.constraints.join("; "))
+    };
+    let tps = if r.elapsed_s > 0.0 {
+        r.tokens_generated as f64 / r.elapsed_s
+    } else {
+        0.0
+    };
     format!(
         "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>smc-steer report</title><style>{STYLE}</style></head><body>\
 <h1>smc-steer run</h1>{dead}<table class=\"summary\" id=\"summary\">\
@@ -319,9 +368,18 @@ mod tests {
     use crate::{FeynmanKac, Smc};
 
     fn record(hard: Hard) -> RunRecord {
-        let config = SmcConfig { particles: 8, max_tokens: 4, record: true, record_text: true, ..SmcConfig::default() };
+        let config = SmcConfig {
+            particles: 8,
+            max_tokens: 4,
+            record: true,
+            record_text: true,
+            ..SmcConfig::default()
+        };
         let k = ToyKernel::random_bigram(3, 0.3, 5).unwrap();
-        let r = Smc::new(k, FeynmanKac::new(hard), &[], config.clone()).unwrap().run().unwrap();
+        let r = Smc::new(k, FeynmanKac::new(hard), &[], config.clone())
+            .unwrap()
+            .run()
+            .unwrap();
         RunRecord::from_result("<p>", vec!["test".into()], &config, &r)
     }
 
@@ -335,7 +393,10 @@ mod tests {
         assert!((total - 1.0).abs() < 1e-9);
         let html = r.to_html();
         assert!(html.contains("id=\"ess-chart\"") && html.contains("class=\"node"));
-        assert!(!html.contains("http://") && !html.contains("https://"), "no network references");
+        assert!(
+            !html.contains("http://") && !html.contains("https://"),
+            "no network references"
+        );
         assert!(html.contains("&lt;p&gt;"), "the prompt is escaped");
     }
 
