@@ -70,3 +70,8 @@ pub use vocab::{TokenId, Vocabulary};
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
+
+/// The examples of docs/potentials.md, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/potentials.md")]
+pub struct PotentialsDocDoctests;

@@ -1,0 +1,805 @@
+//! The `smc-steer` command line: run SMC on a language model, batch jobs, inspect models.
+//!
+//! See `docs/cli.md` for the reference and the JSON schemas.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::{Deserialize, Serialize};
+use smc_steer::constraints::MaxWordLetters;
+use smc_steer::feynman_kac::StepUnit;
+use smc_steer::lm::{ChatMessage, KernelOptions, LmError, TransformerKernel};
+use smc_steer::potential::{Potential, Product, Trivial};
+use smc_steer::report::RunRecord;
+use smc_steer::{
+    Algorithm, FeynmanKac, ProposalKind, Resampling, Smc, SmcConfig, SmcError, Truncation,
+};
+
+/// Exit codes (documented in docs/cli.md).
+mod exit {
+    pub const RUNTIME: u8 = 1;
+    pub const USAGE: u8 = 2;
+    pub const MODEL: u8 = 3;
+    pub const CONSTRAINT: u8 = 4;
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "smc-steer",
+    version,
+    about = "Steer language models with Sequential Monte Carlo"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run SMC on one prompt and print the posterior over completions.
+    Run(RunArgs),
+    /// Run one job per line of a JSONL file; one JSON result per line on stdout, in order.
+    Batch(BatchArgs),
+    /// Show a model's architecture, sizes, vocabulary, special tokens and chat template.
+    Inspect(InspectArgs),
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum Format {
+    Text,
+    Json,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum ProposalArg {
+    /// The mask of the hard constraints when there are any, else bootstrap.
+    Auto,
+    Bootstrap,
+    Mask,
+    LocallyOptimal,
+    Awrs,
+}
+
+/// Options shared by `run` and the jobs of `batch` (a job's fields override them).
+#[derive(Args, Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct JobOptions {
+    /// Number of particles.
+    #[arg(long, short = 'n', default_value_t = 8)]
+    particles: usize,
+    /// Maximum generated tokens per particle.
+    #[arg(long, default_value_t = 32)]
+    max_tokens: usize,
+    /// Resample when ESS < R·N (0: importance sampling; 1: every step).
+    #[arg(long, default_value_t = 0.5)]
+    ess_threshold: f64,
+    /// Resampling scheme: multinomial, stratified, systematic, residual, ssp.
+    #[arg(long, default_value = "stratified")]
+    resampling: String,
+    /// SMC-steer with K extensions per particle (instead of standard SMC).
+    #[arg(long)]
+    steer: Option<usize>,
+    /// Sampling temperature of the model.
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f64,
+    /// Master seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Independent replicate runs (seeds drawn from the master seed).
+    #[arg(long, default_value_t = 1)]
+    replicates: usize,
+    /// At the token limit: truncate (default) or force EOS (conditions on ending in time).
+    #[arg(long, default_value = "truncate")]
+    truncation: String,
+    /// Proposal: auto, bootstrap, mask, locally-optimal, awrs.
+    #[arg(long, value_enum, default_value_t = ProposalArg::Auto)]
+    proposal: ProposalArg,
+    /// Apply the model's chat template (the prompt becomes the user's message).
+    #[arg(long)]
+    chat: bool,
+    /// A system message for --chat.
+    #[arg(long)]
+    system: Option<String>,
+    /// Hard constraint: every word has at most K letters.
+    #[arg(long)]
+    max_word_letters: Option<usize>,
+    /// Resample at word boundaries (one word per SMC step) instead of every token.
+    #[arg(long)]
+    word_steps: bool,
+}
+
+impl Default for JobOptions {
+    fn default() -> Self {
+        // The clap defaults, so that JSONL jobs and flags agree.
+        let cli = Cli::parse_from(["smc-steer", "run", "--prompt", "x"]);
+        match cli.command {
+            Command::Run(r) => r.job,
+            _ => unreachable!("parsed a run command"),
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+struct ModelArgs {
+    /// Model file (GGUF) or Hugging Face directory; default: $SMC_STEER_MODEL, then
+    /// models/SmolLM2-135M-Instruct.Q4_1.gguf.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The prompt.
+    #[arg(long, conflicts_with = "prompt_file")]
+    prompt: Option<String>,
+    /// Read the prompt from a file.
+    #[arg(long)]
+    prompt_file: Option<PathBuf>,
+    #[command(flatten)]
+    job: JobOptions,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    format: Format,
+    /// Write the per-step record of the (first) run as JSON.
+    #[arg(long)]
+    record: Option<PathBuf>,
+    /// Write a self-contained HTML report of the (first) run.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+#[derive(Args, Debug)]
+struct BatchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The jobs: one JSON object per line with `prompt`, optional `id` and any run option.
+    jobs: PathBuf,
+    /// Process only the jobs of shard I out of K (0-based; job lines i with i mod K = I),
+    /// to split one file across the tasks of a scheduler's job array.
+    #[arg(long, value_name = "I/K")]
+    shard: Option<String>,
+    #[command(flatten)]
+    defaults: JobOptions,
+}
+
+#[derive(Args, Debug)]
+struct InspectArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    format: Format,
+}
+
+/// A failure with its exit code and one-line message.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl Failure {
+    fn usage(m: impl Into<String>) -> Self {
+        Self {
+            code: exit::USAGE,
+            message: m.into(),
+        }
+    }
+}
+
+impl From<SmcError> for Failure {
+    fn from(e: SmcError) -> Self {
+        let code = match e {
+            SmcError::ZeroParticles
+            | SmcError::InvalidEssThreshold(_)
+            | SmcError::ZeroBeam
+            | SmcError::InvalidConfig(_) => exit::USAGE,
+            _ => exit::RUNTIME,
+        };
+        Self {
+            code,
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<LmError> for Failure {
+    fn from(e: LmError) -> Self {
+        let code = match e {
+            LmError::EmptyPrompt | LmError::ContextOverflow { .. } | LmError::InvalidConfig(_) => {
+                exit::USAGE
+            }
+            LmError::ChatTemplate(_) | LmError::Tokenizer(_) => exit::RUNTIME,
+            _ => exit::MODEL,
+        };
+        Self {
+            code,
+            message: e.to_string(),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            // Help and version go to stdout with success; errors are one clear message.
+            let code = if e.use_stderr() { exit::USAGE } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    let result = match cli.command {
+        Command::Run(a) => run(a),
+        Command::Batch(a) => batch(a),
+        Command::Inspect(a) => inspect(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("error: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+fn threads(n: Option<usize>) -> Result<(), Failure> {
+    if let Some(n) = n {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .map_err(|e| Failure::usage(format!("--threads: {e}")))?;
+    }
+    Ok(())
+}
+
+fn load(
+    model: &ModelArgs,
+    particles: usize,
+    max_tokens: usize,
+    steer: Option<usize>,
+) -> Result<TransformerKernel, Failure> {
+    let opts = KernelOptions {
+        particles: particles * steer.unwrap_or(1),
+        max_new_tokens: max_tokens,
+        ..KernelOptions::default()
+    };
+    Ok(TransformerKernel::load(model.model.as_deref(), opts)?)
+}
+
+/// The model a job runs and a description of its constraints.
+struct Built {
+    program: FeynmanKac,
+    constraints: Vec<String>,
+}
+
+fn build_program(job: &JobOptions) -> Result<Built, Failure> {
+    let mut hard: Vec<Arc<dyn Potential>> = Vec::new();
+    let mut constraints = Vec::new();
+    if let Some(k) = job.max_word_letters {
+        if k == 0 {
+            return Err(Failure {
+                code: exit::CONSTRAINT,
+                message: "--max-word-letters must be at least 1".into(),
+            });
+        }
+        hard.push(Arc::new(MaxWordLetters::new(k)));
+        constraints.push(format!("every word has at most {k} letters"));
+    }
+    let potential: Arc<dyn Potential> = match hard.len() {
+        0 => Arc::new(Trivial),
+        1 => hard[0].clone(),
+        _ => Arc::new(
+            hard.iter()
+                .fold(Product::new("constraints"), |p, h| p.with_arc(h.clone())),
+        ),
+    };
+    let proposal = match (job.proposal, hard.is_empty()) {
+        (ProposalArg::Auto, true) | (ProposalArg::Bootstrap, _) => ProposalKind::Bootstrap,
+        (ProposalArg::Auto, false) | (ProposalArg::Mask, _) => {
+            ProposalKind::Mask(potential.clone())
+        }
+        (ProposalArg::LocallyOptimal, _) => ProposalKind::LocallyOptimal,
+        (ProposalArg::Awrs, _) => ProposalKind::Awrs(Arc::new(
+            smc_steer::awrs::PotentialConstraint(potential.clone()),
+        )),
+    };
+    let unit = if job.word_steps {
+        StepUnit::Word
+    } else {
+        StepUnit::Token
+    };
+    Ok(Built {
+        program: FeynmanKac::from_arc(potential)
+            .with_proposal(proposal)
+            .with_step_unit(unit),
+        constraints,
+    })
+}
+
+fn config(job: &JobOptions) -> Result<SmcConfig, Failure> {
+    let resampling: Resampling = job.resampling.parse()?;
+    let truncation = match job.truncation.as_str() {
+        "truncate" => Truncation::Truncate,
+        "force-eos" => Truncation::ForceEos,
+        other => {
+            return Err(Failure::usage(format!(
+                "--truncation must be truncate or force-eos (got `{other}`)"
+            )))
+        }
+    };
+    if job.replicates == 0 {
+        return Err(Failure::usage("--replicates must be at least 1"));
+    }
+    let config = SmcConfig {
+        particles: job.particles,
+        max_tokens: job.max_tokens,
+        ess_threshold: job.ess_threshold,
+        resampling,
+        algorithm: job
+            .steer
+            .map_or(Algorithm::Standard, |beam| Algorithm::Steer { beam }),
+        truncation,
+        seed: job.seed,
+        ..SmcConfig::default()
+    };
+    config.validate()?;
+    Ok(config)
+}
+
+fn prompt_tokens(
+    kernel: &TransformerKernel,
+    prompt: &str,
+    job: &JobOptions,
+) -> Result<Vec<u32>, Failure> {
+    if prompt.is_empty() {
+        return Err(Failure::usage("the prompt is empty"));
+    }
+    if job.chat {
+        let mut messages = Vec::new();
+        if let Some(s) = &job.system {
+            messages.push(ChatMessage::system(s.clone()));
+        }
+        messages.push(ChatMessage::user(prompt.to_string()));
+        Ok(kernel.chat_prompt(&messages)?)
+    } else {
+        Ok(kernel.encode(prompt)?)
+    }
+}
+
+/// One replicate's figures in the JSON output.
+#[derive(Serialize)]
+struct ReplicateSummary {
+    seed: u64,
+    #[serde(with = "smc_steer::record::log_value")]
+    log_z: f64,
+    ess: f64,
+    all_dead: bool,
+    steps: usize,
+    tokens_generated: usize,
+    elapsed_s: f64,
+    tokens_per_second: f64,
+}
+
+/// The JSON output of `run` (and each line of `batch`).
+#[derive(Serialize)]
+struct RunOutput {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<serde_json::Value>,
+    prompt: String,
+    constraints: Vec<String>,
+    completions: Vec<smc_steer::report::CompletionSummary>,
+    #[serde(with = "smc_steer::record::log_value")]
+    log_z: f64,
+    #[serde(with = "smc_steer::record::log_value")]
+    log_z_mean: f64,
+    log_z_se: f64,
+    ess: f64,
+    all_dead: bool,
+    replicates: Vec<ReplicateSummary>,
+    timing: Timing,
+}
+
+#[derive(Serialize)]
+struct Timing {
+    load_s: f64,
+    run_s: f64,
+    tokens_per_second: f64,
+}
+
+/// Run the replicates of one job on a loaded kernel.
+fn run_job(
+    kernel: &mut TransformerKernel,
+    prompt: &str,
+    job: &JobOptions,
+    want_record: bool,
+    progress: bool,
+) -> Result<(RunOutput, Option<RunRecord>), Failure> {
+    let config = config(job)?;
+    let built = build_program(job)?;
+    kernel.set_temperature(job.temperature)?;
+    let tokens = prompt_tokens(kernel, prompt, job)?;
+    let seeds = smc_steer::replicate::seeds(job.seed, job.replicates);
+    let started = Instant::now();
+    let mut results = Vec::new();
+    let mut record = None;
+    for (r, &seed) in seeds.iter().enumerate() {
+        let cfg = SmcConfig {
+            seed,
+            record: want_record && r == 0,
+            record_text: want_record && r == 0,
+            ..config.clone()
+        };
+        let mut smc = Smc::new(&mut *kernel, built.program.clone(), &tokens, cfg.clone())?;
+        let bar = progress.then(|| progress_bar(job.max_tokens, r, job.replicates));
+        while smc.step()? {
+            if let Some(b) = &bar {
+                let live = smc.particles.iter().filter(|p| !p.finished).count();
+                let secs = started.elapsed().as_secs_f64().max(1e-9);
+                b.set_position(smc.steps as u64);
+                b.set_message(format!(
+                    "live {live} · ESS {:.1} · log Z {:.2} · {:.1} steps/s",
+                    smc.ess(),
+                    smc.log_z(),
+                    smc.steps as f64 / secs
+                ));
+            }
+        }
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
+        let result = smc.finish();
+        if r == 0 && want_record {
+            record = Some(RunRecord::from_result(
+                prompt,
+                built.constraints.clone(),
+                &cfg,
+                &result,
+            ));
+        }
+        results.push((seed, result));
+    }
+    let run_s = started.elapsed().as_secs_f64();
+    Ok((
+        summarise(None, prompt, built.constraints, &results, run_s),
+        record,
+    ))
+}
+
+fn progress_bar(max_tokens: usize, replicate: usize, replicates: usize) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(max_tokens as u64);
+    let style = indicatif::ProgressStyle::with_template("{prefix} step {pos}/{len} {bar:30} {msg}")
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar.set_prefix(format!("run {}/{}", replicate + 1, replicates));
+    bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+    bar
+}
+
+/// Pool replicates: each run's posterior weighted by its Ẑ, merged by text.
+fn summarise<P>(
+    id: Option<serde_json::Value>,
+    prompt: &str,
+    constraints: Vec<String>,
+    results: &[(u64, smc_steer::SmcResult<P>)],
+    run_s: f64,
+) -> RunOutput {
+    let log_zs: Vec<f64> = results.iter().map(|(_, r)| r.log_z).collect();
+    let log_mean_z = smc_steer::logspace::log_mean_exp(&log_zs);
+    let mut completions: Vec<smc_steer::report::CompletionSummary> = Vec::new();
+    if log_mean_z > f64::NEG_INFINITY {
+        for (_, r) in results {
+            let share = (r.log_z - log_mean_z).exp() / results.len() as f64;
+            for d in r.posterior_by_text() {
+                let p = share * d.probability;
+                match completions
+                    .iter_mut()
+                    .find(|c| c.text == d.text && c.eos == d.eos)
+                {
+                    Some(c) => {
+                        c.probability += p;
+                        c.count += d.count;
+                    }
+                    None => completions.push(smc_steer::report::CompletionSummary {
+                        text: d.text,
+                        probability: p,
+                        log_weight: 0.0,
+                        eos: d.eos,
+                        count: d.count,
+                    }),
+                }
+            }
+        }
+    }
+    // log_weight: the completion's share of Ẑ, log(probability · Ẑ).
+    for c in &mut completions {
+        c.log_weight = c.probability.ln() + log_mean_z;
+    }
+    completions.sort_by(|a, b| b.probability.total_cmp(&a.probability));
+    let estimate = smc_steer::replicate::Estimate::from_values(&log_zs);
+    let tokens: usize = results.iter().map(|(_, r)| r.tokens_generated).sum();
+    RunOutput {
+        id,
+        prompt: prompt.to_string(),
+        constraints,
+        completions,
+        log_z: log_mean_z,
+        log_z_mean: estimate.mean,
+        log_z_se: if estimate.se.is_finite() {
+            estimate.se
+        } else {
+            0.0
+        },
+        ess: results.first().map_or(0.0, |(_, r)| r.ess),
+        all_dead: results.iter().all(|(_, r)| r.all_dead),
+        replicates: results
+            .iter()
+            .map(|(seed, r)| ReplicateSummary {
+                seed: *seed,
+                log_z: r.log_z,
+                ess: r.ess,
+                all_dead: r.all_dead,
+                steps: r.steps,
+                tokens_generated: r.tokens_generated,
+                elapsed_s: r.elapsed_s,
+                tokens_per_second: r.tokens_per_second(),
+            })
+            .collect(),
+        timing: Timing {
+            load_s: 0.0,
+            run_s,
+            tokens_per_second: if run_s > 0.0 {
+                tokens as f64 / run_s
+            } else {
+                0.0
+            },
+        },
+    }
+}
+
+fn write_file(path: &Path, contents: &str) -> Result<(), Failure> {
+    std::fs::write(path, contents).map_err(|e| Failure {
+        code: exit::RUNTIME,
+        message: format!("cannot write {}: {e}", path.display()),
+    })
+}
+
+fn run(a: RunArgs) -> Result<(), Failure> {
+    threads(a.model.threads)?;
+    let prompt = match (&a.prompt, &a.prompt_file) {
+        (Some(p), None) => p.clone(),
+        (None, Some(f)) => std::fs::read_to_string(f).map_err(|e| {
+            Failure::usage(format!("cannot read --prompt-file {}: {e}", f.display()))
+        })?,
+        _ => return Err(Failure::usage("give --prompt TEXT or --prompt-file F")),
+    };
+    // Check everything that needs no model before loading it.
+    config(&a.job)?;
+    build_program(&a.job)?;
+    let t0 = Instant::now();
+    let mut kernel = load(&a.model, a.job.particles, a.job.max_tokens, a.job.steer)?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let progress = !a.quiet && std::io::stderr().is_terminal();
+    let want_record = a.record.is_some() || a.report.is_some();
+    let (mut out, record) = run_job(&mut kernel, &prompt, &a.job, want_record, progress)?;
+    out.timing.load_s = load_s;
+    if let Some(rec) = &record {
+        if let Some(p) = &a.record {
+            write_file(p, &rec.to_json()?)?;
+        }
+        if let Some(p) = &a.report {
+            write_file(p, &rec.to_html())?;
+        }
+    }
+    match a.format {
+        Format::Json => println!(
+            "{}",
+            serde_json::to_string(&out).map_err(|e| Failure {
+                code: exit::RUNTIME,
+                message: e.to_string()
+            })?
+        ),
+        Format::Text => print_text(&out),
+    }
+    Ok(())
+}
+
+fn print_text(out: &RunOutput) {
+    println!("prompt: {:?}", out.prompt);
+    if !out.constraints.is_empty() {
+        println!("constraints: {}", out.constraints.join("; "));
+    }
+    if out.all_dead {
+        println!("every particle died: no completion satisfies the constraints (log Z = -inf)");
+        return;
+    }
+    println!("{:>8}  {:>5}  completion", "prob", "count");
+    for c in out.completions.iter().take(20) {
+        println!(
+            "{:>8.4}  {:>5}  {:?}{}",
+            c.probability,
+            c.count,
+            c.text,
+            if c.eos { " <eos>" } else { "" }
+        );
+    }
+    let lz = |x: f64| {
+        if x.is_finite() {
+            format!("{x:.3}")
+        } else {
+            "-inf".into()
+        }
+    };
+    print!("log Z {} | ESS {:.2}", lz(out.log_z), out.ess);
+    if out.replicates.len() > 1 {
+        print!(
+            " | log Z over {} replicates {} ± {:.3}",
+            out.replicates.len(),
+            lz(out.log_z_mean),
+            out.log_z_se
+        );
+    }
+    println!(
+        " | {:.1} tokens/s (load {:.2} s, run {:.2} s)",
+        out.timing.tokens_per_second, out.timing.load_s, out.timing.run_s
+    );
+}
+
+/// One line of a batch file.
+#[derive(Deserialize)]
+struct Job {
+    #[serde(default)]
+    id: Option<serde_json::Value>,
+    prompt: String,
+    #[serde(flatten)]
+    options: serde_json::Map<String, serde_json::Value>,
+}
+
+fn parse_job(line: &str, defaults: &JobOptions) -> Result<(Job, JobOptions), String> {
+    let job: Job = serde_json::from_str(line).map_err(|e| format!("invalid job: {e}"))?;
+    let mut merged = serde_json::to_value(defaults).map_err(|e| e.to_string())?;
+    if let serde_json::Value::Object(m) = &mut merged {
+        for (k, v) in &job.options {
+            m.insert(k.replace('-', "_"), v.clone());
+        }
+    }
+    let options: JobOptions =
+        serde_json::from_value(merged).map_err(|e| format!("invalid job options: {e}"))?;
+    Ok((job, options))
+}
+
+fn batch(a: BatchArgs) -> Result<(), Failure> {
+    threads(a.model.threads)?;
+    let file = std::fs::File::open(&a.jobs)
+        .map_err(|e| Failure::usage(format!("cannot read {}: {e}", a.jobs.display())))?;
+    let lines: Vec<String> = std::io::BufReader::new(file)
+        .lines()
+        .collect::<Result<_, _>>()
+        .map_err(|e| Failure::usage(format!("cannot read {}: {e}", a.jobs.display())))?;
+    let (shard, shards) = match &a.shard {
+        None => (0, 1),
+        Some(s) => {
+            let parsed = s.split_once('/').and_then(|(i, k)| Some((i.trim().parse::<usize>().ok()?, k.trim().parse::<usize>().ok()?)));
+            match parsed {
+                Some((i, k)) if k > 0 && i < k => (i, k),
+                _ => return Err(Failure::usage(format!("--shard must be I/K with 0 <= I < K (got `{s}`)"))),
+            }
+        }
+    };
+    // Build the default options without touching the model, so bad defaults fail early.
+    config(&a.defaults)?;
+    let parsed: Vec<Option<Result<(Job, JobOptions), String>>> = lines
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (!l.trim().is_empty() && i % shards == shard).then(|| parse_job(l, &a.defaults)))
+        .collect();
+    // Size the cache for the largest job.
+    let (particles, max_tokens) = parsed.iter().flatten().flatten().fold(
+        (a.defaults.particles, a.defaults.max_tokens),
+        |(n, t), (_, o)| {
+            (
+                n.max(o.particles * o.steer.unwrap_or(1)),
+                t.max(o.max_tokens),
+            )
+        },
+    );
+    let t0 = Instant::now();
+    let mut kernel = load(&a.model, particles, max_tokens, None)?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let stdout = std::io::stdout();
+    for (line_no, job) in parsed.into_iter().enumerate() {
+        let Some(job) = job else { continue };
+        let value = match job {
+            Err(e) => serde_json::json!({ "line": line_no + 1, "error": e }),
+            Ok((job, options)) => match run_job(&mut kernel, &job.prompt, &options, false, false) {
+                Ok((mut out, _)) => {
+                    out.id = job.id.clone();
+                    out.timing.load_s = load_s;
+                    serde_json::to_value(&out)
+                        .unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }))
+                }
+                Err(f) => {
+                    serde_json::json!({ "line": line_no + 1, "id": job.id, "error": f.message })
+                }
+            },
+        };
+        let mut lock = stdout.lock();
+        writeln!(lock, "{value}").map_err(|e| Failure {
+            code: exit::RUNTIME,
+            message: e.to_string(),
+        })?;
+    }
+    Ok(())
+}
+
+fn inspect(a: InspectArgs) -> Result<(), Failure> {
+    let kernel = TransformerKernel::load(
+        a.model.model.as_deref(),
+        KernelOptions {
+            particles: 1,
+            max_new_tokens: 1,
+            ..Default::default()
+        },
+    )?;
+    let c = kernel.model().config();
+    let path = smc_steer::lm::resolve_model_path(a.model.model.as_deref())?;
+    let tok = kernel.tokenizer();
+    let special =
+        |id: Option<u32>| id.map(|i| serde_json::json!({ "id": i, "text": kernel.decode(&[i]) }));
+    let stops: Vec<_> = kernel
+        .stop_tokens()
+        .iter()
+        .map(|&i| serde_json::json!({ "id": i, "text": kernel.decode(&[i]) }))
+        .collect();
+    let template = kernel
+        .apply_chat_template(&[ChatMessage::system("S"), ChatMessage::user("U")], true)
+        .ok();
+    let info = serde_json::json!({
+        "path": path.display().to_string(),
+        "architecture": "llama",
+        "vocab_size": c.vocab_size,
+        "tokenizer_tokens": tok.map(|t| t.vocab_size()),
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "layers": c.n_layers,
+        "heads": c.n_heads,
+        "kv_heads": c.n_kv_heads,
+        "head_dim": c.head_dim,
+        "context_window": c.max_seq_len,
+        "rope_theta": c.rope_theta,
+        "tied_embeddings": c.tie_embeddings,
+        "bos": special(tok.and_then(|t| t.bos_id())),
+        "eos": special(tok.and_then(|t| t.eos_id())),
+        "stop_tokens": stops,
+        "chat_template_example": template,
+    });
+    match a.format {
+        Format::Json => println!("{info}"),
+        Format::Text => {
+            if let serde_json::Value::Object(m) = &info {
+                for (k, v) in m {
+                    match v {
+                        serde_json::Value::String(s) if k == "chat_template_example" => {
+                            println!("{k}:\n{s}")
+                        }
+                        _ => println!("{k}: {v}"),
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
