@@ -183,17 +183,7 @@ impl FeynmanKac {
                 t
             }
             ProposalKind::Custom(q) => {
-                let mut lq = vec![f64::NEG_INFINITY; log_p.len()];
-                q.log_probs(&p.view(), log_p, &mut lq);
-                let total = log_sum_exp(&lq);
-                if lq.iter().any(|x| x.is_nan()) || total.abs() > 1e-6 {
-                    return Err(SmcError::InvalidProposal {
-                        name: q.name().into(),
-                        reason: format!(
-                            "log q must be a normalised distribution without NaN (log Σ q = {total})"
-                        ),
-                    });
-                }
+                let lq = crate::proposal::checked_log_probs(q.as_ref(), &p.view(), log_p)?;
                 let t = p.draw(&lq)?;
                 let inc = self.increment(&p.view(), t)?;
                 p.append_to(0, t)?;

@@ -282,17 +282,7 @@ impl<'a> Particle<'a> {
     /// [`Particle::log_probs_of`].
     pub fn sample_with(&mut self, i: usize, q: &dyn Proposal) -> Result<TokenId> {
         let lp = self.log_probs_of(i)?;
-        let mut lq = vec![f64::NEG_INFINITY; lp.len()];
-        q.log_probs(&self.view_of(i)?, &lp, &mut lq);
-        let total = crate::logspace::log_sum_exp(&lq);
-        if lq.iter().any(|x| x.is_nan()) || total.abs() > 1e-6 {
-            return Err(SmcError::InvalidProposal {
-                name: q.name().into(),
-                reason: format!(
-                    "log q must be a normalised distribution without NaN (log Σ q = {total})"
-                ),
-            });
-        }
+        let lq = crate::proposal::checked_log_probs(q, &self.view_of(i)?, &lp)?;
         let t = self.draw(&lq)?;
         self.score(lp[t as usize] - lq[t as usize])?;
         self.append_to(i, t)?;

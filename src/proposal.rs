@@ -22,6 +22,30 @@ pub trait Proposal: Send + Sync {
     fn log_probs(&self, seq: &SeqView<'_>, kernel_log_probs: &[f64], out: &mut [f64]);
 }
 
+/// Evaluate a user proposal and check that it is a normalised distribution.
+///
+/// # Errors
+/// [`crate::SmcError::InvalidProposal`] naming the proposal when `log q` holds NaN or does
+/// not sum to one (within `1e-6` in log space).
+pub fn checked_log_probs(
+    q: &dyn Proposal,
+    seq: &SeqView<'_>,
+    kernel_log_probs: &[f64],
+) -> crate::Result<Vec<f64>> {
+    let mut lq = vec![f64::NEG_INFINITY; kernel_log_probs.len()];
+    q.log_probs(seq, kernel_log_probs, &mut lq);
+    let total = crate::logspace::log_sum_exp(&lq);
+    if lq.iter().any(|x| x.is_nan()) || total.abs() > 1e-6 {
+        return Err(crate::SmcError::InvalidProposal {
+            name: q.name().into(),
+            reason: format!(
+                "log q must be a normalised distribution without NaN (log Σ q = {total})"
+            ),
+        });
+    }
+    Ok(lq)
+}
+
 /// The proposals of [`crate::FeynmanKac`].
 #[derive(Clone)]
 #[non_exhaustive]

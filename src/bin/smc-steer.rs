@@ -587,6 +587,9 @@ fn run(a: RunArgs) -> Result<(), Failure> {
         _ => return Err(Failure::usage("give --prompt TEXT or --prompt-file F")),
     };
     // Check everything that needs no model before loading it.
+    if prompt.is_empty() {
+        return Err(Failure::usage("the prompt is empty"));
+    }
     config(&a.job)?;
     build_program(&a.job)?;
     let t0 = Instant::now();
@@ -692,10 +695,19 @@ fn batch(a: BatchArgs) -> Result<(), Failure> {
     let (shard, shards) = match &a.shard {
         None => (0, 1),
         Some(s) => {
-            let parsed = s.split_once('/').and_then(|(i, k)| Some((i.trim().parse::<usize>().ok()?, k.trim().parse::<usize>().ok()?)));
+            let parsed = s.split_once('/').and_then(|(i, k)| {
+                Some((
+                    i.trim().parse::<usize>().ok()?,
+                    k.trim().parse::<usize>().ok()?,
+                ))
+            });
             match parsed {
                 Some((i, k)) if k > 0 && i < k => (i, k),
-                _ => return Err(Failure::usage(format!("--shard must be I/K with 0 <= I < K (got `{s}`)"))),
+                _ => {
+                    return Err(Failure::usage(format!(
+                        "--shard must be I/K with 0 <= I < K (got `{s}`)"
+                    )))
+                }
             }
         }
     };
@@ -704,7 +716,9 @@ fn batch(a: BatchArgs) -> Result<(), Failure> {
     let parsed: Vec<Option<Result<(Job, JobOptions), String>>> = lines
         .iter()
         .enumerate()
-        .map(|(i, l)| (!l.trim().is_empty() && i % shards == shard).then(|| parse_job(l, &a.defaults)))
+        .map(|(i, l)| {
+            (!l.trim().is_empty() && i % shards == shard).then(|| parse_job(l, &a.defaults))
+        })
         .collect();
     // Size the cache for the largest job.
     let (particles, max_tokens) = parsed.iter().flatten().flatten().fold(
