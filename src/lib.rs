@@ -34,6 +34,7 @@ pub mod constraints;
 pub mod error;
 pub mod exact;
 pub mod feynman_kac;
+pub mod grammar;
 pub mod kernel;
 pub mod logspace;
 pub mod particle;

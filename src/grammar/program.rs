@@ -1,0 +1,199 @@
+//! The grammar-constrained particle program.
+
+use std::sync::Arc;
+
+use crate::error::{Result, SmcError};
+use crate::particle::Particle;
+use crate::potential::Potential;
+use crate::program::{Flow, Program, Truncation};
+use crate::vocab::Vocabulary;
+
+use super::llg::{GrammarConstraint, GrammarMatcher};
+
+/// Generation constrained to a grammar, with one llguidance matcher per particle.
+///
+/// # Maths
+/// The target is `π(x) ∝ p(x)·1[x ∈ L]·φ_end(x)` (with the optional extra potential `φ`,
+/// see [`Constrained::with_potential`]). At each step the particle's matcher gives the mask
+/// `A` of next symbols that keep the output in (a prefix of) `L` (EOS only where the output
+/// is in `L`); the token is drawn from `p(· | A)` and the weight gains `log P(next ∈ A)` —
+/// the mask is a Bernoulli event observed with its exact probability, as
+/// [`crate::ProposalKind::Mask`] does — then the extra potential's increment. Nothing is
+/// forced or skipped: llguidance runs with token forcing off and a non-canonical
+/// tokenizer, so every tokenization of an allowed string keeps its model probability.
+///
+/// Resampling clones the program, and with it the matcher (see
+/// [`GrammarConstraint::with_shared_lexer_cache`] for how deep the copy is).
+///
+/// # Example
+/// ```
+/// use smc_steer::grammar::{Constrained, Grammar, GrammarConstraint};
+/// use smc_steer::{toy::ToyKernel, Smc, SmcConfig, Kernel};
+/// let kernel = ToyKernel::random_bigram(3, 0.2, 5).unwrap();
+/// let c = GrammarConstraint::new(kernel.vocab(), Grammar::regex("a(b|c)*a")).unwrap();
+/// let config = SmcConfig { particles: 16, max_tokens: 6, ..SmcConfig::default() };
+/// let result = Smc::new(kernel, Constrained::new(c), &[], config).unwrap().run().unwrap();
+/// for p in result.particles.iter().filter(|p| p.log_weight.is_finite() && p.eos) {
+///     assert!(p.text.starts_with('a') && p.text.ends_with('a'));
+/// }
+/// ```
+#[derive(Clone)]
+pub struct Constrained {
+    constraint: Arc<GrammarConstraint>,
+    matcher: GrammarMatcher,
+    potential: Option<Arc<dyn Potential>>,
+    /// `log φ` of the current prefix under the extra potential.
+    prefix_score: f64,
+    /// Masked steps taken (statistics).
+    steps: usize,
+}
+
+impl std::fmt::Debug for Constrained {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Constrained")
+            .field("constraint", &self.constraint)
+            .field("matcher", &self.matcher)
+            .finish()
+    }
+}
+
+impl Constrained {
+    /// A program that samples under `constraint`.
+    pub fn new(constraint: GrammarConstraint) -> Self {
+        Self::from_arc(Arc::new(constraint))
+    }
+
+    /// As [`Constrained::new`] with a shared constraint.
+    pub fn from_arc(constraint: Arc<GrammarConstraint>) -> Self {
+        let matcher = constraint.matcher();
+        Self {
+            constraint,
+            matcher,
+            potential: None,
+            prefix_score: 0.0,
+            steps: 0,
+        }
+    }
+
+    /// Multiply the target by another potential (soft or hard), applied as increments
+    /// `φ(x·v)/φ(x)` after each draw, as in [`crate::FeynmanKac`].
+    pub fn with_potential(mut self, potential: impl Potential + 'static) -> Self {
+        self.potential = Some(Arc::new(potential));
+        self
+    }
+
+    /// The grammar constraint.
+    pub fn constraint(&self) -> &GrammarConstraint {
+        &self.constraint
+    }
+
+    /// This particle's matcher.
+    pub fn matcher(&self) -> &GrammarMatcher {
+        &self.matcher
+    }
+
+    fn checked(&self, p: &dyn Potential, x: f64) -> Result<f64> {
+        if x.is_nan() {
+            Err(SmcError::NanPotential {
+                name: p.name().to_string(),
+            })
+        } else {
+            Ok(x)
+        }
+    }
+
+    /// The extra potential's increment for appending `t` (or ending, for EOS).
+    fn increment(&mut self, p: &Particle<'_>, t: u32) -> Result<f64> {
+        let Some(pot) = self.potential.clone() else {
+            return Ok(0.0);
+        };
+        let view = p.view();
+        let score = if t == view.vocab.eos() {
+            self.checked(pot.as_ref(), pot.complete(&view))?
+        } else {
+            let mut tokens = view.tokens.to_vec();
+            tokens.push(t);
+            let mut bytes = view.bytes.to_vec();
+            bytes.extend_from_slice(view.vocab.bytes(t));
+            let next = crate::potential::SeqView {
+                tokens: &tokens,
+                bytes: &bytes,
+                vocab: view.vocab,
+            };
+            self.checked(pot.as_ref(), pot.prefix(&next))?
+        };
+        let inc = crate::logspace::log_div(score, self.prefix_score);
+        if t != view.vocab.eos() {
+            self.prefix_score = score;
+        }
+        Ok(inc)
+    }
+}
+
+impl Program for Constrained {
+    fn check(&self, vocab: &Vocabulary) -> Result<()> {
+        if self.constraint.vocab_len() != vocab.len() {
+            return Err(SmcError::VocabularyMismatch {
+                what: format!("grammar constraint `{}`", self.constraint.name()),
+                expected: vocab.len(),
+                found: self.constraint.vocab_len(),
+            });
+        }
+        if let Some(pot) = &self.potential {
+            if let Some(found) = pot.vocab_size().filter(|n| *n != vocab.len()) {
+                return Err(SmcError::VocabularyMismatch {
+                    what: format!("potential `{}`", pot.name()),
+                    expected: vocab.len(),
+                    found,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn start(&mut self, p: &mut Particle<'_>) -> Result<()> {
+        if let Some(pot) = self.potential.clone() {
+            self.prefix_score = self.checked(pot.as_ref(), pot.prefix(&p.view()))?;
+            p.score(self.prefix_score)?;
+        }
+        Ok(())
+    }
+
+    fn step(&mut self, p: &mut Particle<'_>) -> Result<Flow> {
+        let log_p = p.log_probs()?;
+        let mask = self.matcher.mask()?;
+        let (masked, log_mass) = mask.restrict(&log_p);
+        if log_mass == f64::NEG_INFINITY {
+            p.condition(false);
+            return Ok(Flow::Yield);
+        }
+        let t = p.draw(&masked)?;
+        self.steps += 1;
+        let ok = self.matcher.consume(t);
+        let inc = self.increment(p, t)?;
+        p.append_to(0, t)?;
+        p.score(log_mass)?;
+        p.condition(ok);
+        if ok {
+            p.score(inc)?;
+        }
+        Ok(Flow::Yield)
+    }
+
+    fn at_token_limit(&mut self, p: &mut Particle<'_>, policy: Truncation) -> Result<()> {
+        match policy {
+            Truncation::Truncate => p.finish(),
+            Truncation::ForceEos => {
+                let eos = p.vocab().eos();
+                if self.matcher.consume(eos) {
+                    let inc = self.increment(p, eos)?;
+                    p.observe(eos)?;
+                    p.score(inc)?;
+                } else {
+                    p.condition(false);
+                }
+            }
+        }
+        Ok(())
+    }
+}
