@@ -165,16 +165,79 @@ impl Linear {
     }
 }
 
+/// Several linear maps applied to the same input. Dense maps are fused into one matrix
+/// (`[in, Σ out]`) so that a single matrix product computes all of them.
+#[derive(Debug, Clone)]
+enum Proj {
+    Fused { wt: Tensor, sizes: Vec<usize> },
+    Split(Vec<Linear>),
+}
+
+impl Proj {
+    fn new(parts: Vec<Linear>) -> candle_core::Result<Self> {
+        let dense: Vec<&Tensor> = parts
+            .iter()
+            .filter_map(|l| match l {
+                Linear::Dense(wt) => Some(wt),
+                Linear::Quant(_) => None,
+            })
+            .collect();
+        if dense.len() < parts.len() {
+            return Ok(Proj::Split(parts));
+        }
+        let sizes = dense
+            .iter()
+            .map(|t| t.dim(1))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Proj::Fused {
+            wt: Tensor::cat(&dense, 1)?,
+            sizes,
+        })
+    }
+
+    /// All outputs (`[rows, out_i]` each; fused outputs are column views of one product).
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+        match self {
+            Proj::Fused { wt, sizes } => {
+                let y = x.matmul(wt)?;
+                let mut off = 0;
+                let mut out = Vec::with_capacity(sizes.len());
+                for &n in sizes {
+                    out.push(y.narrow(1, off, n)?);
+                    off += n;
+                }
+                Ok(out)
+            }
+            Proj::Split(ls) => ls.iter().map(|l| l.forward(x)).collect(),
+        }
+    }
+
+    /// The separate maps (views into the fused matrix), for the unfused reference path.
+    fn parts(&self) -> candle_core::Result<Vec<Linear>> {
+        match self {
+            Proj::Fused { wt, sizes } => {
+                let mut off = 0;
+                let mut out = Vec::with_capacity(sizes.len());
+                for &n in sizes {
+                    out.push(Linear::Dense(wt.narrow(1, off, n)?));
+                    off += n;
+                }
+                Ok(out)
+            }
+            Proj::Split(ls) => Ok(ls.clone()),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Layer {
     attn_norm: Tensor,
-    wq: Linear,
-    wk: Linear,
-    wv: Linear,
+    /// Query, key and value projections.
+    qkv: Proj,
     wo: Linear,
     ffn_norm: Tensor,
-    w_gate: Linear,
-    w_up: Linear,
+    /// Gate and up projections of the SwiGLU layer.
+    gate_up: Proj,
     w_down: Linear,
 }
 
@@ -306,15 +369,14 @@ impl LlamaModel {
             check_shape(&attn_norm, &[h], &format!("{p}.attn_norm.weight"))?;
             let ffn_norm = require(src.dense(&format!("{p}.ffn_norm.weight"))?, "ffn_norm")?;
             check_shape(&ffn_norm, &[h], &format!("{p}.ffn_norm.weight"))?;
+            let qkv = Proj::new(vec![wq, wk, wv])?;
+            let gate_up = Proj::new(vec![w_gate, w_up])?;
             built.push(Layer {
                 attn_norm,
-                wq,
-                wk,
-                wv,
+                qkv,
                 wo,
                 ffn_norm,
-                w_gate,
-                w_up,
+                gate_up,
                 w_down,
             });
         }
@@ -634,9 +696,14 @@ impl LlamaModel {
         let mut attn = vec![0f32; n_tok * nh * hd];
         for (li, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, c.rms_eps as f32)?;
-            let mut q = layer.wq.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
-            let mut k = layer.wk.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
-            let v = layer.wv.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
+            let [q, k, v]: [Tensor; 3] = layer
+                .qkv
+                .forward(&h)?
+                .try_into()
+                .map_err(|_| LmError::Format("query/key/value projection".into()))?;
+            let mut q = q.flatten_all()?.to_vec1::<f32>()?;
+            let mut k = k.flatten_all()?.to_vec1::<f32>()?;
+            let v = v.flatten_all()?.to_vec1::<f32>()?;
             for (t, &(i, pos)) in meta.iter().enumerate() {
                 self.rope_row(&mut q[t * nh * hd..(t + 1) * nh * hd], pos);
                 self.rope_row(&mut k[t * nkv * hd..(t + 1) * nkv * hd], pos);
@@ -647,9 +714,8 @@ impl LlamaModel {
             let a = Tensor::from_slice(&attn, (n_tok, nh * hd), &Device::Cpu)?;
             x = (x + layer.wo.forward(&a)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, c.rms_eps as f32)?;
-            let g = layer.w_gate.forward(&h)?.silu()?;
-            let u = layer.w_up.forward(&h)?;
-            x = (x + layer.w_down.forward(&(g * u)?)?)?;
+            let gu = layer.gate_up.forward(&h)?;
+            x = (x + layer.w_down.forward(&(gu[0].silu()? * &gu[1])?)?)?;
         }
         let x = match rows {
             LogitRows::All => x,
@@ -745,9 +811,10 @@ impl LlamaModel {
             let heads = |t: Tensor, k: usize| -> candle_core::Result<Tensor> {
                 t.reshape((1, n, k, hd))?.transpose(1, 2)?.contiguous()
             };
-            let q = rope(&heads(layer.wq.forward(&h)?, nh)?)?;
-            let k = rope(&heads(layer.wk.forward(&h)?, nkv)?)?;
-            let v = heads(layer.wv.forward(&h)?, nkv)?;
+            let qkv = layer.qkv.parts()?;
+            let q = rope(&heads(qkv[0].forward(&h)?, nh)?)?;
+            let k = rope(&heads(qkv[1].forward(&h)?, nkv)?)?;
+            let v = heads(qkv[2].forward(&h)?, nkv)?;
             let k = k.squeeze(0)?.index_select(&kv_index, 0)?;
             let v = v.squeeze(0)?.index_select(&kv_index, 0)?;
             let q = q.squeeze(0)?;
@@ -756,8 +823,9 @@ impl LlamaModel {
             let a = p.matmul(&v)?.transpose(0, 1)?.reshape((n, nh * hd))?;
             x = (x + layer.wo.forward(&a)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, c.rms_eps as f32)?;
-            let g = layer.w_gate.forward(&h)?.silu()?;
-            let u = layer.w_up.forward(&h)?;
+            let gate_up = layer.gate_up.parts()?;
+            let g = gate_up[0].forward(&h)?.silu()?;
+            let u = gate_up[1].forward(&h)?;
             x = (x + layer.w_down.forward(&(g * u)?)?)?;
         }
         let x = candle_nn::ops::rms_norm(&x, &self.norm, c.rms_eps as f32)?;
