@@ -1,0 +1,241 @@
+//! Character-level potentials: the trie walk gives exactly the naive per-token weights
+//! (`Potential::log_weight_next`'s default, one prefix evaluation per token), on toy
+//! vocabularies and on SmolLM2's vocabulary.
+
+use smc_steer::awrs::TokenConstraint;
+use smc_steer::exact::enumerate;
+use smc_steer::grammar::charlevel::{ByteRecognizer, CharPotential, TokenTrie};
+use smc_steer::potential::{Potential, SeqView};
+use smc_steer::replicate::run_replicates;
+use smc_steer::toy::ToyKernel;
+use smc_steer::{FeynmanKac, ProposalKind, Smc, SmcConfig, Truncation, Vocabulary};
+
+/// Every word has at most `max` ASCII letters; each letter `e` costs 0.3 nats; outputs may
+/// only end after a full stop or with no text.
+struct Words {
+    max: u8,
+}
+
+impl ByteRecognizer for Words {
+    /// (letters in the current word, letters `e` so far, last byte was '.')
+    type State = (u8, u32, bool);
+    fn name(&self) -> &str {
+        "words"
+    }
+    fn initial(&self) -> Self::State {
+        (0, 0, true)
+    }
+    fn step(&self, &(run, es, _): &Self::State, b: u8) -> Option<Self::State> {
+        let es = es + u32::from(b == b'e');
+        if b.is_ascii_alphabetic() {
+            (run < self.max).then_some((run + 1, es, false))
+        } else {
+            Some((0, es, b == b'.'))
+        }
+    }
+    fn log_weight(&self, s: &Self::State) -> f64 {
+        -0.3 * s.1 as f64
+    }
+    fn complete(&self, s: &Self::State) -> f64 {
+        if s.2 {
+            self.log_weight(s)
+        } else {
+            f64::NEG_INFINITY
+        }
+    }
+}
+
+/// The same potential, evaluated naively on whole texts (no trie, no recognizer).
+struct NaiveWords {
+    max: usize,
+}
+
+impl Potential for NaiveWords {
+    fn name(&self) -> &str {
+        "naive-words"
+    }
+    fn prefix(&self, s: &SeqView<'_>) -> f64 {
+        let ok = s
+            .bytes
+            .split(|b| !b.is_ascii_alphabetic())
+            .all(|w| w.len() <= self.max);
+        if ok {
+            -0.3 * s.bytes.iter().filter(|b| **b == b'e').count() as f64
+        } else {
+            f64::NEG_INFINITY
+        }
+    }
+    fn complete(&self, s: &SeqView<'_>) -> f64 {
+        if s.bytes.is_empty() || s.bytes.last() == Some(&b'.') {
+            self.prefix(s)
+        } else {
+            f64::NEG_INFINITY
+        }
+    }
+}
+
+fn toy_vocab() -> Vocabulary {
+    let mut t: Vec<Vec<u8>> = [
+        "the", "th", "t", "e", "ee", " ", " the", ".", "e.", "", "abcd", "x", "the",
+    ]
+    .iter()
+    .map(|s| s.as_bytes().to_vec())
+    .collect();
+    t.push(vec![0xC3]);
+    t.push("é".as_bytes().to_vec());
+    Vocabulary::new(t).unwrap()
+}
+
+fn assert_same(v: &Vocabulary, fast: &dyn Potential, slow: &dyn Potential, prefix: &[u32]) {
+    let bytes = v.decode_bytes(prefix);
+    let view = SeqView {
+        tokens: prefix,
+        bytes: &bytes,
+        vocab: v,
+    };
+    let mut a = vec![0.0; v.dist_len()];
+    let mut b = vec![0.0; v.dist_len()];
+    fast.log_weight_next(&view, &mut a);
+    slow.log_weight_next(&view, &mut b);
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!(
+            x == y || (x - y).abs() < 1e-12,
+            "prefix {prefix:?}, token {i} ({:?}): trie {x} vs naive {y}",
+            String::from_utf8_lossy(v.bytes(i as u32))
+        );
+    }
+    assert_eq!(fast.prefix(&view), slow.prefix(&view));
+    assert_eq!(fast.complete(&view), slow.complete(&view));
+}
+
+#[test]
+fn trie_walk_equals_naive_weights_on_a_toy_vocabulary() {
+    let v = toy_vocab();
+    for max in [1u8, 2, 3, 4] {
+        let fast = CharPotential::new(Words { max });
+        let slow = NaiveWords { max: max as usize };
+        for prefix in [
+            vec![],
+            vec![0],
+            vec![1],
+            vec![2, 3],
+            vec![5, 4],
+            vec![6, 7],
+            vec![10],
+            vec![9, 9],
+            vec![13],
+            vec![12, 8],
+        ] {
+            assert_same(&v, &fast, &slow, &prefix);
+        }
+    }
+}
+
+#[test]
+fn trie_has_one_node_per_distinct_prefix() {
+    let v = Vocabulary::from_strs(&["ab", "a", "abc", "b", "ab"]).unwrap();
+    let t = TokenTrie::new(&v);
+    assert_eq!(t.n_nodes(), 4); // a, ab, abc, b
+    assert_eq!(t.n_tokens(), 5);
+}
+
+#[test]
+fn awrs_constraint_agrees_with_the_potential() {
+    let v = toy_vocab();
+    let p = CharPotential::new(Words { max: 3 });
+    let bytes = v.decode_bytes(&[1]);
+    let view = SeqView {
+        tokens: &[1],
+        bytes: &bytes,
+        vocab: &v,
+    };
+    let mut w = vec![0.0; v.dist_len()];
+    p.log_weight_next(&view, &mut w);
+    for t in 0..v.dist_len() as u32 {
+        assert_eq!(
+            TokenConstraint::allows(&p, &view, t),
+            w[t as usize] > f64::NEG_INFINITY,
+            "token {t}"
+        );
+    }
+}
+
+#[test]
+fn locally_optimal_smc_with_a_char_potential_is_unbiased() {
+    let kernel = || ToyKernel::random_bigram(4, 0.25, 77).unwrap();
+    struct NoCd;
+    impl ByteRecognizer for NoCd {
+        type State = u8;
+        fn name(&self) -> &str {
+            "no-cd"
+        }
+        fn initial(&self) -> u8 {
+            0
+        }
+        fn step(&self, prev: &u8, b: u8) -> Option<u8> {
+            (!(*prev == b'c' && b == b'd')).then_some(b)
+        }
+        fn log_weight(&self, s: &u8) -> f64 {
+            if *s == b'a' {
+                0.4
+            } else {
+                0.0
+            }
+        }
+    }
+    let pot = std::sync::Arc::new(CharPotential::new(NoCd));
+    let exact = enumerate(&kernel(), pot.as_ref(), &[], 4, Truncation::Truncate).unwrap();
+    let runs = run_replicates(99, 300, |seed| {
+        let model = FeynmanKac::from_arc(pot.clone()).with_proposal(ProposalKind::LocallyOptimal);
+        let config = SmcConfig {
+            particles: 6,
+            max_tokens: 4,
+            seed,
+            ..SmcConfig::default()
+        };
+        Smc::new(kernel(), model, &[], config)?.run()
+    })
+    .unwrap();
+    let ratio = runs.z_ratio(exact.log_z);
+    assert!(
+        (ratio.mean - 1.0).abs() <= 4.0 * ratio.se,
+        "mean Ẑ/Z = {} ± {}",
+        ratio.mean,
+        ratio.se
+    );
+}
+
+#[cfg(feature = "lm")]
+#[test]
+fn trie_walk_equals_naive_weights_on_the_smollm2_vocabulary() {
+    use smc_steer::lm::{resolve_model_path, GgufFile, Tokenizer};
+    let path = match resolve_model_path(None) {
+        Ok(p) => p,
+        Err(e) => {
+            if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+                panic!("CI is set and the model is missing: {e}");
+            }
+            eprintln!("SKIPPED (model not available): {e}");
+            return;
+        }
+    };
+    let gguf = GgufFile::open(&path).unwrap();
+    let tok = Tokenizer::from_gguf(&gguf).unwrap();
+    let v = Vocabulary::new(tok.token_bytes().to_vec()).unwrap();
+    let fast = CharPotential::for_vocab(Words { max: 5 }, &v);
+    let slow = NaiveWords { max: 5 };
+    for text in [
+        "",
+        "The",
+        "The sentence ends here.",
+        "Some",
+        "caf\u{e9} ",
+        "Hello",
+    ] {
+        let ids = tok.encode(text).unwrap();
+        assert_same(&v, &fast, &slow, &ids);
+    }
+    // A partial UTF-8 character at the end of the prefix.
+    let e_acute = tok.encode("é").unwrap();
+    assert_same(&v, &fast, &slow, &e_acute[..1]);
+}
