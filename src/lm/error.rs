@@ -43,7 +43,7 @@ pub enum LmError {
     #[error("model format error: {0}")]
     Format(String),
     /// The file holds an architecture this crate does not implement.
-    #[error("unsupported model architecture `{0}` (supported: llama-family decoders: llama, mistral, qwen2 without biases, smollm)")]
+    #[error("unsupported model architecture `{0}` (supported: GGUF `llama`/`mistral`, Hugging Face LlamaForCausalLM/MistralForCausalLM)")]
     UnsupportedArchitecture(String),
     /// The tokenizer could not be built or failed on an input.
     #[error("tokenizer error: {0}")]
