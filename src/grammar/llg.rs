@@ -32,7 +32,8 @@ pub enum Grammar {
     Regex(String),
     /// A Lark grammar in llguidance's dialect (rule `start` is the start symbol).
     Lark(String),
-    /// A JSON Schema; the output is compact JSON (no optional whitespace) that validates.
+    /// A JSON Schema; the output is JSON that validates, in llguidance's default layout
+    /// (`, ` and `: ` separators, no other whitespace).
     JsonSchema(serde_json::Value),
 }
 
