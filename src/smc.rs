@@ -495,9 +495,9 @@ impl<K: Kernel, P: Program> Smc<K, P> {
                     owners.len()
                 )));
             }
-            let vocab = self.kernel.vocab().clone();
+            let vocab = self.kernel.vocab();
             for ((&(i, j), ext), toks) in owners.iter().zip(out).zip(&pending) {
-                check_dist(&ext.next_log_probs, &vocab)?;
+                check_dist(&ext.next_log_probs, vocab)?;
                 let p = &mut self.particles[i];
                 let scored = std::mem::take(&mut p.contexts[j].pending_scored);
                 for (k, lp) in ext.inner_log_probs.iter().enumerate() {

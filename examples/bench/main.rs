@@ -14,8 +14,8 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use smc_steer::lm::{KernelOptions, TransformerKernel};
-use smc_steer::potential::TokenWeights;
-use smc_steer::{Extend, FeynmanKac, Kernel, ProposalKind, SeqId, Smc, SmcConfig, TokenId};
+use smc_steer::potential::Trivial;
+use smc_steer::{Extend, FeynmanKac, Kernel, SeqId, Smc, SmcConfig, TokenId};
 
 const TEXT: &str = "The history of the Federal Reserve begins in 1913, when Congress passed the \
 Federal Reserve Act after a series of financial panics. The new central bank was designed to \
@@ -183,20 +183,15 @@ fn decode_ours(
     Ok((times, bytes))
 }
 
-/// Full SMC steps (forward, mask proposal, weights, ESS, resampling when due).
+/// Full SMC steps (forward, sampling, a trivial potential, ESS, resampling when due).
 fn smc_steps(
     kernel: TransformerKernel,
     prompt: &[TokenId],
     n: usize,
     steps: usize,
 ) -> Result<Vec<f64>, String> {
-    let vocab_len = kernel.vocab().len();
-    // A trivial potential that forbids EOS, so every particle stays in the batch.
-    let mut w = vec![0.0; vocab_len + 1];
-    w[vocab_len] = f64::NEG_INFINITY;
-    let no_eos = TokenWeights::new("no-eos", w).map_err(|e| e.to_string())?;
-    let model = FeynmanKac::new(no_eos.clone())
-        .with_proposal(ProposalKind::Mask(std::sync::Arc::new(no_eos)));
+    // Particles that draw EOS leave the batch; after a 64-token prompt that is rare in 8 steps.
+    let model = FeynmanKac::new(Trivial);
     let config = SmcConfig {
         particles: n,
         max_tokens: steps + 2,
