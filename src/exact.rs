@@ -60,6 +60,15 @@ impl Exact {
 /// [`Truncation::Truncate`] an unfinished length-`T` sequence has mass `p(x)·φ(x)`.
 /// Prefixes with `φ = 0` are pruned (a particle dies there).
 ///
+/// # Example
+/// ```
+/// use smc_steer::{exact::enumerate, potential::Trivial, toy::ToyKernel, Truncation};
+/// let k = ToyKernel::random_bigram(2, 0.5, 1).unwrap();
+/// // Without a potential, truncation keeps all the mass: Z = 1.
+/// let e = enumerate(&k, &Trivial, &[], 3, Truncation::Truncate).unwrap();
+/// assert!(e.log_z.abs() < 1e-12);
+/// ```
+///
 /// # Errors
 /// [`SmcError::InvalidConfig`] when more than 2,000,000 prefixes would be visited, or
 /// [`SmcError::NanPotential`].

@@ -46,6 +46,16 @@ impl Resampling {
 
     /// Draw `m` ancestor indices from normalised `weights`.
     ///
+    /// # Example
+    /// ```
+    /// use rand::SeedableRng;
+    /// use smc_steer::Resampling;
+    /// let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(7);
+    /// let a = Resampling::Systematic.resample(&[0.5, 0.25, 0.25], 4, &mut rng).unwrap();
+    /// assert_eq!(a.len(), 4);
+    /// assert_eq!(a.iter().filter(|&&i| i == 0).count(), 2); // ⌊4·0.5⌋ = ⌈4·0.5⌉ = 2
+    /// ```
+    ///
     /// # Errors
     /// [`SmcError::InvalidWeights`] if the weights are empty, negative, NaN or do not sum to 1
     /// (within `1e-6`).
@@ -279,6 +289,17 @@ pub struct Selection {
 /// `n − #kept` of them) and given weight `1/c`. Every candidate's expected new weight is
 /// its old weight, so `Σ` of the weights (and the estimate of `Z`) stays unbiased. When at
 /// most `n` candidates have positive weight they are all kept unchanged.
+///
+/// # Example
+/// ```
+/// use rand::SeedableRng;
+/// use smc_steer::resampling::fearnhead_clifford;
+/// let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(3);
+/// let lw = [0.9f64.ln(), 0.05f64.ln(), 0.03f64.ln(), 0.02f64.ln()];
+/// let s = fearnhead_clifford(&lw, 2, &mut rng).unwrap();
+/// assert_eq!(s.indices.len(), 2);
+/// assert!(s.indices.contains(&0)); // heavy enough to be kept for sure, with its own weight
+/// ```
 ///
 /// # Errors
 /// [`SmcError::InvalidWeights`] for NaN or `+inf` weights.
