@@ -9,6 +9,8 @@
 //! With `--json` every figure is one JSON object per line with `metric`, `impl`, `n` and
 //! `value` (plus `unit`); derived ratios come last. Timings are medians over `--steps` steps.
 
+mod constraints;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -353,5 +355,6 @@ fn run() -> Result<(), String> {
             "ratio",
         );
     }
+    constraints::run(&mut report, &args, kernel.vocab())?;
     Ok(())
 }
