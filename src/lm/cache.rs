@@ -27,15 +27,54 @@
 //!   b2: prompt's partial last block                               b4: 1   on first write)
 //! ```
 //!
-//! Pool layout (per layer, for keys and values alike): block `b`, key/value head `h`,
-//! slot `s`, dimension `d` is at `((b * n_kv_heads + h) * block_size + s) * head_dim + d`, so
-//! the keys of one head inside one block are contiguous.
+//! Two attention paths read the same block tables ([`AttentionPath`]):
+//!
+//! * [`AttentionPath::Cpu`] (the default): the pool is host memory and
+//!   [`PagedKvCache::attend`] walks the block tables directly, as described above.
+//!   Pool layout (per layer, for keys and values alike): block `b`, key/value head `h`,
+//!   slot `s`, dimension `d` is at `((b * n_kv_heads + h) * block_size + s) * head_dim + d`,
+//!   so the keys of one head inside one block are contiguous.
+//! * [`AttentionPath::Gather`]: the pool is one candle tensor per layer,
+//!   `[num_blocks * block_size, n_kv_heads * head_dim]`, on any candle device. New keys and
+//!   values are written with `scatter_set`, and [`PagedKvCache::attend_gather`] gathers each
+//!   sequence's rows with `index_select` into a padded contiguous batch, then runs ordinary
+//!   masked softmax attention with batched matrix products (query heads of one group are
+//!   stacked, so repeated key/value heads are never materialised). Only candle operations
+//!   are used, so a CUDA or Metal build has a correct path.
 
 use std::collections::HashMap;
 
+use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
 use super::error::{LmError, LmResult};
+
+/// Which attention implementation reads the cache (and so where the pool lives).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AttentionPath {
+    /// Host pool; attention written for the paged layout, reading blocks in place
+    /// (parallel over query tokens and heads with rayon).
+    #[default]
+    Cpu,
+    /// Pool of candle tensors on any device; blocks are gathered with `index_select` into
+    /// contiguous keys/values, then ordinary attention runs with candle operations.
+    Gather,
+}
+
+/// Key/value storage of the pool.
+#[derive(Debug)]
+enum Pool {
+    /// Host vectors, one per layer, in the block-major layout of the module documentation.
+    Host {
+        keys: Vec<Vec<f32>>,
+        values: Vec<Vec<f32>>,
+    },
+    /// Candle tensors, one per layer, `[num_blocks * block_size, n_kv_heads * head_dim]`.
+    Tensor {
+        keys: Vec<Tensor>,
+        values: Vec<Tensor>,
+    },
+}
 
 /// Handle of a sequence stored in a [`PagedKvCache`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -96,8 +135,7 @@ pub struct PagedKvCache {
     layout: CacheLayout,
     /// Floats per block per layer (`n_kv_heads * block_size * head_dim`).
     block_floats: usize,
-    keys: Vec<Vec<f32>>,
-    values: Vec<Vec<f32>>,
+    pool: Pool,
     refs: Vec<u32>,
     free: Vec<u32>,
     seqs: HashMap<u64, SeqState>,
@@ -105,11 +143,23 @@ pub struct PagedKvCache {
 }
 
 impl PagedKvCache {
-    /// Allocate a pool of `layout.num_blocks` blocks per layer.
+    /// Allocate a host pool of `layout.num_blocks` blocks per layer, read by the CPU
+    /// attention path ([`AttentionPath::Cpu`]).
     ///
     /// # Errors
     /// [`LmError::InvalidConfig`] when a dimension is zero or the pool size overflows.
     pub fn new(layout: CacheLayout) -> LmResult<Self> {
+        Self::with_path(layout, AttentionPath::Cpu, &Device::Cpu)
+    }
+
+    /// Allocate a pool for the given attention path. With [`AttentionPath::Gather`] the pool
+    /// tensors live on `device`; with [`AttentionPath::Cpu`] the pool is host memory and
+    /// `device` is ignored.
+    ///
+    /// # Errors
+    /// [`LmError::InvalidConfig`] when a dimension is zero or the pool size overflows;
+    /// [`LmError::Candle`] when the device cannot allocate the pool.
+    pub fn with_path(layout: CacheLayout, path: AttentionPath, device: &Device) -> LmResult<Self> {
         let CacheLayout {
             n_layers,
             n_kv_heads,
@@ -135,13 +185,28 @@ impl PagedKvCache {
             .checked_mul(num_blocks)
             .filter(|&n| n.checked_mul(4 * 2 * n_layers).is_some())
             .ok_or_else(|| LmError::InvalidConfig("cache pool size overflows".into()))?;
-        let keys = (0..n_layers).map(|_| vec![0f32; layer_floats]).collect();
-        let values = (0..n_layers).map(|_| vec![0f32; layer_floats]).collect();
+        let pool = match path {
+            AttentionPath::Cpu => Pool::Host {
+                keys: (0..n_layers).map(|_| vec![0f32; layer_floats]).collect(),
+                values: (0..n_layers).map(|_| vec![0f32; layer_floats]).collect(),
+            },
+            AttentionPath::Gather => {
+                let shape = (num_blocks * block_size, n_kv_heads * head_dim);
+                let alloc = || -> LmResult<Vec<Tensor>> {
+                    (0..n_layers)
+                        .map(|_| Ok(Tensor::zeros(shape, DType::F32, device)?))
+                        .collect()
+                };
+                Pool::Tensor {
+                    keys: alloc()?,
+                    values: alloc()?,
+                }
+            }
+        };
         Ok(Self {
             layout,
             block_floats,
-            keys,
-            values,
+            pool,
             refs: vec![0; num_blocks],
             // Pop from the end: hand out low block ids first.
             free: (0..num_blocks as u32).rev().collect(),
@@ -153,6 +218,22 @@ impl PagedKvCache {
     /// The cache's layout.
     pub fn layout(&self) -> CacheLayout {
         self.layout
+    }
+
+    /// The attention path this cache was built for.
+    pub fn attention_path(&self) -> AttentionPath {
+        match self.pool {
+            Pool::Host { .. } => AttentionPath::Cpu,
+            Pool::Tensor { .. } => AttentionPath::Gather,
+        }
+    }
+
+    /// The device holding the pool (the CPU for [`AttentionPath::Cpu`]).
+    pub fn device(&self) -> Device {
+        match &self.pool {
+            Pool::Tensor { keys, .. } => keys.first().map_or(Device::Cpu, |t| t.device().clone()),
+            Pool::Host { .. } => Device::Cpu,
+        }
     }
 
     /// Tokens per block.
@@ -301,7 +382,8 @@ impl PagedKvCache {
     ///
     /// # Errors
     /// [`LmError::UnknownSequence`], or [`LmError::CacheExhausted`] when the pool cannot hold
-    /// the new tokens; in both cases nothing is modified. (The block count is computed per
+    /// the new tokens, or [`LmError::Candle`] when a device copy fails; in every case the
+    /// sequences keep their lengths and contents. (The block count is computed per
     /// request, so two requests whose sequences share a partial last block may be counted as
     /// needing one copy too many.)
     pub fn reserve(&mut self, appends: &[(CacheSeq, usize)]) -> LmResult<Vec<usize>> {
@@ -321,32 +403,53 @@ impl PagedKvCache {
                 block_size: self.layout.block_size,
             });
         }
-        let bs = self.layout.block_size;
         let mut starts = Vec::with_capacity(appends.len());
-        for &(seq, n) in appends {
-            // Checked above: the handle exists.
-            let Some(mut state) = self.seqs.remove(&seq.0) else {
-                return Err(LmError::UnknownSequence(seq.0));
-            };
-            if n > 0 && state.len % bs != 0 {
-                if let Some(last) = state.blocks.last_mut() {
-                    if self.refs[*last as usize] > 1 {
-                        let fresh = self.alloc();
-                        self.copy_block(*last, fresh, state.len % bs);
-                        self.refs[*last as usize] -= 1;
-                        *last = fresh;
+        for (i, &(seq, n)) in appends.iter().enumerate() {
+            match self.reserve_one(seq, n) {
+                Ok(start) => starts.push(start),
+                Err(e) => {
+                    // Undo the appends made so far (a copied block stays, holding the same
+                    // data as the shared one it replaced).
+                    for (&(s, _), &start) in appends[..i].iter().zip(&starts) {
+                        let _ = self.truncate(s, start);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(starts)
+    }
+
+    /// One append of [`PagedKvCache::reserve`], after the free blocks have been counted.
+    fn reserve_one(&mut self, seq: CacheSeq, n: usize) -> LmResult<usize> {
+        let bs = self.layout.block_size;
+        let Some(mut state) = self.seqs.remove(&seq.0) else {
+            return Err(LmError::UnknownSequence(seq.0));
+        };
+        if n > 0 && state.len % bs != 0 {
+            if let Some(&last) = state.blocks.last() {
+                if self.refs[last as usize] > 1 {
+                    let fresh = self.alloc();
+                    if let Err(e) = self.copy_block(last, fresh, state.len % bs) {
+                        self.decref(fresh);
+                        self.seqs.insert(seq.0, state);
+                        return Err(e);
+                    }
+                    self.refs[last as usize] -= 1;
+                    if let Some(l) = state.blocks.last_mut() {
+                        *l = fresh;
                     }
                 }
             }
-            starts.push(state.len);
-            state.len += n;
-            while state.blocks.len() < state.len.div_ceil(bs) {
-                let b = self.alloc();
-                state.blocks.push(b);
-            }
-            self.seqs.insert(seq.0, state);
         }
-        Ok(starts)
+        let start = state.len;
+        state.len += n;
+        while state.blocks.len() < state.len.div_ceil(bs) {
+            let b = self.alloc();
+            state.blocks.push(b);
+        }
+        self.seqs.insert(seq.0, state);
+        Ok(start)
     }
 
     /// Take a block from the free list (the caller has checked that one is there).
@@ -357,19 +460,30 @@ impl PagedKvCache {
     }
 
     /// Copy the first `slots` token slots of block `src` into block `dst`, in every layer.
-    fn copy_block(&mut self, src: u32, dst: u32, slots: usize) {
+    fn copy_block(&mut self, src: u32, dst: u32, slots: usize) -> LmResult<()> {
         let (bs, hd) = (self.layout.block_size, self.layout.head_dim);
         let bf = self.block_floats;
-        for pool in self.keys.iter_mut().chain(self.values.iter_mut()) {
-            for h in 0..self.layout.n_kv_heads {
-                let from = src as usize * bf + h * bs * hd;
-                let to = dst as usize * bf + h * bs * hd;
-                pool.copy_within(from..from + slots * hd, to);
+        match &mut self.pool {
+            Pool::Host { keys, values } => {
+                for pool in keys.iter_mut().chain(values.iter_mut()) {
+                    for h in 0..self.layout.n_kv_heads {
+                        let from = src as usize * bf + h * bs * hd;
+                        let to = dst as usize * bf + h * bs * hd;
+                        pool.copy_within(from..from + slots * hd, to);
+                    }
+                }
+            }
+            Pool::Tensor { keys, values } => {
+                for pool in keys.iter().chain(values.iter()) {
+                    let rows = pool.narrow(0, src as usize * bs, slots)?.copy()?;
+                    pool.slice_set(&rows, 0, dst as usize * bs)?;
+                }
             }
         }
+        Ok(())
     }
 
-    /// Offset of (block, head, slot) inside a layer's pool.
+    /// Offset of (block, head, slot) inside a layer's host pool.
     #[inline]
     fn offset(&self, block: u32, head: usize, slot: usize) -> usize {
         ((block as usize * self.layout.n_kv_heads + head) * self.layout.block_size + slot)
@@ -377,20 +491,116 @@ impl PagedKvCache {
     }
 
     /// Store one token's keys and values (`n_kv_heads * head_dim` floats each, head-major) at
-    /// position `pos` of the sequence whose block table is `blocks`, in layer `layer`.
+    /// position `pos` of the sequence whose block table is `blocks`, in layer `layer`
+    /// (either attention path; the gather path prefers [`PagedKvCache::write_rows`]).
     ///
     /// The position must have been reserved with [`PagedKvCache::reserve`], which guarantees
     /// that its block is not shared.
-    pub fn write(&mut self, layer: usize, blocks: &[u32], pos: usize, k: &[f32], v: &[f32]) {
-        let (bs, hd) = (self.layout.block_size, self.layout.head_dim);
-        let block = blocks[pos / bs];
+    ///
+    /// # Errors
+    /// [`LmError::InvalidConfig`] for a position outside the table or rows of the wrong
+    /// length; [`LmError::Candle`] from a device write.
+    pub fn write(
+        &mut self,
+        layer: usize,
+        blocks: &[u32],
+        pos: usize,
+        k: &[f32],
+        v: &[f32],
+    ) -> LmResult<()> {
+        let (bs, hd, nkv) = (
+            self.layout.block_size,
+            self.layout.head_dim,
+            self.layout.n_kv_heads,
+        );
+        let block = *blocks
+            .get(pos / bs)
+            .ok_or_else(|| LmError::InvalidConfig(format!("position {pos} was not reserved")))?;
+        if k.len() != nkv * hd || v.len() != nkv * hd || layer >= self.layout.n_layers {
+            return Err(LmError::InvalidConfig(
+                "key/value row or layer does not match the cache".into(),
+            ));
+        }
         debug_assert_eq!(self.refs[block as usize], 1, "write into a shared block");
         let slot = pos % bs;
-        for h in 0..self.layout.n_kv_heads {
-            let o = self.offset(block, h, slot);
-            self.keys[layer][o..o + hd].copy_from_slice(&k[h * hd..(h + 1) * hd]);
-            self.values[layer][o..o + hd].copy_from_slice(&v[h * hd..(h + 1) * hd]);
+        match &mut self.pool {
+            Pool::Host { keys, values } => {
+                for h in 0..nkv {
+                    let o = ((block as usize * nkv + h) * bs + slot) * hd;
+                    keys[layer][o..o + hd].copy_from_slice(&k[h * hd..(h + 1) * hd]);
+                    values[layer][o..o + hd].copy_from_slice(&v[h * hd..(h + 1) * hd]);
+                }
+            }
+            Pool::Tensor { .. } => {
+                let dev = self.device();
+                let k = Tensor::from_slice(k, (1, nkv * hd), &dev)?;
+                let v = Tensor::from_slice(v, (1, nkv * hd), &dev)?;
+                self.write_rows(layer, &[Self::slot(blocks, pos, bs)], &k, &v)?;
+            }
         }
+        Ok(())
+    }
+
+    /// Pool row (gather layout) of position `pos` in a sequence with block table `blocks`.
+    #[inline]
+    fn slot(blocks: &[u32], pos: usize, bs: usize) -> u32 {
+        blocks[pos / bs] * bs as u32 + (pos % bs) as u32
+    }
+
+    /// Pool rows of the positions `positions` of a sequence with block table `blocks`, in
+    /// the gather path's layout (`block * block_size + slot`), for
+    /// [`PagedKvCache::write_rows`].
+    ///
+    /// # Errors
+    /// [`LmError::InvalidConfig`] for a position outside the table.
+    pub fn slots(&self, blocks: &[u32], positions: std::ops::Range<usize>) -> LmResult<Vec<u32>> {
+        let bs = self.layout.block_size;
+        if positions.end > blocks.len() * bs {
+            return Err(LmError::InvalidConfig(format!(
+                "positions up to {} are not reserved",
+                positions.end
+            )));
+        }
+        Ok(positions.map(|p| Self::slot(blocks, p, bs)).collect())
+    }
+
+    /// Gather path: store the keys and values of several tokens at once. `k` and `v` are
+    /// `[slots.len(), n_kv_heads * head_dim]` f32 tensors on the pool's device; row `i` goes
+    /// to pool row `slots[i]` (see [`PagedKvCache::slots`]), which must be reserved.
+    ///
+    /// # Errors
+    /// [`LmError::InvalidConfig`] on the CPU path or for a wrong shape;
+    /// [`LmError::Candle`] from the device.
+    pub fn write_rows(
+        &mut self,
+        layer: usize,
+        slots: &[u32],
+        k: &Tensor,
+        v: &Tensor,
+    ) -> LmResult<()> {
+        let w = self.layout.n_kv_heads * self.layout.head_dim;
+        let Pool::Tensor { keys, values } = &self.pool else {
+            return Err(LmError::InvalidConfig(
+                "write_rows needs a cache built for the gather attention path".into(),
+            ));
+        };
+        let (Some(kp), Some(vp)) = (keys.get(layer), values.get(layer)) else {
+            return Err(LmError::InvalidConfig(format!(
+                "no layer {layer} in the cache"
+            )));
+        };
+        if slots.is_empty() {
+            return Ok(());
+        }
+        let n = slots.len();
+        let idx: Vec<u32> = slots
+            .iter()
+            .flat_map(|&s| std::iter::repeat_n(s, w))
+            .collect();
+        let idx = Tensor::from_vec(idx, (n, w), kp.device())?;
+        kp.scatter_set(&idx, &k.reshape((n, w))?.contiguous()?, 0)?;
+        vp.scatter_set(&idx, &v.reshape((n, w))?.contiguous()?, 0)?;
+        Ok(())
     }
 
     /// Causal attention for a batch of query tokens in layer `layer`, reading keys and values
@@ -400,6 +610,10 @@ impl PagedKvCache {
     /// embedding already applied); row `i` attends to positions `0..=queries[i].pos` of its
     /// sequence, whose keys and values must already be written. The result (same shape as
     /// `q`) goes to `out`. `n_heads` must be a multiple of the number of key/value heads.
+    ///
+    /// # Errors
+    /// [`LmError::InvalidConfig`] when the cache was built for [`AttentionPath::Gather`]
+    /// (use [`PagedKvCache::attend_gather`]) or a shape does not match.
     pub fn attend(
         &self,
         layer: usize,
@@ -408,11 +622,26 @@ impl PagedKvCache {
         n_heads: usize,
         scale: f32,
         out: &mut [f32],
-    ) {
+    ) -> LmResult<()> {
         let hd = self.layout.head_dim;
+        let Pool::Host { keys, values } = &self.pool else {
+            return Err(LmError::InvalidConfig(
+                "attend needs a cache built for the CPU attention path".into(),
+            ));
+        };
+        if n_heads == 0
+            || n_heads % self.layout.n_kv_heads != 0
+            || q.len() != queries.len() * n_heads * hd
+            || out.len() != q.len()
+            || layer >= self.layout.n_layers
+        {
+            return Err(LmError::InvalidConfig(
+                "attention shapes do not match the cache".into(),
+            ));
+        }
         let group = n_heads / self.layout.n_kv_heads;
-        let keys = &self.keys[layer];
-        let values = &self.values[layer];
+        let keys = &keys[layer];
+        let values = &values[layer];
         out.par_chunks_mut(hd)
             .enumerate()
             .with_min_len(4)
@@ -422,6 +651,133 @@ impl PagedKvCache {
                 let qv = &q[row * hd..(row + 1) * hd];
                 self.attend_one(keys, values, qv, meta, h / group, scale, scores, o);
             });
+        Ok(())
+    }
+
+    /// Gather path: causal attention for a batch of query tokens in layer `layer` with
+    /// candle operations only (works on any device).
+    ///
+    /// `q` is `[queries.len(), n_heads * head_dim]` (rotary embedding applied) on the pool's
+    /// device; the result has the same shape. Consecutive queries with the same block table
+    /// and consecutive positions form one sequence's run. Each run's keys and values
+    /// (positions `0..=last`) are gathered with `index_select` into a padded
+    /// `[runs, n_kv_heads, max_len, head_dim]` batch; the query heads sharing a key/value head
+    /// are stacked into one matrix, so grouped-query attention needs no repeated heads.
+    ///
+    /// # Errors
+    /// [`LmError::InvalidConfig`] on the CPU path or for mismatched shapes;
+    /// [`LmError::Candle`] from the device.
+    pub fn attend_gather(
+        &self,
+        layer: usize,
+        q: &Tensor,
+        queries: &[QueryMeta<'_>],
+        n_heads: usize,
+        scale: f32,
+    ) -> LmResult<Tensor> {
+        let (bs, hd, nkv) = (
+            self.layout.block_size,
+            self.layout.head_dim,
+            self.layout.n_kv_heads,
+        );
+        let Pool::Tensor { keys, values } = &self.pool else {
+            return Err(LmError::InvalidConfig(
+                "attend_gather needs a cache built for the gather attention path".into(),
+            ));
+        };
+        let (Some(kp), Some(vp)) = (keys.get(layer), values.get(layer)) else {
+            return Err(LmError::InvalidConfig(format!(
+                "no layer {layer} in the cache"
+            )));
+        };
+        let n_tok = queries.len();
+        if n_heads == 0 || n_heads % nkv != 0 || q.dims() != [n_tok, n_heads * hd] {
+            return Err(LmError::InvalidConfig(
+                "attention shapes do not match the cache".into(),
+            ));
+        }
+        let dev = kp.device();
+        let group = n_heads / nkv;
+        // Runs: (first query row, number of rows, block table, first position).
+        let mut runs: Vec<(usize, usize, &[u32], usize)> = Vec::new();
+        for (i, m) in queries.iter().enumerate() {
+            match runs.last_mut() {
+                Some((_, len, blocks, start))
+                    if std::ptr::eq(*blocks, m.blocks) && *start + *len == m.pos =>
+                {
+                    *len += 1
+                }
+                _ => runs.push((i, 1, m.blocks, m.pos)),
+            }
+        }
+        let s = runs.len();
+        let t_max = runs.iter().map(|r| r.1).max().unwrap_or(0);
+        let l_max = runs.iter().map(|r| r.3 + r.1).max().unwrap_or(0);
+        if s == 0 {
+            return Ok(Tensor::zeros((0, n_heads * hd), DType::F32, dev)?);
+        }
+        // Pool rows of every run's keys (padding: row 0, masked out).
+        let mut kv_idx = vec![0u32; s * l_max];
+        // Query row of each padded query slot (padding: the zero row `n_tok`).
+        let mut q_idx = vec![n_tok as u32; s * t_max];
+        // Additive mask, [runs, group * t_max, l_max] (query heads of a group stacked).
+        let mut mask = vec![f32::NEG_INFINITY; s * group * t_max * l_max];
+        for (r, &(first, len, blocks, start)) in runs.iter().enumerate() {
+            let end = start + len;
+            if end > blocks.len() * bs {
+                return Err(LmError::InvalidConfig(format!(
+                    "positions up to {end} are not reserved"
+                )));
+            }
+            for p in 0..end {
+                kv_idx[r * l_max + p] = Self::slot(blocks, p, bs);
+            }
+            for t in 0..t_max {
+                // A padding query row sees key 0 only (finite softmax; discarded later).
+                let visible = if t < len { start + t + 1 } else { 1 };
+                if t < len {
+                    q_idx[r * t_max + t] = (first + t) as u32;
+                }
+                for g in 0..group {
+                    let row = (r * group + g) * t_max + t;
+                    mask[row * l_max..row * l_max + visible].fill(0.0);
+                }
+            }
+        }
+        let kv_idx = Tensor::from_vec(kv_idx, s * l_max, dev)?;
+        let gather = |pool: &Tensor| -> candle_core::Result<Tensor> {
+            pool.index_select(&kv_idx, 0)?
+                .reshape((s, l_max, nkv, hd))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let k = gather(kp)?;
+        let v = gather(vp)?;
+        let q_pad = Tensor::cat(&[q, &Tensor::zeros((1, n_heads * hd), DType::F32, dev)?], 0)?;
+        let q_idx = Tensor::from_vec(q_idx, s * t_max, dev)?;
+        let qb = q_pad
+            .index_select(&q_idx, 0)?
+            .reshape((s, t_max, nkv, group, hd))?
+            .permute((0, 2, 3, 1, 4))?
+            .reshape((s, nkv, group * t_max, hd))?
+            .contiguous()?;
+        let scores = (qb.matmul(&k.transpose(2, 3)?.contiguous()?)? * f64::from(scale))?;
+        let mask = Tensor::from_vec(mask, (s, 1, group * t_max, l_max), dev)?;
+        let p = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
+        let out = p
+            .matmul(&v)?
+            .reshape((s, nkv, group, t_max, hd))?
+            .permute((0, 3, 1, 2, 4))?
+            .reshape((s * t_max, n_heads * hd))?;
+        // Back to query order: row of query i in the padded batch.
+        let mut back = vec![0u32; n_tok];
+        for (r, &(first, len, _, _)) in runs.iter().enumerate() {
+            for t in 0..len {
+                back[first + t] = (r * t_max + t) as u32;
+            }
+        }
+        let back = Tensor::from_vec(back, n_tok, dev)?;
+        Ok(out.index_select(&back, 0)?)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -531,7 +887,7 @@ mod tests {
         let blocks = c.block_table(a).unwrap().to_vec();
         for pos in 0..6 {
             let k: Vec<f32> = (0..8).map(|i| (pos * 10 + i) as f32).collect();
-            c.write(0, &blocks, pos, &k, &k);
+            c.write(0, &blocks, pos, &k, &k).unwrap();
         }
         let b = c.fork(a).unwrap();
         assert_eq!(c.used_blocks(), 2);
@@ -544,7 +900,10 @@ mod tests {
         // The copied slots hold the same data.
         let o_old = c.offset(blocks[1], 1, 1);
         let o_new = c.offset(tb[1], 1, 1);
-        assert_eq!(c.keys[0][o_old..o_old + 4], c.keys[0][o_new..o_new + 4]);
+        let Pool::Host { keys, .. } = &c.pool else {
+            panic!("host pool expected")
+        };
+        assert_eq!(keys[0][o_old..o_old + 4], keys[0][o_new..o_new + 4]);
         check_refcounts(&c);
         c.release(a);
         c.release(b);

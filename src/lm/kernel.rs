@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 
-use super::cache::{CacheSeq, PagedKvCache};
+use super::cache::{AttentionPath, CacheSeq, PagedKvCache};
 use super::chat::{ChatMessage, ChatTemplate};
 use super::error::{LmError, LmResult};
 use super::model::{GgufFile, LlamaModel, LoadOptions, LogitRows, SeqTokens, WeightFormat};
@@ -57,6 +57,9 @@ pub struct KernelOptions {
     pub max_seq_len: Option<usize>,
     /// Softmax temperature (1 = the model's distribution).
     pub temperature: f64,
+    /// Attention implementation over the paged cache (CPU block-table kernel by default;
+    /// [`AttentionPath::Gather`] uses candle operations only, for any device).
+    pub attention: AttentionPath,
 }
 
 impl Default for KernelOptions {
@@ -69,6 +72,7 @@ impl Default for KernelOptions {
             max_new_tokens: 256,
             max_seq_len: None,
             temperature: 1.0,
+            attention: AttentionPath::Cpu,
         }
     }
 }
@@ -220,7 +224,7 @@ impl TransformerKernel {
             kind[s as usize] = Row::Stop;
         }
         let vocab = Vocabulary::new(bytes).map_err(|e| LmError::InvalidConfig(e.to_string()))?;
-        let cache = model.new_cache(opts.block_size, opts.cache_capacity())?;
+        let cache = model.new_cache_with(opts.block_size, opts.cache_capacity(), opts.attention)?;
         Ok(Self {
             model,
             tokenizer,

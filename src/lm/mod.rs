@@ -14,7 +14,7 @@ pub mod kernel;
 pub mod model;
 pub mod tokenizer;
 
-pub use cache::{CacheLayout, CacheSeq, PagedKvCache};
+pub use cache::{AttentionPath, CacheLayout, CacheSeq, PagedKvCache, QueryMeta};
 pub use chat::{ChatMessage, ChatTemplate};
 pub use error::{LmError, LmResult};
 pub use kernel::{

@@ -29,7 +29,7 @@ use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor, D};
 use rand::{Rng, SeedableRng};
 
-use super::cache::{CacheLayout, CacheSeq, PagedKvCache, QueryMeta};
+use super::cache::{AttentionPath, CacheLayout, CacheSeq, PagedKvCache, QueryMeta};
 use super::error::{LmError, LmResult};
 
 /// How rotary embeddings pair the dimensions of a head.
@@ -587,11 +587,30 @@ impl LlamaModel {
     /// # Errors
     /// [`LmError::InvalidConfig`] for a zero size.
     pub fn new_cache(&self, block_size: usize, capacity_tokens: usize) -> LmResult<PagedKvCache> {
+        self.new_cache_with(block_size, capacity_tokens, AttentionPath::Cpu)
+    }
+
+    /// A cache for this model read by the given attention path
+    /// ([`AttentionPath::Gather`] keeps its pool as tensors on the model's device).
+    ///
+    /// # Errors
+    /// [`LmError::InvalidConfig`] for a zero size; [`LmError::Candle`] when the pool cannot
+    /// be allocated.
+    pub fn new_cache_with(
+        &self,
+        block_size: usize,
+        capacity_tokens: usize,
+        path: AttentionPath,
+    ) -> LmResult<PagedKvCache> {
         if block_size == 0 {
             return Err(LmError::InvalidConfig("block size must be positive".into()));
         }
         let blocks = capacity_tokens.div_ceil(block_size);
-        PagedKvCache::new(self.config.cache_layout(block_size, blocks))
+        PagedKvCache::with_path(
+            self.config.cache_layout(block_size, blocks),
+            path,
+            self.embed.device(),
+        )
     }
 
     fn check_tokens(&self, tokens: &[u32]) -> LmResult<()> {
@@ -690,6 +709,16 @@ impl LlamaModel {
                 pos,
             })
             .collect();
+        let slots: Vec<u32> = match cache.attention_path() {
+            AttentionPath::Cpu => Vec::new(),
+            AttentionPath::Gather => {
+                let mut slots = Vec::with_capacity(n_tok);
+                for (i, e) in batch.iter().enumerate() {
+                    slots.extend(cache.slots(&tables[i], starts[i]..starts[i] + e.tokens.len())?);
+                }
+                slots
+            }
+        };
         let ids_t = Tensor::from_vec(ids, n_tok, &Device::Cpu)?;
         let mut x = self.embed.index_select(&ids_t, 0)?;
         let scale = 1.0 / (hd as f32).sqrt();
@@ -704,14 +733,30 @@ impl LlamaModel {
             let mut q = q.flatten_all()?.to_vec1::<f32>()?;
             let mut k = k.flatten_all()?.to_vec1::<f32>()?;
             let v = v.flatten_all()?.to_vec1::<f32>()?;
-            for (t, &(i, pos)) in meta.iter().enumerate() {
+            for (t, &(_, pos)) in meta.iter().enumerate() {
                 self.rope_row(&mut q[t * nh * hd..(t + 1) * nh * hd], pos);
                 self.rope_row(&mut k[t * nkv * hd..(t + 1) * nkv * hd], pos);
-                let kv = t * nkv * hd..(t + 1) * nkv * hd;
-                cache.write(li, &tables[i], pos, &k[kv.clone()], &v[kv]);
             }
-            cache.attend(li, &q, &queries, nh, scale, &mut attn);
-            let a = Tensor::from_slice(&attn, (n_tok, nh * hd), &Device::Cpu)?;
+            let a = match cache.attention_path() {
+                AttentionPath::Cpu => {
+                    for (t, &(i, pos)) in meta.iter().enumerate() {
+                        let kv = t * nkv * hd..(t + 1) * nkv * hd;
+                        cache.write(li, &tables[i], pos, &k[kv.clone()], &v[kv])?;
+                    }
+                    cache.attend(li, &q, &queries, nh, scale, &mut attn)?;
+                    Tensor::from_slice(&attn, (n_tok, nh * hd), &Device::Cpu)?
+                }
+                AttentionPath::Gather => {
+                    let dev = cache.device();
+                    let kt = Tensor::from_vec(k, (n_tok, nkv * hd), &dev)?;
+                    let vt = Tensor::from_vec(v, (n_tok, nkv * hd), &dev)?;
+                    let qt = Tensor::from_vec(q, (n_tok, nh * hd), &dev)?;
+                    cache.write_rows(li, &slots, &kt, &vt)?;
+                    cache
+                        .attend_gather(li, &qt, &queries, nh, scale)?
+                        .to_device(x.device())?
+                }
+            };
             x = (x + layer.wo.forward(&a)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, c.rms_eps as f32)?;
             let gu = layer.gate_up.forward(&h)?;
