@@ -330,3 +330,56 @@ fn truncated_gguf_is_a_typed_error() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A full SMC run on SmolLM2 with a hard constraint (every word at most 5 letters, enforced
+/// by the potential and by masking the proposal): every particle with positive weight
+/// satisfies it, and the paged cache is completely free afterwards.
+#[test]
+fn smc_with_hard_constraint_respects_it_and_frees_the_cache() {
+    use smc_steer::constraints::MaxWordLetters;
+    use smc_steer::{FeynmanKac, ProposalKind, Smc, SmcConfig};
+    let Some(path) = model_path() else { return };
+    let opts = KernelOptions {
+        particles: 8,
+        max_new_tokens: 12,
+        ..Default::default()
+    };
+    let mut k = TransformerKernel::load(Some(&path), opts).unwrap();
+    let prompt = k
+        .chat_prompt(&[ChatMessage::user("Tell me a short story about a cat.")])
+        .unwrap();
+    let constraint = MaxWordLetters::new(5);
+    let program = FeynmanKac::new(constraint)
+        .with_proposal(ProposalKind::Mask(std::sync::Arc::new(constraint)));
+    let config = SmcConfig {
+        particles: 8,
+        max_tokens: 12,
+        seed: 1,
+        ..Default::default()
+    };
+    let result = Smc::new(&mut k, program, &prompt, config)
+        .and_then(Smc::run)
+        .unwrap();
+    let alive: Vec<_> = result
+        .particles
+        .iter()
+        .filter(|p| p.log_weight > f64::NEG_INFINITY)
+        .collect();
+    assert!(!alive.is_empty(), "every particle died");
+    for p in alive {
+        let longest = p
+            .text
+            .split(|c: char| !c.is_alphabetic())
+            .map(|w| w.chars().count())
+            .max()
+            .unwrap_or(0);
+        eprintln!("{:>8.3} {:?}", p.log_weight, p.text);
+        assert!(longest <= 5, "word of {longest} letters in {:?}", p.text);
+    }
+    assert_eq!(k.cache().num_sequences(), 0, "sequences left in the cache");
+    assert_eq!(
+        k.cache().free_blocks(),
+        k.cache().num_blocks(),
+        "blocks leaked"
+    );
+}
