@@ -109,6 +109,39 @@ fn bad_input_gives_one_line_errors_and_exit_codes() {
         3,
         "scripts/fetch-model.sh",
     );
+    let bad_regex = run(&[
+        "run", "--model", missing, "--prompt", "x", "--regex", "([a-",
+    ]);
+    assert_clean_failure(&bad_regex, 4, "invalid regex");
+    assert_eq!(stderr(&bad_regex).trim_end().lines().count(), 1, "one line");
+    assert_clean_failure(
+        &run(&[
+            "run",
+            "--model",
+            missing,
+            "--prompt",
+            "x",
+            "--json-schema",
+            "/nonexistent.json",
+        ]),
+        4,
+        "JSON Schema",
+    );
+    assert_clean_failure(
+        &run(&[
+            "run",
+            "--model",
+            missing,
+            "--prompt",
+            "x",
+            "--regex",
+            "a",
+            "--proposal",
+            "bootstrap",
+        ]),
+        2,
+        "mask",
+    );
     let help = run(&["--help"]);
     assert_eq!(help.status.code(), Some(0));
 }
@@ -249,6 +282,44 @@ fn batch_keeps_order_and_reports_bad_lines() {
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
         .collect();
     assert_eq!(ids.len(), 2, "lines 1 and 3 of 0..4");
+}
+
+#[test]
+fn regex_constraint_on_smollm2() {
+    let Some(model) = model() else { return };
+    let out = run(&[
+        "run",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "Today's date in ISO format is",
+        "--regex",
+        "[0-9]{4}-[0-9]{2}-[0-9]{2}",
+        "--particles",
+        "4",
+        "--max-tokens",
+        "12",
+        "--format",
+        "json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let date = |t: &str| {
+        t.len() == 10
+            && t.chars().enumerate().all(|(i, c)| {
+                if i == 4 || i == 7 {
+                    c == '-'
+                } else {
+                    c.is_ascii_digit()
+                }
+            })
+    };
+    for c in v["completions"].as_array().unwrap() {
+        let text = c["text"].as_str().unwrap();
+        if c["eos"].as_bool().unwrap() {
+            assert!(date(text), "{text:?}");
+        }
+    }
 }
 
 #[test]

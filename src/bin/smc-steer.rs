@@ -10,13 +10,16 @@ use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::{Deserialize, Serialize};
+use smc_steer::awrs::PotentialConstraint;
 use smc_steer::constraints::MaxWordLetters;
 use smc_steer::feynman_kac::StepUnit;
+use smc_steer::grammar::{Constrained, Grammar, GrammarConstraint};
 use smc_steer::lm::{ChatMessage, KernelOptions, LmError, TransformerKernel};
 use smc_steer::potential::{Potential, Product, Trivial};
 use smc_steer::report::RunRecord;
 use smc_steer::{
-    Algorithm, FeynmanKac, ProposalKind, Resampling, Smc, SmcConfig, SmcError, Truncation,
+    Algorithm, FeynmanKac, Flow, Kernel, Particle, Program, ProposalKind, Resampling, Smc,
+    SmcConfig, SmcError, Truncation,
 };
 
 /// Exit codes (documented in docs/cli.md).
@@ -112,6 +115,15 @@ struct JobOptions {
     /// Resample at word boundaries (one word per SMC step) instead of every token.
     #[arg(long)]
     word_steps: bool,
+    /// Grammar constraint: the completion matches this regular expression.
+    #[arg(long, conflicts_with_all = ["grammar", "json_schema"])]
+    regex: Option<String>,
+    /// Grammar constraint: the completion is in the language of this Lark grammar file.
+    #[arg(long, value_name = "F.lark", conflicts_with = "json_schema")]
+    grammar: Option<PathBuf>,
+    /// Grammar constraint: the completion is JSON valid under this JSON Schema file.
+    #[arg(long, value_name = "F.json")]
+    json_schema: Option<PathBuf>,
 }
 
 impl Default for JobOptions {
@@ -250,7 +262,14 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
-            eprintln!("error: {}", f.message);
+            // One line: multi-line messages (a regex parser's caret, say) are joined.
+            let message: Vec<&str> = f
+                .message
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect();
+            eprintln!("error: {}", message.join(" "));
             ExitCode::from(f.code)
         }
     }
@@ -280,24 +299,108 @@ fn load(
     Ok(TransformerKernel::load(model.model.as_deref(), opts)?)
 }
 
-/// The model a job runs and a description of its constraints.
-struct Built {
-    program: FeynmanKac,
+/// The program a job runs: a Feynman-Kac model, or generation under a grammar.
+#[derive(Clone)]
+enum JobProgram {
+    Plain(FeynmanKac),
+    Grammar(Box<Constrained>),
+}
+
+impl Program for JobProgram {
+    fn check(&self, vocab: &smc_steer::Vocabulary) -> smc_steer::Result<()> {
+        match self {
+            JobProgram::Plain(p) => p.check(vocab),
+            JobProgram::Grammar(p) => p.check(vocab),
+        }
+    }
+    fn start(&mut self, p: &mut Particle<'_>) -> smc_steer::Result<()> {
+        match self {
+            JobProgram::Plain(m) => m.start(p),
+            JobProgram::Grammar(m) => m.start(p),
+        }
+    }
+    fn step(&mut self, p: &mut Particle<'_>) -> smc_steer::Result<Flow> {
+        match self {
+            JobProgram::Plain(m) => m.step(p),
+            JobProgram::Grammar(m) => m.step(p),
+        }
+    }
+    fn at_token_limit(
+        &mut self,
+        p: &mut Particle<'_>,
+        policy: Truncation,
+    ) -> smc_steer::Result<()> {
+        match self {
+            JobProgram::Plain(m) => m.at_token_limit(p, policy),
+            JobProgram::Grammar(m) => m.at_token_limit(p, policy),
+        }
+    }
+}
+
+/// A job's constraints, checked without the model.
+struct Spec {
+    potential: Arc<dyn Potential>,
+    has_hard: bool,
+    grammar: Option<Grammar>,
     constraints: Vec<String>,
 }
 
-fn build_program(job: &JobOptions) -> Result<Built, Failure> {
+fn constraint_error(message: impl Into<String>) -> Failure {
+    Failure {
+        code: exit::CONSTRAINT,
+        message: message.into(),
+    }
+}
+
+fn read_constraint_file(path: &Path, what: &str) -> Result<String, Failure> {
+    std::fs::read_to_string(path)
+        .map_err(|e| constraint_error(format!("cannot read the {what} {}: {e}", path.display())))
+}
+
+/// Parse and validate every constraint of a job (before any model work).
+fn spec(job: &JobOptions) -> Result<Spec, Failure> {
     let mut hard: Vec<Arc<dyn Potential>> = Vec::new();
     let mut constraints = Vec::new();
     if let Some(k) = job.max_word_letters {
         if k == 0 {
-            return Err(Failure {
-                code: exit::CONSTRAINT,
-                message: "--max-word-letters must be at least 1".into(),
-            });
+            return Err(constraint_error("--max-word-letters must be at least 1"));
         }
         hard.push(Arc::new(MaxWordLetters::new(k)));
         constraints.push(format!("every word has at most {k} letters"));
+    }
+    let grammar = match (&job.regex, &job.grammar, &job.json_schema) {
+        (Some(re), None, None) => {
+            constraints.push(format!("matches the regex {re}"));
+            Some(Grammar::regex(re.clone()))
+        }
+        (None, Some(f), None) => {
+            constraints.push(format!("in the Lark grammar {}", f.display()));
+            Some(Grammar::lark(read_constraint_file(f, "Lark grammar")?))
+        }
+        (None, None, Some(f)) => {
+            constraints.push(format!("valid under the JSON Schema {}", f.display()));
+            let text = read_constraint_file(f, "JSON Schema")?;
+            Some(Grammar::json_schema_str(&text).map_err(|e| constraint_error(e.to_string()))?)
+        }
+        (None, None, None) => None,
+        _ => {
+            return Err(constraint_error(
+                "give at most one of --regex, --grammar and --json-schema",
+            ))
+        }
+    };
+    if let Some(g) = &grammar {
+        g.validate().map_err(|e| constraint_error(e.to_string()))?;
+        if !matches!(job.proposal, ProposalArg::Auto | ProposalArg::Mask) {
+            return Err(Failure::usage(
+                "grammar constraints use their mask as the proposal (--proposal auto or mask)",
+            ));
+        }
+        if job.word_steps {
+            return Err(Failure::usage(
+                "--word-steps cannot be combined with a grammar constraint",
+            ));
+        }
     }
     let potential: Arc<dyn Potential> = match hard.len() {
         0 => Arc::new(Trivial),
@@ -307,27 +410,48 @@ fn build_program(job: &JobOptions) -> Result<Built, Failure> {
                 .fold(Product::new("constraints"), |p, h| p.with_arc(h.clone())),
         ),
     };
-    let proposal = match (job.proposal, hard.is_empty()) {
-        (ProposalArg::Auto, true) | (ProposalArg::Bootstrap, _) => ProposalKind::Bootstrap,
-        (ProposalArg::Auto, false) | (ProposalArg::Mask, _) => {
-            ProposalKind::Mask(potential.clone())
+    Ok(Spec {
+        potential,
+        has_hard: !hard.is_empty(),
+        grammar,
+        constraints,
+    })
+}
+
+/// Build the program of a job for a loaded model.
+fn build_program(
+    spec: &Spec,
+    job: &JobOptions,
+    vocab: &smc_steer::Vocabulary,
+) -> Result<JobProgram, Failure> {
+    if let Some(g) = &spec.grammar {
+        let c = GrammarConstraint::new(vocab, g.clone())
+            .map_err(|e| constraint_error(e.to_string()))?;
+        let mut program = Constrained::new(c);
+        if spec.has_hard {
+            program = program.with_potential(spec.potential.clone());
         }
+        return Ok(JobProgram::Grammar(Box::new(program)));
+    }
+    let potential = spec.potential.clone();
+    let proposal = match (job.proposal, spec.has_hard) {
+        (ProposalArg::Auto, false) | (ProposalArg::Bootstrap, _) => ProposalKind::Bootstrap,
+        (ProposalArg::Auto, true) | (ProposalArg::Mask, _) => ProposalKind::Mask(potential.clone()),
         (ProposalArg::LocallyOptimal, _) => ProposalKind::LocallyOptimal,
-        (ProposalArg::Awrs, _) => ProposalKind::Awrs(Arc::new(
-            smc_steer::awrs::PotentialConstraint(potential.clone()),
-        )),
+        (ProposalArg::Awrs, _) => {
+            ProposalKind::Awrs(Arc::new(PotentialConstraint(potential.clone())))
+        }
     };
     let unit = if job.word_steps {
         StepUnit::Word
     } else {
         StepUnit::Token
     };
-    Ok(Built {
-        program: FeynmanKac::from_arc(potential)
+    Ok(JobProgram::Plain(
+        FeynmanKac::from_arc(potential)
             .with_proposal(proposal)
             .with_step_unit(unit),
-        constraints,
-    })
+    ))
 }
 
 fn config(job: &JobOptions) -> Result<SmcConfig, Failure> {
@@ -429,7 +553,8 @@ fn run_job(
     progress: bool,
 ) -> Result<(RunOutput, Option<RunRecord>), Failure> {
     let config = config(job)?;
-    let built = build_program(job)?;
+    let spec = spec(job)?;
+    let program = build_program(&spec, job, kernel.vocab())?;
     kernel.set_temperature(job.temperature)?;
     let tokens = prompt_tokens(kernel, prompt, job)?;
     let seeds = smc_steer::replicate::seeds(job.seed, job.replicates);
@@ -443,7 +568,7 @@ fn run_job(
             record_text: want_record && r == 0,
             ..config.clone()
         };
-        let mut smc = Smc::new(&mut *kernel, built.program.clone(), &tokens, cfg.clone())?;
+        let mut smc = Smc::new(&mut *kernel, program.clone(), &tokens, cfg.clone())?;
         let bar = progress.then(|| progress_bar(job.max_tokens, r, job.replicates));
         while smc.step()? {
             if let Some(b) = &bar {
@@ -465,7 +590,7 @@ fn run_job(
         if r == 0 && want_record {
             record = Some(RunRecord::from_result(
                 prompt,
-                built.constraints.clone(),
+                spec.constraints.clone(),
                 &cfg,
                 &result,
             ));
@@ -474,7 +599,7 @@ fn run_job(
     }
     let run_s = started.elapsed().as_secs_f64();
     Ok((
-        summarise(None, prompt, built.constraints, &results, run_s),
+        summarise(None, prompt, spec.constraints, &results, run_s),
         record,
     ))
 }
@@ -591,7 +716,7 @@ fn run(a: RunArgs) -> Result<(), Failure> {
         return Err(Failure::usage("the prompt is empty"));
     }
     config(&a.job)?;
-    build_program(&a.job)?;
+    spec(&a.job)?;
     let t0 = Instant::now();
     let mut kernel = load(&a.model, a.job.particles, a.job.max_tokens, a.job.steer)?;
     let load_s = t0.elapsed().as_secs_f64();
