@@ -9,6 +9,7 @@
 //! With `--json` every figure is one JSON object per line with `metric`, `impl`, `n` and
 //! `value` (plus `unit`); derived ratios come last. Timings are medians over `--steps` steps.
 
+mod cache;
 mod constraints;
 
 use std::path::PathBuf;
@@ -255,6 +256,9 @@ fn run() -> Result<(), String> {
         json: args.json,
         lines: Vec::new(),
     };
+    if cache::only() {
+        return cache::run(&mut report, &args);
+    }
     let max_n = *args.ns.iter().max().unwrap_or(&1);
     let mut kernel = load(&args, max_n, 512)?;
     let text_tokens = kernel.encode(&TEXT.repeat(4)).map_err(|e| e.to_string())?;
@@ -356,5 +360,6 @@ fn run() -> Result<(), String> {
         );
     }
     constraints::run(&mut report, &args, kernel.vocab())?;
+    cache::run(&mut report, &args)?;
     Ok(())
 }

@@ -365,7 +365,7 @@ impl PagedKvCache {
     fn blocks_needed(&self, state: &SeqState, n: usize) -> usize {
         let bs = self.layout.block_size;
         let new_blocks = (state.len + n).div_ceil(bs) - state.blocks.len();
-        let cow = state.len % bs != 0
+        let cow = !state.len.is_multiple_of(bs)
             && n > 0
             && state
                 .blocks
@@ -426,7 +426,7 @@ impl PagedKvCache {
         let Some(mut state) = self.seqs.remove(&seq.0) else {
             return Err(LmError::UnknownSequence(seq.0));
         };
-        if n > 0 && state.len % bs != 0 {
+        if n > 0 && !state.len.is_multiple_of(bs) {
             if let Some(&last) = state.blocks.last() {
                 if self.refs[last as usize] > 1 {
                     let fresh = self.alloc();
@@ -630,7 +630,7 @@ impl PagedKvCache {
             ));
         };
         if n_heads == 0
-            || n_heads % self.layout.n_kv_heads != 0
+            || !n_heads.is_multiple_of(self.layout.n_kv_heads)
             || q.len() != queries.len() * n_heads * hd
             || out.len() != q.len()
             || layer >= self.layout.n_layers
@@ -691,7 +691,7 @@ impl PagedKvCache {
             )));
         };
         let n_tok = queries.len();
-        if n_heads == 0 || n_heads % nkv != 0 || q.dims() != [n_tok, n_heads * hd] {
+        if n_heads == 0 || !n_heads.is_multiple_of(nkv) || q.dims() != [n_tok, n_heads * hd] {
             return Err(LmError::InvalidConfig(
                 "attention shapes do not match the cache".into(),
             ));
