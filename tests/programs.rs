@@ -67,7 +67,7 @@ impl TwoPerStep {
 impl Program for TwoPerStep {
     fn step(&mut self, p: &mut Particle<'_>) -> Result<Flow> {
         // First call of a step: one token, then ask for a fresh distribution.
-        if p.tokens().len() % 2 == 0 {
+        if p.tokens().len().is_multiple_of(2) {
             if self.advance(p)? {
                 return Ok(Flow::Continue);
             }
