@@ -58,7 +58,8 @@ pub struct SmcResult<P> {
     pub all_dead: bool,
     /// Number of SMC steps taken.
     pub steps: usize,
-    /// Tokens generated over all particles (sampled, observed and EOS).
+    /// Tokens generated over all particles (sampled and observed tokens sent to the kernel;
+    /// EOS is not counted).
     pub tokens_generated: usize,
     /// Wall time of the run in seconds.
     pub elapsed_s: f64,

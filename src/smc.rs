@@ -19,7 +19,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, SmcError};
-use crate::kernel::{Extend, Kernel};
+use crate::kernel::{Extend, Kernel, SeqId};
 use crate::logspace::log_sum_exp;
 use crate::particle::{Context, Particle, ParticleState};
 use crate::program::{Flow, Program, Truncation};
@@ -459,7 +459,7 @@ impl<K: Kernel, P: Program> Smc<K, P> {
     /// Send every pending token to the kernel in one batched call, apply the scores of
     /// observed tokens, refresh distributions, and release finished particles' sequences.
     fn flush(&mut self) -> Result<()> {
-        let mut owners: Vec<(usize, usize)> = Vec::new();
+        let mut owners: Vec<(usize, usize, SeqId)> = Vec::new();
         let mut pending: Vec<Vec<TokenId>> = Vec::new();
         for (i, p) in self.particles.iter_mut().enumerate() {
             for (j, c) in p.contexts.iter_mut().enumerate() {
@@ -467,25 +467,22 @@ impl<K: Kernel, P: Program> Smc<K, P> {
                     continue;
                 }
                 // A dead particle's weight can no longer change: drop its tokens.
-                if p.log_weight == f64::NEG_INFINITY || c.seq.is_none() {
+                let Some(seq) = c.seq.filter(|_| p.log_weight > f64::NEG_INFINITY) else {
                     c.pending.clear();
                     c.pending_scored.clear();
                     continue;
-                }
-                owners.push((i, j));
+                };
+                owners.push((i, j, seq));
                 pending.push(std::mem::take(&mut c.pending));
             }
         }
-        // EOS appended in this sub-step counts as a generated token too.
+        // Generated tokens are those sent to the kernel (EOS never is).
         self.tokens_generated += pending.iter().map(Vec::len).sum::<usize>();
         if !owners.is_empty() {
             let batch: Vec<Extend<'_>> = owners
                 .iter()
                 .zip(&pending)
-                .map(|(&(i, j), toks)| Extend {
-                    seq: self.particles[i].contexts[j].seq.expect("checked above"),
-                    tokens: toks,
-                })
+                .map(|(&(_, _, seq), toks)| Extend { seq, tokens: toks })
                 .collect();
             let out = self.kernel.extend(&batch)?;
             if out.len() != owners.len() {
@@ -496,7 +493,7 @@ impl<K: Kernel, P: Program> Smc<K, P> {
                 )));
             }
             let vocab = self.kernel.vocab();
-            for ((&(i, j), ext), toks) in owners.iter().zip(out).zip(&pending) {
+            for ((&(i, j, _), ext), toks) in owners.iter().zip(out).zip(&pending) {
                 check_dist(&ext.next_log_probs, vocab)?;
                 let p = &mut self.particles[i];
                 let scored = std::mem::take(&mut p.contexts[j].pending_scored);
