@@ -82,11 +82,12 @@ impl Setup {
             .map_err(|e| e.to_string())
     }
 
-    /// The paged kernel (16-token blocks) and the contiguous baseline (one block of
+    /// The paged kernel (the default block size) and the contiguous baseline (one block of
     /// `seq_capacity` tokens per sequence, room for `2N + 16` sequences).
     fn pair(&self, seq_capacity: usize) -> Result<[(&'static str, TransformerKernel); 2], String> {
+        let block = smc_steer::lm::KernelOptions::default().block_size;
         Ok([
-            ("smc-steer", self.paged(16, seq_capacity)?),
+            ("smc-steer", self.paged(block, seq_capacity)?),
             ("contiguous", self.contiguous(seq_capacity)?),
         ])
     }

@@ -66,7 +66,7 @@ impl Default for KernelOptions {
     fn default() -> Self {
         Self {
             weights: WeightFormat::F32,
-            block_size: 16,
+            block_size: 4,
             cache_tokens: None,
             particles: 64,
             max_new_tokens: 256,
