@@ -72,6 +72,11 @@ pub use vocab::{TokenId, Vocabulary};
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
 
+/// The examples of docs/constraints.md, compiled and run as doctests.
+#[cfg(all(doctest, feature = "grammar"))]
+#[doc = include_str!("../docs/constraints.md")]
+pub struct ConstraintsDocDoctests;
+
 /// The examples of docs/potentials.md, compiled and run as doctests.
 #[cfg(doctest)]
 #[doc = include_str!("../docs/potentials.md")]
