@@ -10,7 +10,7 @@ use std::sync::{Arc, OnceLock};
 use crate::error::{Result, SmcError};
 use crate::logspace::{log_div, log_mul, log_sum_exp};
 use crate::particle::Particle;
-use crate::potential::{Potential, SeqView};
+use crate::potential::{Increments, Potential, SeqView};
 use crate::program::{Flow, Program, Truncation};
 use crate::proposal::ProposalKind;
 use crate::vocab::Vocabulary;
@@ -33,10 +33,9 @@ use crate::vocab::Vocabulary;
 /// ```
 #[derive(Clone)]
 pub struct FeynmanKac {
-    potential: Arc<dyn Potential>,
+    /// The potential, with `log φ` of the current prefix.
+    increments: Increments,
     proposal: ProposalKind,
-    /// `log φ` of the current prefix (so each step evaluates one new prefix only).
-    prefix_score: f64,
     unit: StepUnit,
     /// Word steps: what the next draw is conditioned on.
     phase: WordPhase,
@@ -73,7 +72,7 @@ enum WordPhase {
 impl std::fmt::Debug for FeynmanKac {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FeynmanKac")
-            .field("potential", &self.potential.name())
+            .field("potential", &self.increments.potential().name())
             .field("proposal", &self.proposal)
             .finish()
     }
@@ -88,9 +87,8 @@ impl FeynmanKac {
     /// As [`FeynmanKac::new`] with a shared potential.
     pub fn from_arc(potential: Arc<dyn Potential>) -> Self {
         Self {
-            potential,
+            increments: Increments::new(potential),
             proposal: ProposalKind::Bootstrap,
-            prefix_score: 0.0,
             unit: StepUnit::Token,
             phase: WordPhase::Draw(None),
             continues_word: Arc::new(OnceLock::new()),
@@ -111,7 +109,7 @@ impl FeynmanKac {
 
     /// The potential.
     pub fn potential(&self) -> &Arc<dyn Potential> {
-        &self.potential
+        self.increments.potential()
     }
 
     /// Draw one token from `log_p` (the kernel's distribution, possibly conditioned on a
@@ -127,7 +125,7 @@ impl FeynmanKac {
                 t
             }
             ProposalKind::LocallyOptimal => {
-                let w = self.next_weights(&p.view(), self.potential.as_ref())?;
+                let w = self.next_weights(&p.view(), self.increments.potential().as_ref())?;
                 let joint: Vec<f64> = log_p.iter().zip(&w).map(|(a, b)| log_mul(*a, *b)).collect();
                 let local_z = log_sum_exp(&joint);
                 if local_z == f64::NEG_INFINITY {
@@ -136,7 +134,7 @@ impl FeynmanKac {
                 }
                 let t = p.draw(&joint)?;
                 if t != p.vocab().eos() {
-                    self.prefix_score = log_mul(self.prefix_score, w[t as usize]);
+                    self.increments.advance_by(w[t as usize]);
                 }
                 p.append_to(0, t)?;
                 p.score(local_z)?;
@@ -199,35 +197,9 @@ impl FeynmanKac {
         })
     }
 
-    fn checked(&self, x: f64) -> Result<f64> {
-        if x.is_nan() {
-            Err(SmcError::NanPotential {
-                name: self.potential.name().to_string(),
-            })
-        } else {
-            Ok(x)
-        }
-    }
-
     /// `log φ(x·t) − log φ(x)` (or the complete score on EOS), updating the cached prefix.
     fn increment(&mut self, view: &SeqView<'_>, t: u32) -> Result<f64> {
-        if t == view.vocab.eos() {
-            let c = self.checked(self.potential.complete(view))?;
-            return Ok(log_div(c, self.prefix_score));
-        }
-        let mut tokens = view.tokens.to_vec();
-        tokens.push(t);
-        let mut bytes = view.bytes.to_vec();
-        bytes.extend_from_slice(view.vocab.bytes(t));
-        let next = SeqView {
-            tokens: &tokens,
-            bytes: &bytes,
-            vocab: view.vocab,
-        };
-        let s = self.checked(self.potential.prefix(&next))?;
-        let inc = log_div(s, self.prefix_score);
-        self.prefix_score = s;
-        Ok(inc)
+        self.increments.increment(view, t)
     }
 
     fn next_weights(&self, view: &SeqView<'_>, potential: &dyn Potential) -> Result<Vec<f64>> {
@@ -252,9 +224,10 @@ impl Program for FeynmanKac {
             }),
             _ => Ok(()),
         };
+        let potential = self.increments.potential();
         check(
-            &format!("potential `{}`", self.potential.name()),
-            self.potential.vocab_size(),
+            &format!("potential `{}`", potential.name()),
+            potential.vocab_size(),
         )?;
         if let ProposalKind::Mask(m) = &self.proposal {
             check(&format!("mask `{}`", m.name()), m.vocab_size())?;
@@ -263,8 +236,8 @@ impl Program for FeynmanKac {
     }
 
     fn start(&mut self, p: &mut Particle<'_>) -> Result<()> {
-        self.prefix_score = self.checked(self.potential.prefix(&p.view()))?;
-        p.score(self.prefix_score)
+        let initial = self.increments.start(&p.view())?;
+        p.score(initial)
     }
 
     fn step(&mut self, p: &mut Particle<'_>) -> Result<Flow> {

@@ -434,6 +434,94 @@ impl Potential for Product {
     }
 }
 
+/// A potential applied step by step: it remembers `log φ` of the current prefix, so each
+/// step evaluates one new prefix, and turns scores into Feynman-Kac increments
+/// `log φ(x·v) − log φ(x)` (or `log φ_end(x) − log φ(x)` on EOS). A dead prefix stays dead;
+/// NaN is reported as [`crate::SmcError::NanPotential`] naming the potential.
+#[derive(Clone)]
+pub struct Increments {
+    potential: Arc<dyn Potential>,
+    prefix_score: f64,
+}
+
+impl std::fmt::Debug for Increments {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Increments")
+            .field("potential", &self.potential.name())
+            .field("prefix_score", &self.prefix_score)
+            .finish()
+    }
+}
+
+impl Increments {
+    /// Track `potential` from the empty prefix.
+    pub fn new(potential: Arc<dyn Potential>) -> Self {
+        Self {
+            potential,
+            prefix_score: 0.0,
+        }
+    }
+
+    /// The potential.
+    pub fn potential(&self) -> &Arc<dyn Potential> {
+        &self.potential
+    }
+
+    /// `log φ` of the current prefix.
+    pub fn prefix_score(&self) -> f64 {
+        self.prefix_score
+    }
+
+    fn checked(&self, x: f64) -> crate::Result<f64> {
+        if x.is_nan() {
+            Err(crate::SmcError::NanPotential {
+                name: self.potential.name().to_string(),
+            })
+        } else {
+            Ok(x)
+        }
+    }
+
+    /// Score the starting sequence: returns `log φ(seq)` (the initial weight factor).
+    ///
+    /// # Errors
+    /// [`crate::SmcError::NanPotential`].
+    pub fn start(&mut self, seq: &SeqView<'_>) -> crate::Result<f64> {
+        self.prefix_score = self.checked(self.potential.prefix(seq))?;
+        Ok(self.prefix_score)
+    }
+
+    /// The increment for appending `token` to `seq` (EOS: for ending it), remembering the
+    /// new prefix score.
+    ///
+    /// # Errors
+    /// [`crate::SmcError::NanPotential`].
+    pub fn increment(&mut self, seq: &SeqView<'_>, token: TokenId) -> crate::Result<f64> {
+        if token == seq.vocab.eos() {
+            let end = self.checked(self.potential.complete(seq))?;
+            return Ok(crate::logspace::log_div(end, self.prefix_score));
+        }
+        let mut tokens = seq.tokens.to_vec();
+        tokens.push(token);
+        let mut bytes = seq.bytes.to_vec();
+        bytes.extend_from_slice(seq.vocab.bytes(token));
+        let next = SeqView {
+            tokens: &tokens,
+            bytes: &bytes,
+            vocab: seq.vocab,
+        };
+        let score = self.checked(self.potential.prefix(&next))?;
+        let inc = crate::logspace::log_div(score, self.prefix_score);
+        self.prefix_score = score;
+        Ok(inc)
+    }
+
+    /// Advance by an increment already known from [`Potential::log_weight_next`].
+    pub fn advance_by(&mut self, increment: f64) {
+        self.prefix_score = log_mul(self.prefix_score, increment);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

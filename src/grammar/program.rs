@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use crate::error::{Result, SmcError};
 use crate::particle::Particle;
-use crate::potential::Potential;
+use crate::potential::{Increments, Potential};
 use crate::program::{Flow, Program, Truncation};
 use crate::vocab::Vocabulary;
 
@@ -41,9 +41,8 @@ use super::llg::{GrammarConstraint, GrammarMatcher};
 pub struct Constrained {
     constraint: Arc<GrammarConstraint>,
     matcher: GrammarMatcher,
-    potential: Option<Arc<dyn Potential>>,
-    /// `log φ` of the current prefix under the extra potential.
-    prefix_score: f64,
+    /// The extra potential, with `log φ` of the current prefix.
+    potential: Option<Increments>,
     /// Masked steps taken (statistics).
     steps: usize,
 }
@@ -70,7 +69,6 @@ impl Constrained {
             constraint,
             matcher,
             potential: None,
-            prefix_score: 0.0,
             steps: 0,
         }
     }
@@ -78,7 +76,7 @@ impl Constrained {
     /// Multiply the target by another potential (soft or hard), applied as increments
     /// `φ(x·v)/φ(x)` after each draw, as in [`crate::FeynmanKac`].
     pub fn with_potential(mut self, potential: impl Potential + 'static) -> Self {
-        self.potential = Some(Arc::new(potential));
+        self.potential = Some(Increments::new(Arc::new(potential)));
         self
     }
 
@@ -92,41 +90,12 @@ impl Constrained {
         &self.matcher
     }
 
-    fn checked(&self, p: &dyn Potential, x: f64) -> Result<f64> {
-        if x.is_nan() {
-            Err(SmcError::NanPotential {
-                name: p.name().to_string(),
-            })
-        } else {
-            Ok(x)
-        }
-    }
-
     /// The extra potential's increment for appending `t` (or ending, for EOS).
     fn increment(&mut self, p: &Particle<'_>, t: u32) -> Result<f64> {
-        let Some(pot) = self.potential.clone() else {
-            return Ok(0.0);
-        };
-        let view = p.view();
-        let score = if t == view.vocab.eos() {
-            self.checked(pot.as_ref(), pot.complete(&view))?
-        } else {
-            let mut tokens = view.tokens.to_vec();
-            tokens.push(t);
-            let mut bytes = view.bytes.to_vec();
-            bytes.extend_from_slice(view.vocab.bytes(t));
-            let next = crate::potential::SeqView {
-                tokens: &tokens,
-                bytes: &bytes,
-                vocab: view.vocab,
-            };
-            self.checked(pot.as_ref(), pot.prefix(&next))?
-        };
-        let inc = crate::logspace::log_div(score, self.prefix_score);
-        if t != view.vocab.eos() {
-            self.prefix_score = score;
+        match &mut self.potential {
+            Some(inc) => inc.increment(&p.view(), t),
+            None => Ok(0.0),
         }
-        Ok(inc)
     }
 }
 
@@ -139,7 +108,7 @@ impl Program for Constrained {
                 found: self.constraint.vocab_len(),
             });
         }
-        if let Some(pot) = &self.potential {
+        if let Some(pot) = self.potential.as_ref().map(Increments::potential) {
             if let Some(found) = pot.vocab_size().filter(|n| *n != vocab.len()) {
                 return Err(SmcError::VocabularyMismatch {
                     what: format!("potential `{}`", pot.name()),
@@ -152,9 +121,9 @@ impl Program for Constrained {
     }
 
     fn start(&mut self, p: &mut Particle<'_>) -> Result<()> {
-        if let Some(pot) = self.potential.clone() {
-            self.prefix_score = self.checked(pot.as_ref(), pot.prefix(&p.view()))?;
-            p.score(self.prefix_score)?;
+        if let Some(inc) = &mut self.potential {
+            let initial = inc.start(&p.view())?;
+            p.score(initial)?;
         }
         Ok(())
     }

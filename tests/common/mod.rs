@@ -30,6 +30,18 @@ pub fn rng(seed: u64) -> Pcg64Mcg {
     Pcg64Mcg::seed_from_u64(seed)
 }
 
+/// Assert that the mean of `Ẑ` over replicates is within 4 standard errors of the exact
+/// `Z = exp(log_z)`.
+pub fn assert_unbiased<P>(reps: &smc_steer::replicate::Replicates<P>, log_z: f64, label: &str) {
+    let ratio = reps.z_ratio(log_z);
+    assert!(
+        (ratio.mean - 1.0).abs() <= 4.0 * ratio.se,
+        "{label}: mean Ẑ/Z = {} ± {}",
+        ratio.mean,
+        ratio.se
+    );
+}
+
 /// Chi-square goodness of fit of `counts` against `probs`, merging cells with expected
 /// count below 5 into one. Returns (statistic, degrees of freedom).
 pub fn chi_square(counts: &[f64], probs: &[f64]) -> (f64, usize) {
