@@ -265,6 +265,11 @@ impl<K: Kernel, P: Program> Smc<K, P> {
         log_sum_exp(&lw) - (self.config.particles as f64).ln()
     }
 
+    /// Tokens generated so far over all particles (as in [`SmcResult::tokens_generated`]).
+    pub fn tokens_generated(&self) -> usize {
+        self.tokens_generated
+    }
+
     /// True when no particle is still stepping.
     pub fn is_done(&self) -> bool {
         self.particles.iter().all(|p| p.finished)

@@ -568,18 +568,19 @@ fn run_job(
             record_text: want_record && r == 0,
             ..config.clone()
         };
+        let run_started = Instant::now();
         let mut smc = Smc::new(&mut *kernel, program.clone(), &tokens, cfg.clone())?;
         let bar = progress.then(|| progress_bar(job.max_tokens, r, job.replicates));
         while smc.step()? {
             if let Some(b) = &bar {
                 let live = smc.particles.iter().filter(|p| !p.finished).count();
-                let secs = started.elapsed().as_secs_f64().max(1e-9);
+                let secs = run_started.elapsed().as_secs_f64().max(1e-9);
                 b.set_position(smc.steps as u64);
                 b.set_message(format!(
-                    "live {live} · ESS {:.1} · log Z {:.2} · {:.1} steps/s",
+                    "live {live} · ESS {:.1} · log Z {:.2} · {:.1} tokens/s",
                     smc.ess(),
                     smc.log_z(),
-                    smc.steps as f64 / secs
+                    smc.tokens_generated() as f64 / secs
                 ));
             }
         }
