@@ -60,6 +60,10 @@ pub enum SmcError {
     /// distribution after appending tokens in the same sub-step).
     #[error("particle program error: {0}")]
     Program(String),
+    /// A kernel ran out of room (for example the KV cache's block pool); the message names
+    /// the limit and how to raise it. The kernel stays usable.
+    #[error("capacity exceeded: {0}")]
+    CapacityExceeded(String),
     /// A kernel (for example the transformer) failed.
     #[error("kernel error: {0}")]
     Kernel(String),

@@ -306,7 +306,7 @@ fn cache_exhaustion_is_a_typed_error_and_the_kernel_stays_usable() {
         ])
         .unwrap_err();
     match &err {
-        SmcError::Kernel(msg) => assert!(msg.contains("KV cache exhausted"), "{msg}"),
+        SmcError::CapacityExceeded(msg) => assert!(msg.contains("KV cache exhausted"), "{msg}"),
         other => panic!("unexpected error {other:?}"),
     }
     // Nothing changed: the same request on fewer sequences works and matches recomputation.

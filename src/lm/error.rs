@@ -116,6 +116,7 @@ impl From<LmError> for SmcError {
             LmError::TokenOutOfRange { token, vocab_size } => {
                 SmcError::TokenOutOfRange { token, vocab_size }
             }
+            e @ LmError::CacheExhausted { .. } => SmcError::CapacityExceeded(e.to_string()),
             other => SmcError::Kernel(other.to_string()),
         }
     }
