@@ -2,7 +2,8 @@
 //!
 //! [`LmError`] describes what went wrong while loading a model, tokenizing, or running the
 //! transformer; at the [`crate::Kernel`] boundary it converts into
-//! [`crate::SmcError::Kernel`] (or [`crate::SmcError::TokenOutOfRange`] for bad token ids).
+//! [`crate::SmcError::Kernel`] ([`crate::SmcError::TokenOutOfRange`] for bad token ids,
+//! [`crate::SmcError::CapacityExceeded`] when the KV cache is exhausted).
 
 use std::path::PathBuf;
 
