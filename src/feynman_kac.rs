@@ -141,18 +141,15 @@ impl FeynmanKac {
                 t
             }
             ProposalKind::Mask(mask) => {
-                let w = self.next_weights(&p.view(), mask.as_ref())?;
-                let masked: Vec<f64> = log_p
-                    .iter()
-                    .zip(&w)
-                    .map(|(a, b)| {
-                        if *b > f64::NEG_INFINITY {
-                            *a
-                        } else {
-                            f64::NEG_INFINITY
-                        }
-                    })
-                    .collect();
+                // The mask's weights become the masked kernel distribution in place.
+                let mut masked = self.next_weights(&p.view(), mask.as_ref())?;
+                for (m, lp) in masked.iter_mut().zip(log_p) {
+                    *m = if *m > f64::NEG_INFINITY {
+                        *lp
+                    } else {
+                        f64::NEG_INFINITY
+                    };
+                }
                 let log_mass = log_sum_exp(&masked);
                 if log_mass == f64::NEG_INFINITY {
                     p.condition(false);
