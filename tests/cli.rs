@@ -1,6 +1,9 @@
 //! The `smc-steer` binary: errors without a model, and short runs on SmolLM2.
 #![cfg(feature = "cli")]
 
+mod common;
+use common::real_model;
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
@@ -147,16 +150,7 @@ fn bad_input_gives_one_line_errors_and_exit_codes() {
 }
 
 fn model() -> Option<PathBuf> {
-    match smc_steer::lm::resolve_model_path(None) {
-        Ok(p) => Some(p),
-        Err(e) if std::env::var("CI").is_ok_and(|v| v == "true") => {
-            panic!("the model is required under CI: {e}")
-        }
-        Err(e) => {
-            eprintln!("skipping: {e}");
-            None
-        }
-    }
+    real_model()
 }
 
 #[test]

@@ -204,16 +204,9 @@ fn locally_optimal_smc_with_a_char_potential_is_unbiased() {
 #[cfg(feature = "lm")]
 #[test]
 fn trie_walk_equals_naive_weights_on_the_smollm2_vocabulary() {
-    use smc_steer::lm::{resolve_model_path, GgufFile, Tokenizer};
-    let path = match resolve_model_path(None) {
-        Ok(p) => p,
-        Err(e) => {
-            if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
-                panic!("CI is set and the model is missing: {e}");
-            }
-            eprintln!("SKIPPED (model not available): {e}");
-            return;
-        }
+    use smc_steer::lm::{GgufFile, Tokenizer};
+    let Some(path) = common::real_model() else {
+        return;
     };
     let gguf = GgufFile::open(&path).unwrap();
     let tok = Tokenizer::from_gguf(&gguf).unwrap();

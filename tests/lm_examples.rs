@@ -6,22 +6,16 @@
 //! The example binaries are built on demand (same profile as this test).
 #![cfg(all(feature = "lm", feature = "grammar"))]
 
+mod common;
+use common::real_model;
+
 use std::path::PathBuf;
 use std::process::Command;
 
 use serde_json::Value;
 
 fn model_available() -> bool {
-    match smc_steer::lm::resolve_model_path(None) {
-        Ok(_) => true,
-        Err(e) => {
-            if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
-                panic!("CI is set and the model is missing: {e}");
-            }
-            eprintln!("SKIPPED (model not available): {e}");
-            false
-        }
-    }
+    real_model().is_some()
 }
 
 const EXAMPLES: [&str; 5] = [

@@ -3,27 +3,21 @@
 //! unless `CI=true`, where a missing model is a failure.
 #![cfg(feature = "lm")]
 
+mod common;
+use common::real_model;
+
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
 use smc_steer::lm::model::max_abs_diff;
 use smc_steer::lm::{
-    resolve_model_path, ChatMessage, GgufFile, KernelOptions, LlamaModel, LmError, LoadOptions,
-    LogitRows, SeqTokens, Tokenizer, TransformerKernel, WeightFormat,
+    ChatMessage, GgufFile, KernelOptions, LlamaModel, LmError, LoadOptions, LogitRows, SeqTokens,
+    Tokenizer, TransformerKernel, WeightFormat,
 };
 use smc_steer::{Extend, Kernel};
 
 fn model_path() -> Option<PathBuf> {
-    match resolve_model_path(None) {
-        Ok(p) => Some(p),
-        Err(e) => {
-            if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
-                panic!("CI is set and the model is missing: {e}");
-            }
-            eprintln!("SKIPPED (model not available): {e}");
-            None
-        }
-    }
+    real_model()
 }
 
 #[derive(serde::Deserialize)]

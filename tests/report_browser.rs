@@ -4,6 +4,8 @@
 //! Needs Debian's `chromium` (installed by .ci/run). Without it the tests skip with a
 //! message, except under CI (`CI=true`), where they fail.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -33,7 +35,7 @@ fn chromium() -> Option<PathBuf> {
 fn browser_or_skip() -> Option<PathBuf> {
     match chromium() {
         Some(b) => Some(b),
-        None if std::env::var("CI").is_ok_and(|v| v == "true") => {
+        None if common::under_ci() => {
             panic!("chromium is required under CI (apt-get install chromium)")
         }
         None => {

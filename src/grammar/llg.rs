@@ -246,23 +246,16 @@ impl Mask {
     /// `log_p` restricted to the mask (`-inf` outside), and `log Σ_{v ∈ mask} p(v)`.
     pub fn restrict(&self, log_p: &[f64]) -> (Vec<f64>, f64) {
         let mut out = vec![f64::NEG_INFINITY; log_p.len()];
-        let mut max = f64::NEG_INFINITY;
+        // Only the allowed entries are visited (masks are often sparse).
+        let mut kept = Vec::new();
         self.bits.iter_set_entries(|i| {
             if let (Some(o), Some(l)) = (out.get_mut(i), log_p.get(i)) {
                 *o = *l;
-                max = max.max(*l);
+                kept.push(*l);
             }
         });
-        if max == f64::NEG_INFINITY {
-            return (out, f64::NEG_INFINITY);
-        }
-        let mut s = 0.0;
-        self.bits.iter_set_entries(|i| {
-            if let Some(l) = log_p.get(i) {
-                s += (l - max).exp();
-            }
-        });
-        (out, max + s.ln())
+        let log_mass = crate::logspace::log_sum_exp(&kept);
+        (out, log_mass)
     }
 }
 

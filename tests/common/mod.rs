@@ -6,6 +6,25 @@ use rand_pcg::Pcg64Mcg;
 use smc_steer::potential::{Hard, Product, Soft};
 use smc_steer::toy::ToyKernel;
 
+/// Whether this run is CI (`CI=true` or `CI=1`), where tests must not skip.
+pub fn under_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// The real model's path; `None` (with a message) when it is absent outside CI. Under CI
+/// a missing model fails the test instead of skipping it.
+#[cfg(feature = "lm")]
+pub fn real_model() -> Option<std::path::PathBuf> {
+    match smc_steer::lm::resolve_model_path(None) {
+        Ok(p) => Some(p),
+        Err(e) if under_ci() => panic!("CI is set and the model is missing: {e}"),
+        Err(e) => {
+            eprintln!("SKIPPED (model not available): {e}");
+            None
+        }
+    }
+}
+
 /// Seed of the toy bigram kernel used throughout.
 pub const KERNEL_SEED: u64 = 20261127;
 /// Master seed of replicate runs.
