@@ -125,7 +125,7 @@ fn run() -> Result<(), String> {
         return Ok(());
     }
     println!("{:>7}  completion", "prob");
-    for d in result.posterior_by_text().iter().take(10) {
+    for d in result.posterior_by_bytes().iter().take(10) {
         println!(
             "{:>7.4}  {:?}{}",
             d.probability,

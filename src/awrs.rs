@@ -1,22 +1,38 @@
-//! Adaptive weighted rejection sampling (AWRS; after Lipkin et al. 2025) for Boolean
+//! Adaptive weighted rejection sampling (AWRS; Lipkin et al. 2025, "Fast controlled
+//! generation from language models with adaptive weighted rejection sampling") for Boolean
 //! token constraints that are expensive to evaluate.
 //!
 //! Instead of evaluating the constraint on every token to build a mask, AWRS visits tokens
-//! in an order sampled from the kernel and evaluates the constraint lazily:
+//! in an order sampled from the kernel (sampling *without replacement*) and evaluates the
+//! constraint lazily:
 //!
-//! 1. **Sample.** Draw tokens from `p` *without replacement* until one is accepted. The
-//!    accepted token `x` is an exact draw from `p(· | c)`; the rejected set `R` is known to
-//!    carry no constrained mass.
-//! 2. **Weigh.** `Z = Σ_v p(v)·c(v)` also equals `Σ_{v ∉ R} p(v)·c(v)` exactly, so
-//!    `Z = (1 − p(R))·a` with `a` the acceptance probability under `p` restricted to
-//!    `V ∖ R`. A fresh *sum-and-sample* estimate of `a` from `k` draws without replacement
-//!    from `V ∖ R` (`Σ_{i<k} q_i c_i + (1 − Σ_{i<k} q_i) c_k`, with `q` the renormalised
-//!    masses) is unbiased and independent of `x` given `R`, so the weight
-//!    `w = (1 − p(R))·â` satisfies `E[w | x] = Z`: the pair `(x, w)` is properly weighted,
-//!    `E[w·f(x)] = Σ_v p(v)·c(v)·f(v)`.
+//! 1. **Sample.** Walk until the first accepted token `x`. It is an exact draw from
+//!    `p(· | c)`, since rejected tokens carry no constrained mass.
+//! 2. **Weigh.** Keep walking while the mass not yet visited, `r`, is large compared with
+//!    the accepted mass found, `a` (the walk stops once `r ≤ ρ·a`, or after
+//!    [`AwrsOptions::max_walk`] more evaluations); then draw *one* more token `y` from the
+//!    unvisited rest and return
+//!    `w = (a + r·c(y)) · Σ_v p(v)`, with `a` and `r` as fractions of the total mass.
+//!    When the walk visits every token, `w` is the exact `Z = Σ_v p(v)·c(v)`.
 //!
-//! Evaluations are cached within a call: the estimate's draws often hit `x` or tokens
-//! already rejected, which cost nothing.
+//! # Why the weight is proper
+//! Write `Z_S` for the constrained mass of an unvisited set `S`, as a fraction of `p(S)`.
+//! Visiting `v ~ p(· | S)` gives `Z_S = q_v·c(v) + (1 − q_v)·Z_{S∖v}` with `q_v = p(v)/p(S)`.
+//! At every step the walk either recurses on this identity (continue) or replaces `Z_{S∖v}`
+//! by the unbiased one-draw estimate `c(y)` (stop), and the decision depends only on tokens
+//! already visited; by induction over the walk, `E[w·f(x)] = Σ_v p(v)·c(v)·f(v)` for every
+//! `f` (the same argument as the paper's recursive estimator, which is the case `ρ = ∞`:
+//! stop right after the first acceptance; see [`AwrsOptions::recursive`]). The weight is
+//! positive whenever a token is accepted, so a particle dies only when no token satisfies
+//! the constraint.
+//!
+//! # Cost and variance
+//! With the default `ρ = 1/2`, the relative variance of `w` is at most `ρ² = 1/4` and is
+//! usually far smaller; a peaked distribution whose top tokens are allowed stops after two
+//! evaluations, while a sparse constraint under a flat distribution walks most of the
+//! vocabulary (the cost of a full mask, never more).
+//!
+//! Evaluations are cached within a call.
 
 use std::collections::HashMap;
 
@@ -60,17 +76,36 @@ impl<P: crate::Potential> TokenConstraint for PotentialConstraint<P> {
     }
 }
 
-/// Options of [`awrs`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Options of [`awrs`]: when the weight walk stops.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AwrsOptions {
-    /// Draws of the sum-and-sample estimate of the acceptance probability (default 2;
-    /// more draws, lower variance, more evaluations).
-    pub estimate_draws: usize,
+    /// `ρ`: after the first acceptance, stop walking once the unvisited mass is at most `ρ`
+    /// times the accepted mass found (default `0.5`). `0` walks the whole support (exact
+    /// weights); `f64::INFINITY` stops right after the first acceptance (the recursive
+    /// estimator of Lipkin et al.). Smaller is lower variance and more evaluations.
+    pub remainder_ratio: f64,
+    /// At most this many evaluations after the first acceptance before the walk stops
+    /// regardless of `ρ` (default unlimited). The weight stays unbiased; only its variance
+    /// grows.
+    pub max_walk: usize,
 }
 
 impl Default for AwrsOptions {
     fn default() -> Self {
-        Self { estimate_draws: 2 }
+        Self {
+            remainder_ratio: 0.5,
+            max_walk: usize::MAX,
+        }
+    }
+}
+
+impl AwrsOptions {
+    /// The recursive estimator of the AWRS paper: one draw past the first acceptance.
+    pub fn recursive() -> Self {
+        Self {
+            remainder_ratio: f64::INFINITY,
+            max_walk: usize::MAX,
+        }
     }
 }
 
@@ -79,8 +114,8 @@ impl Default for AwrsOptions {
 pub struct AwrsDraw {
     /// The accepted token; `None` when no token satisfies the constraint.
     pub token: Option<TokenId>,
-    /// `log w`, an unbiased estimate of `log`-free `Z = Σ p·c` in the sense `E[w | token] = Z`
-    /// (`-inf` when nothing is accepted).
+    /// `log w`: `(token, w)` is properly weighted for `p·c`, `E[w·f(token)] = Σ_v p(v)·c(v)·f(v)`
+    /// (`-inf` exactly when nothing is accepted).
     pub log_weight: f64,
     /// Distinct tokens on which the constraint was evaluated.
     pub evaluations: usize,
@@ -96,6 +131,8 @@ struct WithoutReplacement<'a> {
     cdf_mass: f64,
     /// Mass not removed.
     remaining: f64,
+    /// Entries with positive mass not removed (guards the draw loop against rounding).
+    live: usize,
 }
 
 impl<'a> WithoutReplacement<'a> {
@@ -107,6 +144,7 @@ impl<'a> WithoutReplacement<'a> {
             cdf: Vec::new(),
             cdf_mass: 0.0,
             remaining: 0.0,
+            live: 0,
         };
         s.rebuild();
         s
@@ -115,9 +153,11 @@ impl<'a> WithoutReplacement<'a> {
     fn rebuild(&mut self) {
         self.cdf.clear();
         let mut acc = 0.0;
+        self.live = 0;
         for (p, r) in self.probs.iter().zip(&self.removed) {
             if !*r {
                 acc += p;
+                self.live += usize::from(*p > 0.0);
             }
             self.cdf.push(acc);
         }
@@ -129,6 +169,7 @@ impl<'a> WithoutReplacement<'a> {
         if !self.removed[i] {
             self.removed[i] = true;
             self.remaining -= self.probs[i];
+            self.live -= usize::from(self.probs[i] > 0.0);
             if self.remaining < 0.5 * self.cdf_mass {
                 self.rebuild();
             }
@@ -136,7 +177,7 @@ impl<'a> WithoutReplacement<'a> {
     }
 
     fn draw<R: Rng + ?Sized>(&self, rng: &mut R) -> Option<usize> {
-        if self.remaining <= 0.0 || self.cdf_mass <= 0.0 {
+        if self.live == 0 || self.cdf_mass <= 0.0 {
             return None;
         }
         loop {
@@ -155,7 +196,7 @@ impl<'a> WithoutReplacement<'a> {
 /// One AWRS draw from kernel log-probabilities `log_p` under `constraint`.
 ///
 /// # Errors
-/// [`SmcError::InvalidConfig`] when `options.estimate_draws` is 0.
+/// [`SmcError::InvalidConfig`] when `options.remainder_ratio` is negative or NaN.
 ///
 /// # Example
 /// ```
@@ -173,6 +214,7 @@ impl<'a> WithoutReplacement<'a> {
 /// let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(1);
 /// let d = awrs(&log_p, &view, &NotB, AwrsOptions::default(), &mut rng).unwrap();
 /// assert_ne!(d.token, Some(1));
+/// assert!(d.log_weight.is_finite());
 /// ```
 pub fn awrs<R: Rng + ?Sized>(
     log_p: &[f64],
@@ -181,10 +223,11 @@ pub fn awrs<R: Rng + ?Sized>(
     options: AwrsOptions,
     rng: &mut R,
 ) -> Result<AwrsDraw> {
-    if options.estimate_draws == 0 {
-        return Err(SmcError::InvalidConfig(
-            "AWRS needs at least one estimate draw".into(),
-        ));
+    if options.remainder_ratio.is_nan() || options.remainder_ratio < 0.0 {
+        return Err(SmcError::InvalidConfig(format!(
+            "AWRS remainder ratio must be >= 0 (got {})",
+            options.remainder_ratio
+        )));
     }
     let max = log_p.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     if !max.is_finite() {
@@ -194,9 +237,8 @@ pub fn awrs<R: Rng + ?Sized>(
             evaluations: 0,
         });
     }
-    // Probabilities relative to the largest; `scale` turns them back into kernel mass.
+    // Masses relative to the largest; `max` turns them back into kernel mass.
     let probs: Vec<f64> = log_p.iter().map(|x| (x - max).exp()).collect();
-    let total: f64 = probs.iter().sum();
     let mut cache: HashMap<usize, bool> = HashMap::new();
     let mut eval = |i: usize| {
         *cache
@@ -204,15 +246,36 @@ pub fn awrs<R: Rng + ?Sized>(
             .or_insert_with(|| constraint.allows(seq, i as TokenId))
     };
 
-    // 1. Sample without replacement until the first acceptance.
     let mut pool = WithoutReplacement::new(&probs);
-    let accepted = loop {
-        match pool.draw(rng) {
-            None => break None,
-            Some(i) if eval(i) => break Some(i),
-            Some(i) => pool.remove(i),
+    let mut accepted: Option<usize> = None;
+    // Accepted mass visited so far, and evaluations since the first acceptance.
+    let mut found = 0.0;
+    let mut walked = 0usize;
+    // The estimate of the unvisited rest: `r·c(y)` for the final draw `y`, 0 when the walk
+    // visited everything (then `found` is exact).
+    let mut rest_estimate = 0.0;
+    loop {
+        // Decide, before looking, whether the next visit is the final one-draw estimate.
+        let final_draw = accepted.is_some()
+            && (pool.remaining.max(0.0) <= options.remainder_ratio * found
+                || walked >= options.max_walk);
+        let Some(i) = pool.draw(rng) else { break };
+        let ok = eval(i);
+        if final_draw {
+            if ok {
+                rest_estimate = pool.remaining.max(0.0);
+            }
+            break;
         }
-    };
+        pool.remove(i);
+        if accepted.is_some() {
+            walked += 1;
+        }
+        if ok {
+            found += probs[i];
+            accepted.get_or_insert(i);
+        }
+    }
     let Some(x) = accepted else {
         return Ok(AwrsDraw {
             token: None,
@@ -220,45 +283,9 @@ pub fn awrs<R: Rng + ?Sized>(
             evaluations: cache.len(),
         });
     };
-    // Mass outside the rejected set, summed directly to avoid cancellation.
-    let outside: f64 = probs
-        .iter()
-        .zip(&pool.removed)
-        .filter(|(_, r)| !**r)
-        .map(|(p, _)| p)
-        .sum();
-
-    // 2. Sum-and-sample estimate of the acceptance probability on V ∖ R, fresh draws.
-    let mut fresh = WithoutReplacement::new(&probs);
-    for (i, r) in pool.removed.iter().enumerate() {
-        if *r {
-            fresh.removed[i] = true;
-        }
-    }
-    fresh.rebuild();
-    let mut estimate = 0.0;
-    let mut left = 1.0; // mass fraction of V ∖ R not yet drawn
-    for k in 0..options.estimate_draws {
-        let Some(i) = fresh.draw(rng) else { break };
-        let q = probs[i] / outside;
-        let c = if eval(i) { 1.0 } else { 0.0 };
-        if k + 1 == options.estimate_draws {
-            estimate += left * c;
-        } else {
-            estimate += q * c;
-            left -= q;
-            fresh.remove(i);
-        }
-    }
-    let log_weight = (outside / total).ln() + estimate.ln() + crate::logspace::log_sum_exp(log_p);
-    let log_weight = if estimate > 0.0 {
-        log_weight
-    } else {
-        f64::NEG_INFINITY
-    };
     Ok(AwrsDraw {
         token: Some(x as TokenId),
-        log_weight,
+        log_weight: max + (found + rest_estimate).ln(),
         evaluations: cache.len(),
     })
 }

@@ -1,10 +1,19 @@
 //! Ready-made constraints with fast next-token weights.
 
 use crate::potential::{Potential, SeqView};
-use crate::vocab::utf8_prefix;
+use crate::vocab::{incomplete_tail_start, prefix_text};
 
-/// Every word has at most `max` letters (a word is a run of alphabetic characters) — the
-/// classic hard constraint of the SMC-steering literature.
+/// Every word has at most `max` letters — the classic hard constraint of the SMC-steering
+/// literature.
+///
+/// # The rule
+/// A *word* is a maximal run of non-whitespace characters, and its *letters* are its
+/// alphabetic characters plus every U+FFFD (an invalid byte, which may hide a letter).
+/// Nothing but whitespace splits a word, so neither an invalid byte nor a symbol glued to
+/// letters lets a long word pass as two short ones: `domin\u{FFFD}te` has 8 letters and
+/// `wait—what` 8, while `don't`, `hello,` and `2024` have 4, 5 and 0. Text is read with the
+/// crate's one UTF-8 rule ([`crate::vocab::prefix_text`] for prefixes,
+/// [`crate::vocab::complete_text`] at EOS).
 ///
 /// Its [`Potential::log_weight_next`] walks each token's bytes once from the current
 /// trailing word length, instead of re-checking the whole text per token.
@@ -32,22 +41,31 @@ impl MaxWordLetters {
         Self { max }
     }
 
-    /// Letters in the trailing word of `text`.
-    fn trailing(text: &str) -> usize {
-        text.chars().rev().take_while(|c| c.is_alphabetic()).count()
+    /// Whether `c` counts as a letter of its word.
+    fn is_letter(c: char) -> bool {
+        c.is_alphabetic() || c == char::REPLACEMENT_CHARACTER
     }
 
-    /// Whether appending the characters of `text` to a trailing run of `run` letters keeps
+    /// Letters in the trailing word of `text`.
+    fn trailing(text: &str) -> usize {
+        text.chars()
+            .rev()
+            .take_while(|c| !c.is_whitespace())
+            .filter(|c| Self::is_letter(*c))
+            .count()
+    }
+
+    /// Whether appending the characters of `text` to a trailing word of `run` letters keeps
     /// every word within the limit.
     fn extends(&self, mut run: usize, text: &str) -> bool {
         for c in text.chars() {
-            if c.is_alphabetic() {
+            if c.is_whitespace() {
+                run = 0;
+            } else if Self::is_letter(c) {
                 run += 1;
                 if run > self.max {
                     return false;
                 }
-            } else {
-                run = 0;
             }
         }
         true
@@ -55,6 +73,14 @@ impl MaxWordLetters {
 
     fn ok(&self, text: &str) -> bool {
         self.extends(0, text)
+    }
+
+    fn value(ok: bool) -> f64 {
+        if ok {
+            0.0
+        } else {
+            f64::NEG_INFINITY
+        }
     }
 }
 
@@ -64,44 +90,37 @@ impl Potential for MaxWordLetters {
     }
 
     fn prefix(&self, seq: &SeqView<'_>) -> f64 {
-        if self.ok(seq.text()) {
-            0.0
-        } else {
-            f64::NEG_INFINITY
-        }
+        Self::value(self.ok(&seq.text()))
     }
 
     fn complete(&self, seq: &SeqView<'_>) -> f64 {
-        if self.ok(&String::from_utf8_lossy(seq.bytes)) {
-            0.0
-        } else {
-            f64::NEG_INFINITY
-        }
+        Self::value(self.ok(&seq.complete_text()))
     }
 
     fn log_weight_next(&self, seq: &SeqView<'_>, out: &mut [f64]) {
         let text = seq.text();
-        if !self.ok(text) {
+        if !self.ok(&text) {
             out.fill(f64::NEG_INFINITY);
             return;
         }
-        let run = Self::trailing(text);
-        // Bytes after the last complete character (a multi-byte character split by tokens).
-        let tail = &seq.bytes[text.len()..];
+        let run = Self::trailing(&text);
+        // Bytes held back: an incomplete character at the end, completed (or not) by the
+        // next token. Everything before them reads the same whatever comes next.
+        let tail = &seq.bytes[incomplete_tail_start(seq.bytes)..];
         let mut buf = Vec::with_capacity(tail.len() + 16);
         for (v, o) in out.iter_mut().enumerate().take(seq.vocab.len()) {
             let token = seq.vocab.bytes(v as u32);
             let ok = if tail.is_empty() {
-                self.extends(run, utf8_prefix(token))
+                self.extends(run, &prefix_text(token))
             } else {
                 buf.clear();
                 buf.extend_from_slice(tail);
                 buf.extend_from_slice(token);
-                self.extends(run, utf8_prefix(&buf))
+                self.extends(run, &prefix_text(&buf))
             };
-            *o = if ok { 0.0 } else { f64::NEG_INFINITY };
+            *o = Self::value(ok);
         }
-        out[seq.vocab.len()] = self.complete(seq) - self.prefix(seq);
+        out[seq.vocab.len()] = self.complete(seq);
     }
 }
 
@@ -140,6 +159,18 @@ mod tests {
         .unwrap();
         let c = MaxWordLetters::new(5);
         let slow = crate::potential::Hard::on_text("slow", |t: &str| MaxWordLetters::new(5).ok(t));
+        // The same check through the slow path's complete score too.
+        let check_complete = |prefix: &[u32]| {
+            let bytes = v.decode_bytes(prefix);
+            let view = SeqView {
+                tokens: prefix,
+                bytes: &bytes,
+                vocab: &v,
+            };
+            assert_eq!(c.complete(&view), slow.complete(&view), "complete {prefix:?}");
+        };
+        check_complete(&[0, 5]);
+        check_complete(&[2, 5, 0]);
         for prefix in [
             vec![],
             vec![0],
@@ -148,6 +179,10 @@ mod tests {
             vec![0, 5],
             vec![3, 0, 5],
             vec![8],
+            vec![5, 0],
+            vec![0, 5, 6],
+            vec![5, 3, 1],
+            vec![4, 5],
         ] {
             let bytes = v.decode_bytes(&prefix);
             let view = SeqView {
@@ -160,5 +195,21 @@ mod tests {
             slow.log_weight_next(&view, &mut reference);
             assert_eq!(fast, reference, "prefix {prefix:?}");
         }
+    }
+}
+
+#[cfg(test)]
+mod word_rule {
+    use super::*;
+
+    #[test]
+    fn nothing_but_whitespace_splits_a_word() {
+        let c = MaxWordLetters::new(5);
+        assert!(!c.ok("domin\u{FFFD}te"));
+        assert!(!c.ok("wait\u{2014}what"));
+        assert!(!c.ok("ab1cdef"));
+        assert!(c.ok("don't hello, 2024 x\u{215B}F"));
+        assert!(c.ok("short words only"));
+        assert!(!c.ok("a\u{FFFD}\u{FFFD}\u{FFFD}\u{FFFD}\u{FFFD}"));
     }
 }

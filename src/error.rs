@@ -53,6 +53,16 @@ pub enum SmcError {
     /// A kernel distribution was invalid (wrong length, NaN, or not normalised).
     #[error("kernel returned an invalid distribution: {0}")]
     InvalidDistribution(String),
+
+    /// A kernel's next-token distribution does not sum to 1 (its log-sum-exp is not 0 within
+    /// [`crate::smc::NORMALISATION_TOLERANCE`]): proposals would disagree on its mass.
+    #[error("kernel `{kernel}` returned a distribution that is not normalised: log Σ p = {log_mass:e} (expected 0; normalise the log-probabilities, e.g. with a log-softmax)")]
+    UnnormalisedDistribution {
+        /// The kernel's type name.
+        kernel: String,
+        /// `log Σ_v p(v)` of the offending distribution.
+        log_mass: f64,
+    },
     /// A weight vector passed to a resampler was invalid.
     #[error("invalid weights: {0}")]
     InvalidWeights(String),

@@ -5,7 +5,10 @@
 //! program is written on top of the [`Program`] interface, so both forms run on the same
 //! engine.
 
-use std::sync::{Arc, OnceLock};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use unicode_segmentation::UnicodeSegmentation;
 
 use crate::error::{Result, SmcError};
 use crate::logspace::{log_div, log_mul, log_sum_exp};
@@ -39,9 +42,17 @@ pub struct FeynmanKac {
     unit: StepUnit,
     /// Word steps: what the next draw is conditioned on.
     phase: WordPhase,
-    /// Word steps: which tokens continue the current word (computed once, shared).
-    continues_word: Arc<OnceLock<Vec<bool>>>,
+    /// Word steps: which tokens continue the current word (built once, shared).
+    words: Arc<OnceLock<WordBoundaries>>,
+    /// Word steps: tokens drawn in the current SMC step.
+    step_tokens: usize,
 }
+
+/// The most tokens one word step draws: a longer word ends the SMC step there and the next
+/// step continues the same word (a resampling point inside a very long word, instead of an
+/// error; the target is unchanged). Below the engine's default
+/// [`crate::SmcConfig::max_substeps`].
+pub const WORD_STEP_MAX_TOKENS: usize = 16;
 
 /// What one SMC step of a [`FeynmanKac`] model generates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -51,11 +62,15 @@ pub enum StepUnit {
     #[default]
     Token,
     /// One word per step: after each token the program samples, with the model's own
-    /// probability, whether the next token continues the current word (its first byte is a
-    /// letter, digit or a non-ASCII byte); the step ends when it does not, and the next
-    /// step's first token is drawn conditioned on that event. The target is unchanged
-    /// (the event is sampled from its exact probability); only the resampling points move
-    /// to word boundaries. Uses sub-steps ([`Flow::Continue`]) within a step.
+    /// probability, whether the next token continues the current word — whether appending
+    /// it leaves no Unicode (UAX #29) word boundary at the join, judged on two characters
+    /// either side; the step ends when it does not, and the next step's first token is
+    /// drawn conditioned on that event. The target is unchanged (the event is a fixed
+    /// function of the text and the token, sampled with its exact probability); only the
+    /// resampling points move to word boundaries. While the text ends inside an incomplete
+    /// UTF-8 character every token continues (no boundary can fall inside a character).
+    /// A word longer than [`WORD_STEP_MAX_TOKENS`] tokens ends the step early. Uses
+    /// sub-steps ([`Flow::Continue`]) within a step.
     Word,
 }
 
@@ -91,7 +106,8 @@ impl FeynmanKac {
             proposal: ProposalKind::Bootstrap,
             unit: StepUnit::Token,
             phase: WordPhase::Draw(None),
-            continues_word: Arc::new(OnceLock::new()),
+            words: Arc::new(OnceLock::new()),
+            step_tokens: 0,
         }
     }
 
@@ -243,10 +259,8 @@ impl Program for FeynmanKac {
             self.draw_token(p, &log_p)?;
             return Ok(Flow::Yield);
         }
-        let continues = self
-            .continues_word
-            .get_or_init(|| continuation_tokens(p.vocab()))
-            .clone();
+        let words = self.words.get_or_init(|| WordBoundaries::new(p.vocab()));
+        let continues = words.continuing(p.view().bytes);
         let in_word = |v: usize| continues.get(v).copied().unwrap_or(false);
         let mut restriction = match self.phase {
             WordPhase::Draw(r) => r,
@@ -264,6 +278,7 @@ impl Program for FeynmanKac {
                     Some(true)
                 } else {
                     self.phase = WordPhase::Draw(Some(false));
+                    self.step_tokens = 0;
                     return Ok(Flow::Yield);
                 }
             }
@@ -299,20 +314,44 @@ impl Program for FeynmanKac {
         match drawn {
             Some(t) if t != p.vocab().eos() && !p.is_finished() => {
                 self.phase = WordPhase::Decide;
+                self.step_tokens += 1;
+                if self.step_tokens >= WORD_STEP_MAX_TOKENS {
+                    // A very long word: resample here; the next step decides (Decide phase)
+                    // whether the word goes on.
+                    self.step_tokens = 0;
+                    return Ok(Flow::Yield);
+                }
                 Ok(Flow::Continue)
             }
             _ => {
                 self.phase = WordPhase::Draw(None);
+                self.step_tokens = 0;
                 Ok(Flow::Yield)
             }
         }
     }
 
     fn at_token_limit(&mut self, p: &mut Particle<'_>, policy: Truncation) -> Result<()> {
+        self.phase = WordPhase::Draw(None);
+        self.step_tokens = 0;
         match policy {
             Truncation::Truncate => p.finish(),
             Truncation::ForceEos => {
+                // The proposal's constraint is part of the target: EOS forced at the limit
+                // must be allowed by it, exactly as a drawn EOS would have to be.
                 let eos = p.vocab().eos();
+                let allowed = match &self.proposal {
+                    ProposalKind::Mask(mask) => {
+                        self.next_weights(&p.view(), mask.as_ref())?[eos as usize]
+                            > f64::NEG_INFINITY
+                    }
+                    ProposalKind::Awrs(constraint) => constraint.allows(&p.view(), eos),
+                    _ => true,
+                };
+                if !allowed {
+                    p.condition(false);
+                    return Ok(());
+                }
                 let inc = self.increment(&p.view(), eos)?;
                 p.observe(eos)?;
                 p.score(inc)?;
@@ -322,16 +361,86 @@ impl Program for FeynmanKac {
     }
 }
 
-/// Tokens whose first byte continues a word: ASCII letters and digits, and non-ASCII bytes.
-fn continuation_tokens(vocab: &Vocabulary) -> Vec<bool> {
-    let mut out: Vec<bool> = vocab
-        .tokens()
-        .iter()
-        .map(|t| {
-            t.first()
-                .is_some_and(|b| b.is_ascii_alphanumeric() || *b >= 0x80)
-        })
-        .collect();
-    out.push(false); // EOS ends the word
-    out
+/// Which tokens continue the current word, by Unicode word boundaries (UAX #29).
+///
+/// Whether a boundary falls at the join of the text and a token is judged on the last two
+/// characters of the text and the first two of the token, so tokens are grouped by their
+/// first two characters and the answer for every token is computed once per distinct
+/// left context and shared by all particles.
+struct WordBoundaries {
+    /// For each ordinary token, its group (the first two characters of its text).
+    group_of: Vec<u32>,
+    /// The first two characters of each group's tokens (empty for a token with no bytes).
+    groups: Vec<String>,
+    /// Answers by left context: `out[v]` for every token and EOS (EOS ends a word).
+    cache: Mutex<HashMap<String, Arc<Vec<bool>>>>,
+}
+
+impl WordBoundaries {
+    fn new(vocab: &Vocabulary) -> Self {
+        let mut index: HashMap<String, u32> = HashMap::new();
+        let mut groups = Vec::new();
+        let group_of = vocab
+            .tokens()
+            .iter()
+            .map(|t| {
+                let key: String = String::from_utf8_lossy(t).chars().take(2).collect();
+                *index.entry(key.clone()).or_insert_with(|| {
+                    groups.push(key);
+                    (groups.len() - 1) as u32
+                })
+            })
+            .collect();
+        Self {
+            group_of,
+            groups,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// `out[v]`: whether token `v` continues the word that `bytes` (the text so far) ends in.
+    fn continuing(&self, bytes: &[u8]) -> Arc<Vec<bool>> {
+        let n = self.group_of.len();
+        if crate::vocab::incomplete_tail_start(bytes) < bytes.len() {
+            // Inside an incomplete character: no boundary can fall here.
+            let mut all = vec![true; n + 1];
+            all[n] = false;
+            return Arc::new(all);
+        }
+        let text = crate::vocab::prefix_text(bytes);
+        let left: String = {
+            let mut last: Vec<char> = text.chars().rev().take(2).collect();
+            last.reverse();
+            last.into_iter().collect()
+        };
+        let mut cache = match self.cache.lock() {
+            Ok(c) => c,
+            // A panic elsewhere cannot leave the map half-written: reuse it.
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(hit) = cache.get(&left) {
+            return Arc::clone(hit);
+        }
+        let by_group: Vec<bool> = self
+            .groups
+            .iter()
+            .map(|g| {
+                if g.is_empty() {
+                    return true; // a token with no bytes adds no boundary
+                }
+                if left.is_empty() {
+                    return false;
+                }
+                let joined = format!("{left}{g}");
+                !joined
+                    .split_word_bound_indices()
+                    .any(|(i, _)| i == left.len())
+            })
+            .collect();
+        let mut out: Vec<bool> = self.group_of.iter().map(|&g| by_group[g as usize]).collect();
+        out.push(false); // EOS ends the word
+        let out = Arc::new(out);
+        cache.insert(left, Arc::clone(&out));
+        out
+    }
 }

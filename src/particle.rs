@@ -142,6 +142,14 @@ impl<'a> Particle<'a> {
             .ok_or_else(|| SmcError::Program(format!("context {i} does not exist ({n} contexts)")))
     }
 
+    /// Whether context `i` ended with EOS.
+    ///
+    /// # Errors
+    /// [`SmcError::Program`] if context `i` does not exist.
+    pub fn context_ended(&self, i: usize) -> Result<bool> {
+        Ok(self.ctx(i)?.ended)
+    }
+
     /// Generated tokens of the first context (pending ones included).
     pub fn tokens(&self) -> &[TokenId] {
         &self.contexts[0].tokens
@@ -169,9 +177,10 @@ impl<'a> Particle<'a> {
         })
     }
 
-    /// Generated text of the first context.
-    pub fn text(&self) -> &str {
-        crate::vocab::utf8_prefix(&self.contexts[0].bytes)
+    /// Generated text of the first context, read as a prefix (see
+    /// [`crate::vocab::prefix_text`]).
+    pub fn text(&self) -> std::borrow::Cow<'_, str> {
+        crate::vocab::prefix_text(&self.contexts[0].bytes)
     }
 
     /// How many more tokens the first context may generate before the token limit.

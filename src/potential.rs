@@ -15,7 +15,9 @@
 use std::sync::Arc;
 
 use crate::logspace::log_mul;
-use crate::vocab::{utf8_prefix, TokenId, Vocabulary};
+use std::borrow::Cow;
+
+use crate::vocab::{complete_text, prefix_text, TokenId, Vocabulary};
 
 /// A read-only view of a particle's generated sequence.
 #[derive(Debug, Clone, Copy)]
@@ -29,9 +31,16 @@ pub struct SeqView<'a> {
 }
 
 impl<'a> SeqView<'a> {
-    /// The text up to the last complete UTF-8 character.
-    pub fn text(&self) -> &'a str {
-        utf8_prefix(self.bytes)
+    /// The text of this sequence as a *prefix*: invalid bytes read as U+FFFD, and only an
+    /// incomplete character at the very end is held back (see [`crate::vocab::prefix_text`]).
+    pub fn text(&self) -> Cow<'a, str> {
+        prefix_text(self.bytes)
+    }
+
+    /// The text of this sequence as a *complete* sequence: every invalid byte, a trailing
+    /// incomplete character included, reads as U+FFFD (see [`crate::vocab::complete_text`]).
+    pub fn complete_text(&self) -> Cow<'a, str> {
+        complete_text(self.bytes)
     }
 }
 
@@ -144,8 +153,20 @@ pub enum Scope {
     Complete,
 }
 
-type Pred = dyn Fn(&SeqView<'_>) -> bool + Send + Sync;
-type Score = dyn Fn(&SeqView<'_>) -> f64 + Send + Sync;
+/// A predicate or score receives the view and whether the sequence is complete (text
+/// predicates read [`SeqView::text`] or [`SeqView::complete_text`] accordingly).
+type Pred = dyn Fn(&SeqView<'_>, bool) -> bool + Send + Sync;
+type Score = dyn Fn(&SeqView<'_>, bool) -> f64 + Send + Sync;
+
+/// The text a text predicate sees: the prefix rule for unfinished sequences, the complete
+/// rule for finished ones (one rule for prefix, next-token and complete scores).
+fn text_of<'a>(s: &SeqView<'a>, complete: bool) -> Cow<'a, str> {
+    if complete {
+        s.complete_text()
+    } else {
+        s.text()
+    }
+}
 
 /// A hard constraint from a Boolean predicate: `log φ = 0` when it holds, `-inf` when not.
 ///
@@ -173,17 +194,19 @@ impl Hard {
     ) -> Self {
         Self {
             name: name.into(),
-            pred: Arc::new(move |s: &SeqView<'_>| pred(s.tokens)),
+            pred: Arc::new(move |s: &SeqView<'_>, _| pred(s.tokens)),
             scope: Scope::Always,
         }
     }
 
-    /// A constraint on the generated text (prefixes see the text up to the last complete
-    /// UTF-8 character).
+    /// A constraint on the generated text. Prefixes are read with
+    /// [`SeqView::text`] (invalid bytes as U+FFFD; only an incomplete trailing character is
+    /// held back) and complete sequences with [`SeqView::complete_text`], so no invalid
+    /// byte hides text from the predicate.
     pub fn on_text(name: &str, pred: impl Fn(&str) -> bool + Send + Sync + 'static) -> Self {
         Self {
             name: name.into(),
-            pred: Arc::new(move |s: &SeqView<'_>| pred(s.text())),
+            pred: Arc::new(move |s: &SeqView<'_>, complete| pred(&text_of(s, complete))),
             scope: Scope::Always,
         }
     }
@@ -195,7 +218,7 @@ impl Hard {
     ) -> Self {
         Self {
             name: name.into(),
-            pred: Arc::new(pred),
+            pred: Arc::new(move |s: &SeqView<'_>, _| pred(s)),
             scope: Scope::Always,
         }
     }
@@ -221,12 +244,12 @@ impl Potential for Hard {
     }
     fn prefix(&self, seq: &SeqView<'_>) -> f64 {
         match self.scope {
-            Scope::Always => Self::value((self.pred)(seq)),
+            Scope::Always => Self::value((self.pred)(seq, false)),
             Scope::Complete => 0.0,
         }
     }
     fn complete(&self, seq: &SeqView<'_>) -> f64 {
-        Self::value((self.pred)(seq))
+        Self::value((self.pred)(seq, true))
     }
 }
 
@@ -249,16 +272,16 @@ impl Soft {
     ) -> Self {
         Self {
             name: name.into(),
-            score: Arc::new(move |s: &SeqView<'_>| score(s.tokens)),
+            score: Arc::new(move |s: &SeqView<'_>, _| score(s.tokens)),
             scope: Scope::Always,
         }
     }
 
-    /// A score of the generated text.
+    /// A score of the generated text (read as in [`Hard::on_text`]).
     pub fn on_text(name: &str, score: impl Fn(&str) -> f64 + Send + Sync + 'static) -> Self {
         Self {
             name: name.into(),
-            score: Arc::new(move |s: &SeqView<'_>| score(s.text())),
+            score: Arc::new(move |s: &SeqView<'_>, complete| score(&text_of(s, complete))),
             scope: Scope::Always,
         }
     }
@@ -270,7 +293,7 @@ impl Soft {
     ) -> Self {
         Self {
             name: name.into(),
-            score: Arc::new(score),
+            score: Arc::new(move |s: &SeqView<'_>, _| score(s)),
             scope: Scope::Always,
         }
     }
@@ -288,12 +311,12 @@ impl Potential for Soft {
     }
     fn prefix(&self, seq: &SeqView<'_>) -> f64 {
         match self.scope {
-            Scope::Always => (self.score)(seq),
+            Scope::Always => (self.score)(seq, false),
             Scope::Complete => 0.0,
         }
     }
     fn complete(&self, seq: &SeqView<'_>) -> f64 {
-        (self.score)(seq)
+        (self.score)(seq, true)
     }
 }
 

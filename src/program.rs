@@ -83,14 +83,27 @@ pub trait Program: Clone + Send + Sync {
     fn step(&mut self, p: &mut Particle<'_>) -> Result<Flow>;
 
     /// Called when the first context reached the token limit (its distribution is fresh).
-    /// The default observes EOS for [`Truncation::ForceEos`] and simply finishes for
-    /// [`Truncation::Truncate`].
+    /// The default observes EOS in *every* context that has not ended (all of them share
+    /// the generated text, so all of them end it) for [`Truncation::ForceEos`], and simply
+    /// finishes for [`Truncation::Truncate`]. A program whose own constraint must allow
+    /// EOS (as [`crate::FeynmanKac`]'s mask and AWRS proposals do) overrides it.
     ///
     /// # Errors
     /// Any error aborts the run.
     fn at_token_limit(&mut self, p: &mut Particle<'_>, policy: Truncation) -> Result<()> {
         match policy {
-            Truncation::ForceEos => p.observe(p.vocab().eos()),
+            Truncation::ForceEos => {
+                let eos = p.vocab().eos();
+                for i in 0..p.n_contexts() {
+                    if p.log_weight() == f64::NEG_INFINITY {
+                        break;
+                    }
+                    if !p.context_ended(i)? {
+                        p.observe_tokens_in(i, &[eos])?;
+                    }
+                }
+                Ok(())
+            }
             Truncation::Truncate => {
                 p.finish();
                 Ok(())

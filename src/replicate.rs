@@ -99,11 +99,44 @@ impl<P> Replicates<P> {
         log_sum_exp(&lz) - (lz.len() as f64).ln()
     }
 
-    /// Mean and standard error over runs of each run's posterior expectation of `f`
-    /// (runs where every particle died are skipped).
+    /// The posterior expectation of `f` pooled over the runs, each run weighted by its `Ẑ`
+    /// (as [`Replicates::pooled_posterior`] does), with a delta-method standard error.
+    ///
+    /// # Maths
+    /// With `a_r = Ẑ_r·Σ_i W_{r,i} f(x_{r,i})` and `b_r = Ẑ_r`, the estimate is
+    /// `R = Σ a_r / Σ b_r` and its standard error
+    /// `sqrt(Σ (a_r − R·b_r)² / (n(n−1))) / mean(b)`. Runs where every particle died count
+    /// with `Ẑ_r = 0`. The mean is NaN when every run died.
     pub fn expectation(&self, f: impl Fn(&crate::result::Completion<P>) -> f64) -> Estimate {
-        let values: Vec<f64> = self.runs.iter().filter_map(|r| r.expectation(&f)).collect();
-        Estimate::from_values(&values)
+        let n = self.runs.len();
+        let log_mean_z = self.log_mean_z();
+        if n == 0 || log_mean_z == f64::NEG_INFINITY || log_mean_z.is_nan() {
+            return Estimate {
+                mean: f64::NAN,
+                se: f64::NAN,
+                n,
+            };
+        }
+        // Ẑ_r relative to the mean Ẑ, so that b has mean 1 and nothing overflows.
+        let b: Vec<f64> = self
+            .runs
+            .iter()
+            .map(|r| (r.log_z - log_mean_z).exp())
+            .collect();
+        let a: Vec<f64> = self
+            .runs
+            .iter()
+            .zip(&b)
+            .map(|(r, b)| r.expectation(&f).map_or(0.0, |e| b * e))
+            .collect();
+        let mean = a.iter().sum::<f64>() / b.iter().sum::<f64>();
+        let se = if n > 1 {
+            let ss: f64 = a.iter().zip(&b).map(|(a, b)| (a - mean * b).powi(2)).sum();
+            (ss / (n * (n - 1)) as f64).sqrt()
+        } else {
+            0.0
+        };
+        Estimate { mean, se, n }
     }
 
     /// The pooled posterior: every run's particles, each run weighted by its `Ẑ` (the

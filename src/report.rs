@@ -70,7 +70,7 @@ impl RunRecord {
         result: &SmcResult<P>,
     ) -> Self {
         let completions = result
-            .posterior_by_text()
+            .posterior_by_bytes()
             .into_iter()
             .map(|d| CompletionSummary {
                 text: d.text,

@@ -13,7 +13,10 @@ use crate::vocab::TokenId;
 pub struct Completion<P> {
     /// Generated tokens of the first context (prompt and EOS excluded).
     pub tokens: Vec<TokenId>,
-    /// Their text (invalid UTF-8 replaced).
+    /// Their bytes (what completions are compared by).
+    #[serde(skip)]
+    pub bytes: Vec<u8>,
+    /// Their text for display (invalid UTF-8 replaced by U+FFFD).
     pub text: String,
     /// Whether the sequence ended with EOS (otherwise it was truncated, finished by the
     /// program, or died).
@@ -26,12 +29,17 @@ pub struct Completion<P> {
     pub program: P,
 }
 
-/// A distinct completion (same tokens and same ending) with its merged probability.
+/// A distinct completion with its merged probability: the same tokens and ending
+/// ([`SmcResult::posterior`]) or the same bytes and ending ([`SmcResult::posterior_by_bytes`]).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Distinct {
-    /// Generated tokens.
+    /// Generated tokens (of the most probable tokenisation when merged by bytes).
     pub tokens: Vec<TokenId>,
-    /// Their text.
+    /// Their bytes.
+    #[serde(skip)]
+    pub bytes: Vec<u8>,
+    /// Their text for display (invalid UTF-8 replaced by U+FFFD; two completions that
+    /// differ only in invalid bytes display alike but are kept apart).
     pub text: String,
     /// Whether it ended with EOS.
     pub eos: bool,
@@ -117,6 +125,7 @@ impl<P> SmcResult<P> {
             let i = *index.entry(key).or_insert_with(|| {
                 out.push(Distinct {
                     tokens: p.tokens.clone(),
+                    bytes: p.bytes.clone(),
                     text: p.text.clone(),
                     eos: p.eos,
                     probability: 0.0,
@@ -141,25 +150,11 @@ impl<P> SmcResult<P> {
         out
     }
 
-    /// Distinct completions merged by text (different tokenisations of the same string
-    /// count together), most probable first.
-    pub fn posterior_by_text(&self) -> Vec<Distinct> {
-        let mut by_text: Vec<Distinct> = Vec::new();
-        for d in self.posterior() {
-            match by_text
-                .iter_mut()
-                .find(|x| x.text == d.text && x.eos == d.eos)
-            {
-                Some(x) => {
-                    x.probability += d.probability;
-                    x.count += d.count;
-                    x.log_weight = crate::logspace::log_add_exp(x.log_weight, d.log_weight);
-                }
-                None => by_text.push(d),
-            }
-        }
-        by_text.sort_by(|a, b| b.probability.total_cmp(&a.probability));
-        by_text
+    /// Distinct completions merged by their bytes (different tokenisations of the same
+    /// string count together; strings are compared as bytes, never as lossy text), most
+    /// probable first.
+    pub fn posterior_by_bytes(&self) -> Vec<Distinct> {
+        merge_by_bytes(self.posterior())
     }
 
     /// Generated tokens per second over the run.
@@ -170,4 +165,77 @@ impl<P> SmcResult<P> {
             0.0
         }
     }
+}
+
+/// Merge distinct completions with the same bytes and ending (probabilities, counts and
+/// weights add up), most probable first; ties keep a stable order by bytes.
+fn merge_by_bytes(items: Vec<Distinct>) -> Vec<Distinct> {
+    let mut index: HashMap<(Vec<u8>, bool), usize> = HashMap::new();
+    let mut out: Vec<Distinct> = Vec::new();
+    for d in items {
+        match index.get(&(d.bytes.clone(), d.eos)) {
+            Some(&i) => {
+                let x = &mut out[i];
+                x.probability += d.probability;
+                x.count += d.count;
+                x.log_weight = crate::logspace::log_add_exp(x.log_weight, d.log_weight);
+            }
+            None => {
+                index.insert((d.bytes.clone(), d.eos), out.len());
+                out.push(d);
+            }
+        }
+    }
+    out.sort_by(|a, b| {
+        b.probability
+            .total_cmp(&a.probability)
+            .then_with(|| a.bytes.cmp(&b.bytes))
+    });
+    out
+}
+
+/// Independent runs of the same model pooled into one posterior: each run's completions
+/// weighted by its `Ẑ` (the standard way to combine SMC runs), merged by bytes.
+///
+/// Returns `log` of the mean `Ẑ` and the completions; each [`Distinct::log_weight`] is its
+/// share of the pooled `Ẑ`, `log(probability · mean Ẑ)`. Empty when every run died.
+///
+/// # Maths
+/// With run estimates `Ẑ_r` and normalised weights `W_{r,i}`, completion `x` gets
+/// `P(x) = Σ_r Ẑ_r Σ_i W_{r,i}·1[x_{r,i} = x] / Σ_r Ẑ_r`.
+///
+/// # Example
+/// ```
+/// use smc_steer::{potential::Trivial, result::pool_runs, toy::ToyKernel, FeynmanKac, Smc, SmcConfig};
+/// let runs: Vec<_> = (0..3).map(|seed| {
+///     let k = ToyKernel::random_bigram(2, 0.4, 1).unwrap();
+///     let config = SmcConfig { seed, ..SmcConfig::default() };
+///     Smc::new(k, FeynmanKac::new(Trivial), &[], config).unwrap().run().unwrap()
+/// }).collect();
+/// let (log_z, posterior) = pool_runs(&runs);
+/// assert!(log_z.abs() < 1e-12);
+/// assert!((posterior.iter().map(|d| d.probability).sum::<f64>() - 1.0).abs() < 1e-9);
+/// ```
+pub fn pool_runs<'a, P: 'a>(
+    runs: impl IntoIterator<Item = &'a SmcResult<P>>,
+) -> (f64, Vec<Distinct>) {
+    let runs: Vec<&SmcResult<P>> = runs.into_iter().collect();
+    let log_zs: Vec<f64> = runs.iter().map(|r| r.log_z).collect();
+    let log_mean_z = crate::logspace::log_mean_exp(&log_zs);
+    if runs.is_empty() || log_mean_z == f64::NEG_INFINITY || log_mean_z.is_nan() {
+        return (log_mean_z, Vec::new());
+    }
+    let mut all = Vec::new();
+    for r in &runs {
+        let share = (r.log_z - log_mean_z).exp() / runs.len() as f64;
+        for mut d in r.posterior() {
+            d.probability *= share;
+            all.push(d);
+        }
+    }
+    let mut merged = merge_by_bytes(all);
+    for d in &mut merged {
+        d.log_weight = d.probability.ln() + log_mean_z;
+    }
+    (log_mean_z, merged)
 }

@@ -193,7 +193,7 @@ impl<K: Kernel, P: Program> Smc<K, P> {
             (0..n).map(|_| Vec::with_capacity(prompts.len())).collect();
         for prompt in prompts {
             let (root, dist) = kernel.start(prompt)?;
-            check_dist(&dist, kernel.vocab())?;
+            check_dist::<K>(&dist, kernel.vocab())?;
             let root_ctx = Context::new(root, dist);
             for (i, ctxs) in per_particle.iter_mut().enumerate() {
                 let mut c = root_ctx.clone();
@@ -362,6 +362,7 @@ impl<K: Kernel, P: Program> Smc<K, P> {
         let particles = std::mem::take(&mut self.particles)
             .into_iter()
             .map(|p| Completion {
+                bytes: vocab.decode_bytes(p.tokens()),
                 text: vocab.decode(p.tokens()),
                 tokens: p.tokens().to_vec(),
                 eos: p.ended_with_eos(),
@@ -499,7 +500,7 @@ impl<K: Kernel, P: Program> Smc<K, P> {
             }
             let vocab = self.kernel.vocab();
             for ((&(i, j, _), ext), toks) in owners.iter().zip(out).zip(&pending) {
-                check_dist(&ext.next_log_probs, vocab)?;
+                check_dist::<K>(&ext.next_log_probs, vocab)?;
                 let p = &mut self.particles[i];
                 let scored = std::mem::take(&mut p.contexts[j].pending_scored);
                 for (k, lp) in ext.inner_log_probs.iter().enumerate() {
@@ -665,7 +666,11 @@ fn release<K: Kernel, P>(kernel: &mut K, p: &mut ParticleState<P>) {
     }
 }
 
-fn check_dist(d: &[f64], vocab: &Vocabulary) -> Result<()> {
+/// How far from 0 a kernel distribution's `log Σ exp` may be (rounding of f32 logits and
+/// of a log-softmax in f64 stays far below it; a missing normalisation does not).
+pub const NORMALISATION_TOLERANCE: f64 = 1e-6;
+
+fn check_dist<K: ?Sized>(d: &[f64], vocab: &Vocabulary) -> Result<()> {
     if d.len() != vocab.dist_len() {
         return Err(SmcError::InvalidDistribution(format!(
             "expected {} entries (vocabulary + EOS), got {}",
@@ -675,6 +680,13 @@ fn check_dist(d: &[f64], vocab: &Vocabulary) -> Result<()> {
     }
     if d.iter().any(|x| x.is_nan()) {
         return Err(SmcError::InvalidDistribution("NaN log-probability".into()));
+    }
+    let log_mass = log_sum_exp(d);
+    if log_mass.is_nan() || log_mass.abs() > NORMALISATION_TOLERANCE {
+        return Err(SmcError::UnnormalisedDistribution {
+            kernel: std::any::type_name::<K>().to_string(),
+            log_mass,
+        });
     }
     Ok(())
 }

@@ -4,6 +4,8 @@
 //! `0..len()` and EOS at index [`Vocabulary::eos`]. A language model with several stop tokens
 //! merges their mass into that one EOS entry.
 
+use std::borrow::Cow;
+
 use crate::error::{Result, SmcError};
 
 /// A token id. Ordinary tokens are `0..vocab.len()`; EOS is `vocab.len()`.
@@ -113,19 +115,50 @@ impl Vocabulary {
     }
 }
 
-/// The longest prefix of `bytes` that is valid UTF-8, as text.
+/// Where an incomplete trailing UTF-8 character starts (`bytes.len()` when there is none).
 ///
-/// A partial sequence may end inside a multi-byte character; potentials on prefixes see the
-/// text up to the last complete character.
-pub fn utf8_prefix(bytes: &[u8]) -> &str {
-    match std::str::from_utf8(bytes) {
-        Ok(s) => s,
-        Err(e) => {
-            let valid = e.valid_up_to();
-            // Safe by construction: `valid_up_to` marks a UTF-8 boundary.
-            std::str::from_utf8(&bytes[..valid]).unwrap_or("")
+/// A sequence being generated token by token may end inside a multi-byte character whose
+/// remaining bytes are still to come; only such a *trailing, still completable* sequence
+/// is held back. Invalid bytes anywhere else are never held back.
+pub fn incomplete_tail_start(bytes: &[u8]) -> usize {
+    // A UTF-8 character has at most 4 bytes, so an incomplete one starts in the last 3.
+    let from = bytes.len().saturating_sub(3);
+    for i in from..bytes.len() {
+        if let Err(e) = std::str::from_utf8(&bytes[i..]) {
+            if e.valid_up_to() == 0 && e.error_len().is_none() {
+                return i;
+            }
         }
     }
+    bytes.len()
+}
+
+/// The text of an *unfinished* sequence, as every text potential sees it.
+///
+/// # The rule
+/// Bytes are decoded as UTF-8 with each invalid sequence replaced by U+FFFD (as
+/// [`String::from_utf8_lossy`] does), except that an incomplete character at the very end
+/// (one that later bytes may still complete) is held back. Invalid bytes inside the text
+/// therefore stay visible, so no constraint can be escaped by emitting a lone lead byte:
+/// `[0xC3, b'c']` reads `"\u{FFFD}c"`, while `[b'a', 0xC3]` reads `"a"` until its next byte
+/// arrives. A complete sequence (one that ended) holds nothing back: see
+/// [`complete_text`]. Borrowed whenever the bytes need no replacement.
+///
+/// # Example
+/// ```
+/// use smc_steer::vocab::{complete_text, prefix_text};
+/// assert_eq!(prefix_text(&[b'a', 0xC3]), "a");
+/// assert_eq!(prefix_text(&[0xC3, b'c']), "\u{FFFD}c");
+/// assert_eq!(complete_text(&[b'a', 0xC3]), "a\u{FFFD}");
+/// ```
+pub fn prefix_text(bytes: &[u8]) -> Cow<'_, str> {
+    String::from_utf8_lossy(&bytes[..incomplete_tail_start(bytes)])
+}
+
+/// The text of a *complete* sequence: every invalid sequence, a trailing incomplete
+/// character included, becomes U+FFFD. See [`prefix_text`] for the rule.
+pub fn complete_text(bytes: &[u8]) -> Cow<'_, str> {
+    String::from_utf8_lossy(bytes)
 }
 
 #[cfg(test)]
@@ -143,9 +176,20 @@ mod tests {
     }
 
     #[test]
-    fn utf8_prefix_drops_incomplete_tail() {
-        let s = "é".as_bytes();
-        assert_eq!(utf8_prefix(&[b'a', s[0]]), "a");
-        assert_eq!(utf8_prefix(&[b'a', s[0], s[1]]), "aé");
+    fn prefix_text_holds_back_only_an_incomplete_tail() {
+        let e = "é".as_bytes();
+        assert_eq!(prefix_text(&[b'a', e[0]]), "a");
+        assert_eq!(prefix_text(&[b'a', e[0], e[1]]), "aé");
+        // A lone lead byte followed by ASCII is invalid, not incomplete: it stays visible.
+        assert_eq!(prefix_text(&[0xC3, b'c']), "\u{FFFD}c");
+        assert_eq!(prefix_text(&[b'x', 0xC3, b'c', 0xE2, 0x82]), "x\u{FFFD}c");
+        // A continuation byte with no lead can never be completed.
+        assert_eq!(prefix_text(&[b'a', 0x80]), "a\u{FFFD}");
+        // Incomplete 4-byte character at the end.
+        let crab = "🦀".as_bytes();
+        assert_eq!(prefix_text(&crab[..3]), "");
+        assert_eq!(complete_text(&crab[..3]), "\u{FFFD}");
+        assert_eq!(complete_text(&[b'a', 0xC3]), "a\u{FFFD}");
+        assert_eq!(incomplete_tail_start(b"plain"), 5);
     }
 }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use common::*;
 use smc_steer::awrs::{awrs, AwrsOptions, PotentialConstraint, TokenConstraint};
 use smc_steer::exact::enumerate;
+use smc_steer::toy::ToyKernel;
 use smc_steer::potential::Hard;
 use smc_steer::replicate::run_replicates;
 use smc_steer::{FeynmanKac, ProposalKind, SeqView, Smc, SmcConfig, Truncation, Vocabulary};
@@ -27,6 +28,29 @@ impl TokenConstraint for Allowed {
         self.calls.fetch_add(1, Ordering::Relaxed);
         self.ok[t as usize]
     }
+}
+
+/// Every way the weight walk can stop: the default adaptive rule, the paper's recursive
+/// estimator, a walk capped after one evaluation, and the exhaustive walk (exact weights).
+fn option_sets() -> Vec<(&'static str, AwrsOptions)> {
+    vec![
+        ("default", AwrsOptions::default()),
+        ("recursive", AwrsOptions::recursive()),
+        (
+            "capped",
+            AwrsOptions {
+                remainder_ratio: 0.1,
+                max_walk: 1,
+            },
+        ),
+        (
+            "exact",
+            AwrsOptions {
+                remainder_ratio: 0.0,
+                max_walk: usize::MAX,
+            },
+        ),
+    ]
 }
 
 #[test]
@@ -53,7 +77,7 @@ fn weighted_draws_are_unbiased_for_the_constrained_sum() {
             vec![false, false, false, false, false, false, false, true],
         ),
     ] {
-        for draws in [1, 2, 4] {
+        for (label, options) in option_sets() {
             let c = Allowed {
                 ok: ok.clone(),
                 calls: AtomicUsize::new(0),
@@ -77,9 +101,7 @@ fn weighted_draws_are_unbiased_for_the_constrained_sum() {
                     &log_p,
                     &view,
                     &c,
-                    AwrsOptions {
-                        estimate_draws: draws,
-                    },
+                    options,
                     &mut r,
                 )
                 .unwrap();
@@ -94,15 +116,20 @@ fn weighted_draws_are_unbiased_for_the_constrained_sum() {
             let se = ((s2 / REPS as f64 - mean * mean).max(0.0) / REPS as f64).sqrt();
             assert!(
                 (mean - exact).abs() <= 4.0 * se + 1e-12,
-                "{case}/{draws}: E[w f] = {mean} ± {se}, exact {exact}"
+                "{case}/{label}: E[w f] = {mean} ± {se}, exact {exact}"
             );
             assert!(
                 (w_sum / REPS as f64 - z).abs() <= 4.0 * se + 0.01 * z,
-                "{case}/{draws}: E[w] vs Z = {z}"
+                "{case}/{label}: E[w] vs Z = {z}"
             );
-            // Lazy: far fewer evaluations than the 8 of a full mask per draw.
+            // Lazy: the paper's recursive estimator needs far fewer evaluations than the 8
+            // of a full mask per draw; walking everything (ρ = 0) is the full mask.
             let per_draw = c.calls.load(Ordering::Relaxed) as f64 / REPS as f64;
-            assert!(per_draw < 8.0, "{case}: {per_draw} evaluations per draw");
+            match label {
+                "recursive" => assert!(per_draw < 8.0, "{case}: {per_draw} evaluations"),
+                "exact" => assert!((per_draw - 8.0).abs() < 1e-12, "{case}: {per_draw}"),
+                _ => assert!(per_draw <= 8.0, "{case}: {per_draw} evaluations"),
+            }
         }
     }
 }
@@ -124,14 +151,13 @@ fn nothing_allowed_gives_a_dead_draw() {
     assert_eq!(d.token, None);
     assert_eq!(d.log_weight, f64::NEG_INFINITY);
     assert_eq!(d.evaluations, 3);
-    assert!(awrs(
-        &log_p,
-        &view,
-        &c,
-        AwrsOptions { estimate_draws: 0 },
-        &mut rng(1)
-    )
-    .is_err());
+    for bad in [-1.0, f64::NAN] {
+        let options = AwrsOptions {
+            remainder_ratio: bad,
+            ..AwrsOptions::default()
+        };
+        assert!(awrs(&log_p, &view, &c, options, &mut rng(1)).is_err());
+    }
 }
 
 #[test]
@@ -167,4 +193,120 @@ fn smc_with_awrs_is_unbiased_and_respects_the_constraint() {
             assert!(c.log_weight == f64::NEG_INFINITY || !c.text.contains("cc"));
         }
     }
+}
+
+/// Seed of the sparse-constraint replicates.
+const SPARSE_SEED: u64 = 0x5EED_A3A5;
+
+/// 10 allowed tokens out of 1,000 under a uniform kernel: the old two-draw estimator was 0
+/// for ~98% of draws, so most runs of 16 particles died at the first step. Every AWRS
+/// draw is now positive (a dead run would need every draw to find nothing, and something
+/// is allowed), and its weight has a small relative variance.
+#[test]
+fn sparse_constraints_do_not_kill_particles() {
+    const V: usize = 1000;
+    let vocab = Vocabulary::new((0..V).map(|i| format!("t{i} ").into_bytes()).collect()).unwrap();
+    let view = SeqView {
+        tokens: &[],
+        bytes: &[],
+        vocab: &vocab,
+    };
+    // EOS gets no mass: a uniform kernel over the 1,000 ordinary tokens.
+    let mut log_p = vec![-(V as f64).ln(); V + 1];
+    log_p[V] = f64::NEG_INFINITY;
+    let mut ok = vec![false; V + 1];
+    for i in (0..V).step_by(V / 10) {
+        ok[i + 7] = true;
+    }
+    let c = Allowed {
+        ok,
+        calls: AtomicUsize::new(0),
+    };
+    let z = 0.01;
+    let mut r = rng(SPARSE_SEED);
+    const DRAWS: usize = 4000;
+    let (mut zero, mut s, mut s2) = (0usize, 0.0, 0.0);
+    for _ in 0..DRAWS {
+        let d = awrs(&log_p, &view, &c, AwrsOptions::default(), &mut r).unwrap();
+        let w = d.log_weight.exp() / z;
+        zero += usize::from(w == 0.0);
+        s += w;
+        s2 += w * w;
+    }
+    let mean = s / DRAWS as f64;
+    let rel_var = s2 / DRAWS as f64 - mean * mean;
+    let se = (rel_var / DRAWS as f64).sqrt();
+    assert_eq!(zero, 0, "a draw with an allowed token got weight 0");
+    assert!((mean - 1.0).abs() <= 4.0 * se + 1e-9, "E[w]/Z = {mean} ± {se}");
+    // The adaptive walk bounds the relative variance by ρ² = 1/4; here it is far smaller.
+    assert!(rel_var < 0.05, "relative variance of w: {rel_var}");
+
+    // Whole SMC runs: fewer than 5% of 16-particle runs may die (none should), and the
+    // spread of Ẑ over runs is within 2× that of the mask proposal (which evaluates the
+    // whole vocabulary) on the same task: a kernel over 1,000 tokens whose next-token
+    // distribution depends on the previous token, and an allowed set of 10 tokens that
+    // depends on it too.
+    let kernel = sparse_kernel(V);
+    let allowed =
+        Hard::on_tokens("sparse", |t: &[u32]| (0..t.len()).all(|i| sparse_allows(&t[..i], t[i])));
+    let constraint: Arc<dyn TokenConstraint> = Arc::new(PotentialConstraint(allowed.clone()));
+    let mut spread = Vec::new();
+    for proposal in [
+        ProposalKind::Mask(Arc::new(allowed.clone())),
+        ProposalKind::Awrs(constraint),
+    ] {
+        let config = SmcConfig {
+            particles: 16,
+            max_tokens: 3,
+            ..SmcConfig::default()
+        };
+        let reps = run_replicates(SPARSE_SEED, 100, |seed| {
+            let model = FeynmanKac::new(allowed.clone()).with_proposal(proposal.clone());
+            let config = SmcConfig {
+                seed,
+                ..config.clone()
+            };
+            Smc::new(kernel.clone(), model, &[], config)?.run()
+        })
+        .unwrap();
+        let dead = reps.runs.iter().filter(|r| r.all_dead).count();
+        assert!(dead * 20 < reps.runs.len(), "{dead} of 100 runs died");
+        // Relative variance of Ẑ around the pooled mean.
+        spread.push(reps.z_ratio(reps.log_mean_z()).se.powi(2));
+    }
+    let (mask, awrs_spread) = (spread[0], spread[1]);
+    assert!(
+        awrs_spread <= 2.0 * mask,
+        "Var(Ẑ)/Z² with AWRS {awrs_spread:.3e} vs mask {mask:.3e}"
+    );
+}
+
+/// A kernel over `v` tokens (and EOS with probability 0.02) whose log-probabilities after
+/// token `prev` are a fixed pseudo-random function of `(prev, token)`.
+fn sparse_kernel(v: usize) -> ToyKernel {
+    let vocab = Vocabulary::new((0..v).map(|i| format!("t{i} ").into_bytes()).collect()).unwrap();
+    ToyKernel::from_fn(vocab, move |hist: &[u32]| {
+        let prev = hist.last().map_or(v as u64, |t| *t as u64);
+        let scores: Vec<f64> = (0..v as u64)
+            .map(|t| {
+                let mut h = (prev * 1_000_003 + t).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                h ^= h >> 31;
+                1.5 * ((h % 10_000) as f64 / 10_000.0 - 0.5) * 4.0
+            })
+            .collect();
+        let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let total: f64 = scores.iter().map(|s| (s - max).exp()).sum();
+        let mut out: Vec<f64> = scores
+            .iter()
+            .map(|s| s - max - total.ln() + 0.98f64.ln())
+            .collect();
+        out.push(0.02f64.ln());
+        out
+    })
+}
+
+/// After `prefix`, token `t` is allowed when `(t + 7·last) mod 100 = 0`: 10 of 1,000.
+fn sparse_allows(prefix: &[u32], t: u32) -> bool {
+    let last = prefix.last().copied().unwrap_or(0);
+    (t + 7 * last) % 100 == 0
 }

@@ -135,7 +135,7 @@ pub fn print_posterior<P>(result: &SmcResult<P>, text: impl Fn(&str) -> String) 
         return;
     }
     println!("{:>7}  completion", "prob");
-    for d in result.posterior_by_text().iter().take(10) {
+    for d in result.posterior_by_bytes().iter().take(10) {
         println!(
             "{:>7.4}  {:?}{}",
             d.probability,

@@ -615,7 +615,8 @@ fn progress_bar(max_tokens: usize, replicate: usize, replicates: usize) -> indic
     bar
 }
 
-/// Pool replicates: each run's posterior weighted by its Ẑ, merged by text.
+/// Pool replicates: each run's posterior weighted by its Ẑ, merged by bytes (the library's
+/// [`smc_steer::result::pool_runs`]).
 fn summarise<P>(
     id: Option<serde_json::Value>,
     prompt: &str,
@@ -624,37 +625,17 @@ fn summarise<P>(
     run_s: f64,
 ) -> RunOutput {
     let log_zs: Vec<f64> = results.iter().map(|(_, r)| r.log_z).collect();
-    let log_mean_z = smc_steer::logspace::log_mean_exp(&log_zs);
-    let mut completions: Vec<smc_steer::report::CompletionSummary> = Vec::new();
-    if log_mean_z > f64::NEG_INFINITY {
-        for (_, r) in results {
-            let share = (r.log_z - log_mean_z).exp() / results.len() as f64;
-            for d in r.posterior_by_text() {
-                let p = share * d.probability;
-                match completions
-                    .iter_mut()
-                    .find(|c| c.text == d.text && c.eos == d.eos)
-                {
-                    Some(c) => {
-                        c.probability += p;
-                        c.count += d.count;
-                    }
-                    None => completions.push(smc_steer::report::CompletionSummary {
-                        text: d.text,
-                        probability: p,
-                        log_weight: 0.0,
-                        eos: d.eos,
-                        count: d.count,
-                    }),
-                }
-            }
-        }
-    }
-    // log_weight: the completion's share of Ẑ, log(probability · Ẑ).
-    for c in &mut completions {
-        c.log_weight = c.probability.ln() + log_mean_z;
-    }
-    completions.sort_by(|a, b| b.probability.total_cmp(&a.probability));
+    let (log_mean_z, pooled) = smc_steer::result::pool_runs(results.iter().map(|(_, r)| r));
+    let completions: Vec<smc_steer::report::CompletionSummary> = pooled
+        .into_iter()
+        .map(|d| smc_steer::report::CompletionSummary {
+            text: d.text,
+            probability: d.probability,
+            log_weight: d.log_weight,
+            eos: d.eos,
+            count: d.count,
+        })
+        .collect();
     let estimate = smc_steer::replicate::Estimate::from_values(&log_zs);
     let tokens: usize = results.iter().map(|(_, r)| r.tokens_generated).sum();
     RunOutput {
