@@ -167,7 +167,11 @@ mod tests {
                 bytes: &bytes,
                 vocab: &v,
             };
-            assert_eq!(c.complete(&view), slow.complete(&view), "complete {prefix:?}");
+            assert_eq!(
+                c.complete(&view),
+                slow.complete(&view),
+                "complete {prefix:?}"
+            );
         };
         check_complete(&[0, 5]);
         check_complete(&[2, 5, 0]);

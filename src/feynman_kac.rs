@@ -437,7 +437,11 @@ impl WordBoundaries {
                     .any(|(i, _)| i == left.len())
             })
             .collect();
-        let mut out: Vec<bool> = self.group_of.iter().map(|&g| by_group[g as usize]).collect();
+        let mut out: Vec<bool> = self
+            .group_of
+            .iter()
+            .map(|&g| by_group[g as usize])
+            .collect();
         out.push(false); // EOS ends the word
         let out = Arc::new(out);
         cache.insert(left, Arc::clone(&out));

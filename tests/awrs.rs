@@ -8,9 +8,9 @@ use std::sync::Arc;
 use common::*;
 use smc_steer::awrs::{awrs, AwrsOptions, PotentialConstraint, TokenConstraint};
 use smc_steer::exact::enumerate;
-use smc_steer::toy::ToyKernel;
 use smc_steer::potential::Hard;
 use smc_steer::replicate::run_replicates;
+use smc_steer::toy::ToyKernel;
 use smc_steer::{FeynmanKac, ProposalKind, SeqView, Smc, SmcConfig, Truncation, Vocabulary};
 
 const REPS: usize = 20_000;
@@ -94,17 +94,10 @@ fn weighted_draws_are_unbiased_for_the_constrained_sum() {
                 .zip(&ok)
                 .map(|(p, o)| if *o { *p } else { 0.0 })
                 .sum();
-            let mut r = rng(MASTER_SEED);
+            let mut r = rng(master_seed());
             let (mut s, mut s2, mut w_sum) = (0.0, 0.0, 0.0);
             for _ in 0..REPS {
-                let d = awrs(
-                    &log_p,
-                    &view,
-                    &c,
-                    options,
-                    &mut r,
-                )
-                .unwrap();
+                let d = awrs(&log_p, &view, &c, options, &mut r).unwrap();
                 let t = d.token.expect("some token is allowed");
                 assert!(ok[t as usize], "{case}: drew a disallowed token");
                 let w = d.log_weight.exp();
@@ -172,7 +165,7 @@ fn smc_with_awrs_is_unbiased_and_respects_the_constraint() {
         max_tokens: 4,
         ..SmcConfig::default()
     };
-    let reps = run_replicates(MASTER_SEED, 300, |seed| {
+    let reps = run_replicates(master_seed(), 300, |seed| {
         let model =
             FeynmanKac::new(potential()).with_proposal(ProposalKind::Awrs(constraint.clone()));
         Smc::new(
@@ -237,7 +230,10 @@ fn sparse_constraints_do_not_kill_particles() {
     let rel_var = s2 / DRAWS as f64 - mean * mean;
     let se = (rel_var / DRAWS as f64).sqrt();
     assert_eq!(zero, 0, "a draw with an allowed token got weight 0");
-    assert!((mean - 1.0).abs() <= 4.0 * se + 1e-9, "E[w]/Z = {mean} ± {se}");
+    assert!(
+        (mean - 1.0).abs() <= 4.0 * se + 1e-9,
+        "E[w]/Z = {mean} ± {se}"
+    );
     // The adaptive walk bounds the relative variance by ρ² = 1/4; here it is far smaller.
     assert!(rel_var < 0.05, "relative variance of w: {rel_var}");
 
@@ -247,8 +243,9 @@ fn sparse_constraints_do_not_kill_particles() {
     // distribution depends on the previous token, and an allowed set of 10 tokens that
     // depends on it too.
     let kernel = sparse_kernel(V);
-    let allowed =
-        Hard::on_tokens("sparse", |t: &[u32]| (0..t.len()).all(|i| sparse_allows(&t[..i], t[i])));
+    let allowed = Hard::on_tokens("sparse", |t: &[u32]| {
+        (0..t.len()).all(|i| sparse_allows(&t[..i], t[i]))
+    });
     let constraint: Arc<dyn TokenConstraint> = Arc::new(PotentialConstraint(allowed.clone()));
     let mut spread = Vec::new();
     for proposal in [

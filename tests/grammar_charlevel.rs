@@ -3,7 +3,7 @@
 //! vocabularies and on SmolLM2's vocabulary.
 
 mod common;
-use common::assert_unbiased;
+use common::{assert_unbiased, seeded};
 use smc_steer::awrs::TokenConstraint;
 use smc_steer::exact::enumerate;
 use smc_steer::grammar::charlevel::{ByteRecognizer, CharPotential, TokenTrie};
@@ -187,7 +187,7 @@ fn locally_optimal_smc_with_a_char_potential_is_unbiased() {
     }
     let pot = std::sync::Arc::new(CharPotential::new(NoCd));
     let exact = enumerate(&kernel(), pot.as_ref(), &[], 4, Truncation::Truncate).unwrap();
-    let runs = run_replicates(99, 300, |seed| {
+    let runs = run_replicates(seeded(99), 300, |seed| {
         let model = FeynmanKac::from_arc(pot.clone()).with_proposal(ProposalKind::LocallyOptimal);
         let config = SmcConfig {
             particles: 6,

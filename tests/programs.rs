@@ -92,7 +92,7 @@ fn multi_token_steps_are_unbiased_and_batched() {
         max_tokens: MAX_TOKENS,
         ..SmcConfig::default()
     };
-    let reps = run_replicates(MASTER_SEED, 300, |seed| {
+    let reps = run_replicates(master_seed(), 300, |seed| {
         let program = TwoPerStep {
             potential: soft(),
             prefix: 0.0,
@@ -138,41 +138,55 @@ impl Program for Twisted {
 
 #[test]
 fn twists_guide_without_changing_the_target() {
-    let exact = enumerate(
-        &kernel(),
-        &potential(),
-        &[],
-        MAX_TOKENS,
-        Truncation::Truncate,
-    )
-    .unwrap();
-    for algorithm in [Algorithm::Standard, Algorithm::Steer { beam: 2 }] {
-        let config = SmcConfig {
-            particles: 8,
-            max_tokens: MAX_TOKENS,
-            algorithm,
-            ..SmcConfig::default()
-        };
-        let reps = run_replicates(MASTER_SEED, 300, |seed| {
-            let program = Twisted {
-                inner: FeynmanKac::new(potential()),
+    for truncation in [Truncation::Truncate, Truncation::ForceEos] {
+        let exact = enumerate(&kernel(), &potential(), &[], MAX_TOKENS, truncation).unwrap();
+        let mut configs: Vec<(String, SmcConfig)> = smc_steer::Resampling::ALL
+            .into_iter()
+            .map(|r| {
+                (
+                    r.name().to_string(),
+                    SmcConfig {
+                        resampling: r,
+                        ..SmcConfig::default()
+                    },
+                )
+            })
+            .collect();
+        configs.push((
+            "steer".into(),
+            SmcConfig {
+                algorithm: Algorithm::Steer { beam: 2 },
+                ..SmcConfig::default()
+            },
+        ));
+        for (name, config) in configs {
+            let config = SmcConfig {
+                particles: 8,
+                max_tokens: MAX_TOKENS,
+                truncation,
+                ..config
             };
-            Smc::new(
-                kernel(),
-                program,
-                &[],
-                SmcConfig {
-                    seed,
-                    ..config.clone()
-                },
-            )?
-            .run()
-        })
-        .unwrap();
-        assert_unbiased(&reps, exact.log_z, &format!("{algorithm:?}"));
-        for r in &reps.runs {
-            for c in &r.particles {
-                assert!(c.log_weight == f64::NEG_INFINITY || !c.text.contains("cc"));
+            let reps = run_replicates(master_seed(), 300, |seed| {
+                let program = Twisted {
+                    inner: FeynmanKac::new(potential()),
+                };
+                Smc::new(
+                    kernel(),
+                    program,
+                    &[],
+                    SmcConfig {
+                        seed,
+                        ..config.clone()
+                    },
+                )?
+                .run()
+            })
+            .unwrap();
+            assert_unbiased(&reps, exact.log_z, &format!("{name} ({truncation:?})"));
+            for r in &reps.runs {
+                for c in &r.particles {
+                    assert!(c.log_weight == f64::NEG_INFINITY || !c.text.contains("cc"));
+                }
             }
         }
     }
@@ -222,7 +236,7 @@ fn multi_context_particles_share_each_batched_call() {
         max_tokens: MAX_TOKENS,
         ..SmcConfig::default()
     };
-    let reps = run_replicates(MASTER_SEED, 300, |seed| {
+    let reps = run_replicates(master_seed(), 300, |seed| {
         let mut smc = Smc::with_contexts(
             kernel(),
             ProductOfExperts,
@@ -512,7 +526,7 @@ fn word_steps_keep_the_target_and_resample_at_word_boundaries() {
             record_text: true,
             ..SmcConfig::default()
         };
-        let reps = run_replicates(MASTER_SEED, 400, |seed| {
+        let reps = run_replicates(master_seed(), 400, |seed| {
             let model = FeynmanKac::new(soft())
                 .with_proposal(proposal.clone())
                 .with_step_unit(StepUnit::Word);
@@ -560,7 +574,7 @@ fn record_lineage_links_each_particle_to_its_parent() {
             record_text: true,
             ess_threshold: 0.9,
             algorithm,
-            seed: MASTER_SEED,
+            seed: master_seed(),
             ..Default::default()
         };
         let result = Smc::new(kernel(), FeynmanKac::new(potential()), &[], config)

@@ -27,8 +27,31 @@ pub fn real_model() -> Option<std::path::PathBuf> {
 
 /// Seed of the toy bigram kernel used throughout.
 pub const KERNEL_SEED: u64 = 20261127;
-/// Master seed of replicate runs.
+/// Default master seed of replicate runs.
 pub const MASTER_SEED: u64 = 0xC0FFEE;
+
+/// The environment variable that moves every statistical suite to fresh seeds:
+/// `SMC_TEST_SEED=123 cargo test --release`. Unset, the suites use their fixed seeds.
+pub const SEED_VAR: &str = "SMC_TEST_SEED";
+
+/// `default` mixed with `SMC_TEST_SEED` when it is set. The seed in use is printed, so a
+/// failing test's output says how to reproduce it.
+pub fn seeded(default: u64) -> u64 {
+    let seed = match std::env::var(SEED_VAR) {
+        Ok(v) => match v.trim().parse::<u64>() {
+            Ok(extra) => default ^ extra.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            Err(_) => panic!("{SEED_VAR} must be an unsigned integer, got {v:?}"),
+        },
+        Err(_) => default,
+    };
+    eprintln!("seed {seed:#x} (default {default:#x}; {SEED_VAR} moves it)");
+    seed
+}
+
+/// The master seed of replicate runs ([`MASTER_SEED`], moved by `SMC_TEST_SEED`).
+pub fn master_seed() -> u64 {
+    seeded(MASTER_SEED)
+}
 
 /// A bigram kernel over `a`, `b`, `c` with EOS probability 0.3.
 pub fn kernel() -> ToyKernel {
@@ -55,10 +78,33 @@ pub fn assert_unbiased<P>(reps: &smc_steer::replicate::Replicates<P>, log_z: f64
     let ratio = reps.z_ratio(log_z);
     assert!(
         (ratio.mean - 1.0).abs() <= 4.0 * ratio.se,
-        "{label}: mean Ẑ/Z = {} ± {}",
+        "{label}: mean Ẑ/Z = {} ± {} (see the seed printed above)",
         ratio.mean,
         ratio.se
     );
+}
+
+/// As [`assert_unbiased`], and also that the test has the power to see a bias of
+/// `detectable` (relative, e.g. 0.02): its 4-SE band must be narrower than that.
+pub fn assert_unbiased_with_power<P>(
+    reps: &smc_steer::replicate::Replicates<P>,
+    log_z: f64,
+    detectable: f64,
+    label: &str,
+) {
+    let ratio = reps.z_ratio(log_z);
+    assert!(
+        4.0 * ratio.se <= detectable,
+        "{label}: SE {} too large to detect a {detectable} bias; add replicates",
+        ratio.se
+    );
+    eprintln!(
+        "{label}: Ẑ/Z = {:.4} ± {:.4}, detectable bias {:.2}%",
+        ratio.mean,
+        ratio.se,
+        400.0 * ratio.se
+    );
+    assert_unbiased(reps, log_z, label);
 }
 
 /// Chi-square goodness of fit of `counts` against `probs`, merging cells with expected
