@@ -34,7 +34,10 @@ const USAGE: &str = "usage: hard_constraints [--prompt TEXT] [--particles N] [--
 fn parse() -> Result<Args, String> {
     let mut a = Args {
         prompt: "The Fed says".into(),
-        particles: 8,
+        // 16, not 8: with 8 particles a single lineage can hold half the posterior, and
+        // which one is luck of the seed (docs/bias.md, "The demo and the number of
+        // particles").
+        particles: 16,
         max_tokens: 20,
         max_letters: 5,
         seed: 0,
