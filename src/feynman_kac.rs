@@ -46,6 +46,8 @@ pub struct FeynmanKac {
     words: Arc<OnceLock<WordBoundaries>>,
     /// Word steps: tokens drawn in the current SMC step.
     step_tokens: usize,
+    /// How the AWRS proposal's weight walk stops.
+    awrs_options: crate::awrs::AwrsOptions,
 }
 
 /// The most tokens one word step draws: a longer word ends the SMC step there and the next
@@ -108,12 +110,20 @@ impl FeynmanKac {
             phase: WordPhase::Draw(None),
             words: Arc::new(OnceLock::new()),
             step_tokens: 0,
+            awrs_options: crate::awrs::AwrsOptions::default(),
         }
     }
 
     /// Generate one token (default) or one word per SMC step.
     pub fn with_step_unit(mut self, unit: StepUnit) -> Self {
         self.unit = unit;
+        self
+    }
+
+    /// Options of the [`ProposalKind::Awrs`] weight (evaluations against variance; see
+    /// [`crate::awrs::AwrsOptions`]).
+    pub fn with_awrs_options(mut self, options: crate::awrs::AwrsOptions) -> Self {
+        self.awrs_options = options;
         self
     }
 
@@ -179,7 +189,7 @@ impl FeynmanKac {
                 t
             }
             ProposalKind::Awrs(constraint) => {
-                let options = crate::awrs::AwrsOptions::default();
+                let options = self.awrs_options;
                 let mut rng = rand_pcg::Pcg64Mcg::new(rand::Rng::random(p.rng()));
                 let draw =
                     crate::awrs::awrs(log_p, &p.view(), constraint.as_ref(), options, &mut rng)?;

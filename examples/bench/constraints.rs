@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use smc_steer::awrs::TokenConstraint;
+use smc_steer::awrs::{AwrsOptions, TokenConstraint};
 use smc_steer::grammar::charlevel::{ByteRecognizer, CharPotential};
 use smc_steer::potential::{Potential, SeqView};
 use smc_steer::{FeynmanKac, Kernel, ProposalKind, Smc, SmcConfig, TokenId, Vocabulary};
@@ -164,24 +164,34 @@ fn awrs_vs_mask(report: &mut Report, args: &Args) -> Result<(), String> {
         ..SmcConfig::default()
     };
 
-    let kernel = load(args, n, max_tokens)?;
-    let prompt = kernel
-        .encode("My favorite food is")
-        .map_err(|e| e.to_string())?;
-    let dist_len = kernel.vocab().dist_len();
-    let counted = Arc::new(CountedConstraint {
-        inner: CharPotential::new(Lipogram),
-        evals: AtomicUsize::new(0),
-    });
-    let model = FeynmanKac::new(CharPotential::new(Lipogram))
-        .with_proposal(ProposalKind::Awrs(counted.clone()));
-    let r = Smc::new(kernel, model, &prompt, config.clone())
-        .and_then(Smc::run)
-        .map_err(|e| e.to_string())?;
-    let per_token = counted.evals.load(Ordering::Relaxed) as f64 / r.tokens_generated.max(1) as f64;
-    report.emit("constraint_evals_per_token", "awrs", n, per_token, "evals");
+    let mut prompt = Vec::new();
+    // The default adaptive weight walk and the paper's recursive estimator (one draw past
+    // the first acceptance): more evaluations buy a lower-variance weight.
+    for (label, options) in [
+        ("awrs", AwrsOptions::default()),
+        ("awrs-recursive", AwrsOptions::recursive()),
+    ] {
+        let kernel = load(args, n, max_tokens)?;
+        prompt = kernel
+            .encode("My favorite food is")
+            .map_err(|e| e.to_string())?;
+        let counted = Arc::new(CountedConstraint {
+            inner: CharPotential::new(Lipogram),
+            evals: AtomicUsize::new(0),
+        });
+        let model = FeynmanKac::new(CharPotential::new(Lipogram))
+            .with_proposal(ProposalKind::Awrs(counted.clone()))
+            .with_awrs_options(options);
+        let r = Smc::new(kernel, model, &prompt, config.clone())
+            .and_then(Smc::run)
+            .map_err(|e| e.to_string())?;
+        let per_token =
+            counted.evals.load(Ordering::Relaxed) as f64 / r.tokens_generated.max(1) as f64;
+        report.emit("constraint_evals_per_token", label, n, per_token, "evals");
+    }
 
     let kernel = load(args, n, max_tokens)?;
+    let dist_len = kernel.vocab().dist_len();
     let counted = Arc::new(CountedMask {
         inner: CharPotential::for_vocab(Lipogram, kernel.vocab()),
         calls: AtomicUsize::new(0),

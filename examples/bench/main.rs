@@ -8,6 +8,7 @@
 //!
 //! With `--json` every figure is one JSON object per line with `metric`, `impl`, `n` and
 //! `value` (plus `unit`); derived ratios come last. Timings are medians over `--steps` steps.
+//! `SMC_BENCH_ONLY=cache` or `SMC_BENCH_ONLY=constraints` runs one group of figures.
 
 mod cache;
 mod constraints;
@@ -258,6 +259,10 @@ fn run() -> Result<(), String> {
     };
     if cache::only() {
         return cache::run(&mut report, &args);
+    }
+    if std::env::var("SMC_BENCH_ONLY").is_ok_and(|v| v == "constraints") {
+        let kernel = load(&args, 32, 64)?;
+        return constraints::run(&mut report, &args, kernel.vocab());
     }
     let max_n = *args.ns.iter().max().unwrap_or(&1);
     let mut kernel = load(&args, max_n, 512)?;
