@@ -305,5 +305,5 @@ fn sparse_kernel(v: usize) -> ToyKernel {
 /// After `prefix`, token `t` is allowed when `(t + 7·last) mod 100 = 0`: 10 of 1,000.
 fn sparse_allows(prefix: &[u32], t: u32) -> bool {
     let last = prefix.last().copied().unwrap_or(0);
-    (t + 7 * last) % 100 == 0
+    (t + 7 * last).is_multiple_of(100)
 }
