@@ -39,42 +39,8 @@ use std::collections::HashMap;
 use rand::Rng;
 
 use crate::error::{Result, SmcError};
-use crate::potential::SeqView;
+use crate::potential::{Potential, SeqView};
 use crate::vocab::TokenId;
-
-/// A Boolean constraint on the next token, evaluated one token at a time.
-pub trait TokenConstraint: Send + Sync {
-    /// A name for error messages.
-    fn name(&self) -> &str;
-    /// Whether `token` (possibly EOS) may follow `seq`.
-    fn allows(&self, seq: &SeqView<'_>, token: TokenId) -> bool;
-}
-
-/// Any potential is a token constraint: a token is allowed when its next-token weight is
-/// not `-inf` (evaluated through [`crate::Potential::prefix`]/[`crate::Potential::complete`]
-/// for that token only).
-#[derive(Clone)]
-pub struct PotentialConstraint<P>(pub P);
-
-impl<P: crate::Potential> TokenConstraint for PotentialConstraint<P> {
-    fn name(&self) -> &str {
-        self.0.name()
-    }
-    fn allows(&self, seq: &SeqView<'_>, token: TokenId) -> bool {
-        if token == seq.vocab.eos() {
-            return self.0.complete(seq) > f64::NEG_INFINITY;
-        }
-        let mut tokens = seq.tokens.to_vec();
-        tokens.push(token);
-        let mut bytes = seq.bytes.to_vec();
-        bytes.extend_from_slice(seq.vocab.bytes(token));
-        self.0.prefix(&SeqView {
-            tokens: &tokens,
-            bytes: &bytes,
-            vocab: seq.vocab,
-        }) > f64::NEG_INFINITY
-    }
-}
 
 /// Options of [`awrs`]: when the weight walk stops.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -193,7 +159,10 @@ impl<'a> WithoutReplacement<'a> {
     }
 }
 
-/// One AWRS draw from kernel log-probabilities `log_p` under `constraint`.
+/// One AWRS draw from kernel log-probabilities `log_p` under a Boolean potential
+/// `constraint` in `state` (the state after `seq`): token `v` is allowed when its
+/// next-token weight ([`Potential::log_weight_of`]) is not `-inf`, evaluated one token at a
+/// time.
 ///
 /// # Errors
 /// [`SmcError::InvalidConfig`] when `options.remainder_ratio` is negative or NaN.
@@ -201,25 +170,23 @@ impl<'a> WithoutReplacement<'a> {
 /// # Example
 /// ```
 /// use rand::SeedableRng;
-/// use smc_steer::awrs::{awrs, AwrsOptions, TokenConstraint};
+/// use smc_steer::awrs::{awrs, AwrsOptions};
+/// use smc_steer::potential::Hard;
 /// use smc_steer::{SeqView, Vocabulary};
-/// struct NotB;
-/// impl TokenConstraint for NotB {
-///     fn name(&self) -> &str { "not-b" }
-///     fn allows(&self, _: &SeqView<'_>, t: u32) -> bool { t != 1 }
-/// }
+/// let not_b = Hard::on_text("not-b", |t: &str| !t.contains('b'));
 /// let v = Vocabulary::from_strs(&["a", "b"]).unwrap();
 /// let view = SeqView { tokens: &[], bytes: &[], vocab: &v };
 /// let log_p = [0.5f64.ln(), 0.3f64.ln(), 0.2f64.ln()];
 /// let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(1);
-/// let d = awrs(&log_p, &view, &NotB, AwrsOptions::default(), &mut rng).unwrap();
+/// let d = awrs(&log_p, &view, &not_b, &(), AwrsOptions::default(), &mut rng).unwrap();
 /// assert_ne!(d.token, Some(1));
 /// assert!(d.log_weight.is_finite());
 /// ```
-pub fn awrs<R: Rng + ?Sized>(
+pub fn awrs<P: Potential + ?Sized, R: Rng + ?Sized>(
     log_p: &[f64],
     seq: &SeqView<'_>,
-    constraint: &dyn TokenConstraint,
+    constraint: &P,
+    state: &P::State,
     options: AwrsOptions,
     rng: &mut R,
 ) -> Result<AwrsDraw> {
@@ -241,9 +208,9 @@ pub fn awrs<R: Rng + ?Sized>(
     let probs: Vec<f64> = log_p.iter().map(|x| (x - max).exp()).collect();
     let mut cache: HashMap<usize, bool> = HashMap::new();
     let mut eval = |i: usize| {
-        *cache
-            .entry(i)
-            .or_insert_with(|| constraint.allows(seq, i as TokenId))
+        *cache.entry(i).or_insert_with(|| {
+            constraint.log_weight_of(state, seq, i as TokenId) > f64::NEG_INFINITY
+        })
     };
 
     let mut pool = WithoutReplacement::new(&probs);

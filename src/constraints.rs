@@ -1,7 +1,7 @@
 //! Ready-made constraints with fast next-token weights.
 
 use crate::potential::{Potential, SeqView};
-use crate::vocab::{incomplete_tail_start, prefix_text};
+use crate::vocab::{complete_text, incomplete_tail_start, prefix_text, TokenId, Vocabulary};
 
 /// Every word has at most `max` letters — the classic hard constraint of the SMC-steering
 /// literature.
@@ -15,8 +15,8 @@ use crate::vocab::{incomplete_tail_start, prefix_text};
 /// crate's one UTF-8 rule ([`crate::vocab::prefix_text`] for prefixes,
 /// [`crate::vocab::complete_text`] at EOS).
 ///
-/// Its [`Potential::log_weight_next`] walks each token's bytes once from the current
-/// trailing word length, instead of re-checking the whole text per token.
+/// Its state is the trailing word's letter count (O(1) per token), and its
+/// [`Potential::log_weight_next`] walks each token's bytes once from there.
 ///
 /// # Example
 /// ```
@@ -25,9 +25,9 @@ use crate::vocab::{incomplete_tail_start, prefix_text};
 /// use smc_steer::Vocabulary;
 /// let v = Vocabulary::from_strs(&["hello", " world", "s"]).unwrap();
 /// let c = MaxWordLetters::new(5);
-/// let view = SeqView { tokens: &[0], bytes: b"hello", vocab: &v };
+/// let (state, view) = smc_steer::potential::replay(&c, &v, &[0], b"hello");
 /// let mut w = vec![0.0; 4];
-/// c.log_weight_next(&view, &mut w);
+/// c.log_weight_next(&state, &view, &mut w);
 /// assert_eq!(w, vec![f64::NEG_INFINITY, 0.0, f64::NEG_INFINITY, 0.0]);
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,31 +46,29 @@ impl MaxWordLetters {
         c.is_alphabetic() || c == char::REPLACEMENT_CHARACTER
     }
 
-    /// Letters in the trailing word of `text`.
-    fn trailing(text: &str) -> usize {
-        text.chars()
-            .rev()
-            .take_while(|c| !c.is_whitespace())
-            .filter(|c| Self::is_letter(*c))
-            .count()
-    }
-
-    /// Whether appending the characters of `text` to a trailing word of `run` letters keeps
-    /// every word within the limit.
-    fn extends(&self, mut run: usize, text: &str) -> bool {
+    /// The trailing word's letters after appending the characters of `text` to a trailing
+    /// word of `run` letters; `None` when a word goes over the limit.
+    fn walk(&self, mut run: usize, text: &str) -> Option<usize> {
         for c in text.chars() {
             if c.is_whitespace() {
                 run = 0;
             } else if Self::is_letter(c) {
                 run += 1;
                 if run > self.max {
-                    return false;
+                    return None;
                 }
             }
         }
-        true
+        Some(run)
     }
 
+    /// Whether appending `text` to a trailing word of `run` letters keeps every word within
+    /// the limit.
+    fn extends(&self, run: usize, text: &str) -> bool {
+        self.walk(run, text).is_some()
+    }
+
+    #[cfg(test)]
     fn ok(&self, text: &str) -> bool {
         self.extends(0, text)
     }
@@ -84,50 +82,84 @@ impl MaxWordLetters {
     }
 }
 
+/// The state of [`MaxWordLetters`]: O(1) per token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WordState {
+    /// Whether every word so far is within the limit.
+    ok: bool,
+    /// Letters in the trailing word of the text read so far.
+    run: usize,
+    /// Bytes held back: an incomplete character at the end (at most 3 bytes).
+    tail: Vec<u8>,
+}
+
 impl Potential for MaxWordLetters {
+    type State = WordState;
+
     fn name(&self) -> &str {
         "max-word-letters"
     }
 
-    fn prefix(&self, seq: &SeqView<'_>) -> f64 {
-        Self::value(self.ok(&seq.text()))
+    fn start(&self, _: &Vocabulary) -> WordState {
+        WordState {
+            ok: true,
+            run: 0,
+            tail: Vec::new(),
+        }
     }
 
-    fn complete(&self, seq: &SeqView<'_>) -> f64 {
-        Self::value(self.ok(&seq.complete_text()))
+    fn advance(&self, state: &mut WordState, seq: &SeqView<'_>, token: TokenId) {
+        if !state.ok {
+            return;
+        }
+        let mut buf = std::mem::take(&mut state.tail);
+        buf.extend_from_slice(seq.vocab.bytes(token));
+        // Everything before an incomplete trailing character reads the same whatever comes
+        // next, so it is settled now; the rest waits for the next token.
+        let cut = incomplete_tail_start(&buf);
+        match self.walk(state.run, &String::from_utf8_lossy(&buf[..cut])) {
+            Some(run) => state.run = run,
+            None => state.ok = false,
+        }
+        state.tail = buf.split_off(cut);
     }
 
-    fn log_weight_next(&self, seq: &SeqView<'_>, out: &mut [f64]) {
-        let text = seq.text();
-        if !self.ok(&text) {
+    fn prefix(&self, state: &WordState, _: &SeqView<'_>) -> f64 {
+        Self::value(state.ok)
+    }
+
+    fn complete(&self, state: &WordState, _: &SeqView<'_>) -> f64 {
+        // A finished sequence holds nothing back: the tail reads as U+FFFD.
+        Self::value(state.ok && self.extends(state.run, &complete_text(&state.tail)))
+    }
+
+    fn log_weight_next(&self, state: &WordState, seq: &SeqView<'_>, out: &mut [f64]) {
+        if !state.ok {
             out.fill(f64::NEG_INFINITY);
             return;
         }
-        let run = Self::trailing(&text);
-        // Bytes held back: an incomplete character at the end, completed (or not) by the
-        // next token. Everything before them reads the same whatever comes next.
-        let tail = &seq.bytes[incomplete_tail_start(seq.bytes)..];
-        let mut buf = Vec::with_capacity(tail.len() + 16);
+        let mut buf = Vec::with_capacity(state.tail.len() + 16);
         for (v, o) in out.iter_mut().enumerate().take(seq.vocab.len()) {
-            let token = seq.vocab.bytes(v as u32);
-            let ok = if tail.is_empty() {
-                self.extends(run, &prefix_text(token))
+            let token = seq.vocab.bytes(v as TokenId);
+            let ok = if state.tail.is_empty() {
+                self.extends(state.run, &prefix_text(token))
             } else {
                 buf.clear();
-                buf.extend_from_slice(tail);
+                buf.extend_from_slice(&state.tail);
                 buf.extend_from_slice(token);
-                self.extends(run, &prefix_text(&buf))
+                self.extends(state.run, &prefix_text(&buf))
             };
             *o = Self::value(ok);
         }
-        out[seq.vocab.len()] = self.complete(seq);
+        if let Some(o) = out.get_mut(seq.vocab.len()) {
+            *o = self.complete(state, seq);
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Vocabulary;
 
     #[test]
     fn fast_next_weights_match_the_default() {
@@ -162,14 +194,10 @@ mod tests {
         // The same check through the slow path's complete score too.
         let check_complete = |prefix: &[u32]| {
             let bytes = v.decode_bytes(prefix);
-            let view = SeqView {
-                tokens: prefix,
-                bytes: &bytes,
-                vocab: &v,
-            };
+            let (state, view) = crate::potential::replay(&c, &v, prefix, &bytes);
             assert_eq!(
-                c.complete(&view),
-                slow.complete(&view),
+                c.complete(&state, &view),
+                crate::potential::SeqPotential::complete(&slow, &view),
                 "complete {prefix:?}"
             );
         };
@@ -189,14 +217,10 @@ mod tests {
             vec![4, 5],
         ] {
             let bytes = v.decode_bytes(&prefix);
-            let view = SeqView {
-                tokens: &prefix,
-                bytes: &bytes,
-                vocab: &v,
-            };
+            let (state, view) = crate::potential::replay(&c, &v, &prefix, &bytes);
             let (mut fast, mut reference) = (vec![0.0; v.dist_len()], vec![0.0; v.dist_len()]);
-            c.log_weight_next(&view, &mut fast);
-            slow.log_weight_next(&view, &mut reference);
+            c.log_weight_next(&state, &view, &mut fast);
+            crate::potential::SeqPotential::log_weight_next(&slow, &view, &mut reference);
             assert_eq!(fast, reference, "prefix {prefix:?}");
         }
     }

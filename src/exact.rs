@@ -72,9 +72,9 @@ impl Exact {
 /// # Errors
 /// [`SmcError::InvalidConfig`] when more than 2,000,000 prefixes would be visited, or
 /// [`SmcError::NanPotential`].
-pub fn enumerate(
+pub fn enumerate<P: Potential + ?Sized>(
     kernel: &ToyKernel,
-    potential: &dyn Potential,
+    potential: &P,
     prompt: &[TokenId],
     max_tokens: usize,
     truncation: Truncation,
@@ -99,16 +99,21 @@ pub fn enumerate(
     };
     let mut outcomes = Vec::new();
     // Depth-first over (generated tokens, log p(x), log φ(x)).
-    let mut stack: Vec<(Vec<TokenId>, f64, f64)> = Vec::new();
-    let root_phi = nan(potential.prefix(&SeqView {
-        tokens: &[],
-        bytes: &[],
-        vocab,
-    }))?;
+    // Each prefix carries the potential's state after its tokens.
+    let mut stack: Vec<(Vec<TokenId>, f64, f64, P::State)> = Vec::new();
+    let root_state = potential.start(vocab);
+    let root_phi = nan(potential.prefix(
+        &root_state,
+        &SeqView {
+            tokens: &[],
+            bytes: &[],
+            vocab,
+        },
+    ))?;
     if root_phi > f64::NEG_INFINITY {
-        stack.push((Vec::new(), 0.0, root_phi));
+        stack.push((Vec::new(), 0.0, root_phi, root_state));
     }
-    while let Some((tokens, log_p, log_phi)) = stack.pop() {
+    while let Some((tokens, log_p, log_phi, state)) = stack.pop() {
         let bytes = vocab.decode_bytes(&tokens);
         let view = SeqView {
             tokens: &tokens,
@@ -127,7 +132,7 @@ pub fn enumerate(
             });
             continue;
         }
-        let end = nan(potential.complete(&view))?;
+        let end = nan(potential.complete(&state, &view))?;
         let eos_mass = log_mul(log_mul(log_p, dist[vocab.len()]), end);
         if eos_mass > f64::NEG_INFINITY {
             outcomes.push(Outcome {
@@ -144,16 +149,21 @@ pub fn enumerate(
             if lp == f64::NEG_INFINITY {
                 continue;
             }
+            let mut next_state = state.clone();
+            potential.advance(&mut next_state, &view, v);
             let mut next = tokens.clone();
             next.push(v);
             let next_bytes = vocab.decode_bytes(&next);
-            let phi = nan(potential.prefix(&SeqView {
-                tokens: &next,
-                bytes: &next_bytes,
-                vocab,
-            }))?;
+            let phi = nan(potential.prefix(
+                &next_state,
+                &SeqView {
+                    tokens: &next,
+                    bytes: &next_bytes,
+                    vocab,
+                },
+            ))?;
             if log_div(phi, 0.0) > f64::NEG_INFINITY {
-                stack.push((next, lp, phi));
+                stack.push((next, lp, phi, next_state));
             }
         }
     }

@@ -13,7 +13,7 @@ use unicode_segmentation::UnicodeSegmentation;
 use crate::error::{Result, SmcError};
 use crate::logspace::{log_div, log_mul, log_sum_exp};
 use crate::particle::Particle;
-use crate::potential::{Increments, Potential, SeqView};
+use crate::potential::{AnyState, DynPotential, Potential, SeqView, SharedPotential};
 use crate::program::{Flow, Program, Truncation};
 use crate::proposal::ProposalKind;
 use crate::vocab::Vocabulary;
@@ -36,9 +36,16 @@ use crate::vocab::Vocabulary;
 /// ```
 #[derive(Clone)]
 pub struct FeynmanKac {
-    /// The potential, with `log φ` of the current prefix.
-    increments: Increments,
+    /// The potential `G`.
+    potential: SharedPotential,
+    /// This particle's state of `potential` (made at the first use, from the kernel's
+    /// vocabulary).
+    state: Option<AnyState>,
+    /// `log φ` of the current prefix.
+    prefix_score: f64,
     proposal: ProposalKind,
+    /// The mask or AWRS proposal's constraint and this particle's state of it.
+    constraint: Option<(SharedPotential, Option<AnyState>)>,
     unit: StepUnit,
     /// Word steps: what the next draw is conditioned on.
     phase: WordPhase,
@@ -89,7 +96,7 @@ enum WordPhase {
 impl std::fmt::Debug for FeynmanKac {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FeynmanKac")
-            .field("potential", &self.increments.potential().name())
+            .field("potential", &self.potential.name())
             .field("proposal", &self.proposal)
             .finish()
     }
@@ -102,10 +109,13 @@ impl FeynmanKac {
     }
 
     /// As [`FeynmanKac::new`] with a shared potential.
-    pub fn from_arc(potential: Arc<dyn Potential>) -> Self {
+    pub fn from_arc(potential: Arc<dyn DynPotential>) -> Self {
         Self {
-            increments: Increments::new(potential),
+            potential: SharedPotential::from_arc(potential),
+            state: None,
+            prefix_score: 0.0,
             proposal: ProposalKind::Bootstrap,
+            constraint: None,
             unit: StepUnit::Token,
             phase: WordPhase::Draw(None),
             words: Arc::new(OnceLock::new()),
@@ -129,29 +139,44 @@ impl FeynmanKac {
 
     /// Use another proposal.
     pub fn with_proposal(mut self, proposal: ProposalKind) -> Self {
+        self.constraint = match &proposal {
+            ProposalKind::Mask(c) | ProposalKind::Awrs(c) => {
+                Some((SharedPotential::from_arc(Arc::clone(c)), None))
+            }
+            _ => None,
+        };
         self.proposal = proposal;
         self
     }
 
     /// The potential.
-    pub fn potential(&self) -> &Arc<dyn Potential> {
-        self.increments.potential()
+    pub fn potential(&self) -> &SharedPotential {
+        &self.potential
+    }
+
+    /// `log φ` of the particle's current prefix.
+    pub fn prefix_score(&self) -> f64 {
+        self.prefix_score
     }
 
     /// Draw one token from `log_p` (the kernel's distribution, possibly conditioned on a
     /// word-boundary event) with the proposal, append it and update the weight. Returns
     /// `None` when the particle died.
     fn draw_token(&mut self, p: &mut Particle<'_>, log_p: &[f64]) -> Result<Option<u32>> {
+        let eos = p.vocab().eos();
         let t = match self.proposal.clone() {
             ProposalKind::Bootstrap => {
                 let t = p.draw(log_p)?;
-                let inc = self.increment(&p.view(), t)?;
-                p.append_to(0, t)?;
+                let inc = self.append(p, t)?;
                 p.score(inc)?;
                 t
             }
             ProposalKind::LocallyOptimal => {
-                let w = self.next_weights(&p.view(), self.increments.potential().as_ref())?;
+                let w = {
+                    let potential = self.potential.clone();
+                    let view = p.view();
+                    next_weights(&potential, self.state_mut(view.vocab), &view)?
+                };
                 let joint: Vec<f64> = log_p.iter().zip(&w).map(|(a, b)| log_mul(*a, *b)).collect();
                 let local_z = log_sum_exp(&joint);
                 if local_z == f64::NEG_INFINITY {
@@ -159,16 +184,20 @@ impl FeynmanKac {
                     return Ok(None);
                 }
                 let t = p.draw(&joint)?;
-                if t != p.vocab().eos() {
-                    self.increments.advance_by(w[t as usize]);
+                if t == eos {
+                    p.append_to(0, t)?;
+                } else {
+                    // The drawn token's weight is known: advance without re-scoring.
+                    self.advance_states(p, t);
+                    p.append_to(0, t)?;
+                    self.prefix_score = log_mul(self.prefix_score, w[t as usize]);
                 }
-                p.append_to(0, t)?;
                 p.score(local_z)?;
                 t
             }
-            ProposalKind::Mask(mask) => {
+            ProposalKind::Mask(_) => {
                 // The mask's weights become the masked kernel distribution in place.
-                let mut masked = self.next_weights(&p.view(), mask.as_ref())?;
+                let mut masked = self.constraint_weights(p)?;
                 for (m, lp) in masked.iter_mut().zip(log_p) {
                     *m = if *m > f64::NEG_INFINITY {
                         *lp
@@ -182,23 +211,24 @@ impl FeynmanKac {
                     return Ok(None);
                 }
                 let t = p.draw(&masked)?;
-                let inc = self.increment(&p.view(), t)?;
-                p.append_to(0, t)?;
+                let inc = self.append(p, t)?;
                 p.score(log_mass)?;
                 p.score(inc)?;
                 t
             }
-            ProposalKind::Awrs(constraint) => {
+            ProposalKind::Awrs(_) => {
                 let options = self.awrs_options;
                 let mut rng = rand_pcg::Pcg64Mcg::new(rand::Rng::random(p.rng()));
-                let draw =
-                    crate::awrs::awrs(log_p, &p.view(), constraint.as_ref(), options, &mut rng)?;
+                let vocab = p.vocab();
+                let draw = {
+                    let (c, cstate) = self.constraint_state(vocab)?;
+                    crate::awrs::awrs(log_p, &p.view(), &c, cstate, options, &mut rng)?
+                };
                 let Some(t) = draw.token else {
                     p.condition(false);
                     return Ok(None);
                 };
-                let inc = self.increment(&p.view(), t)?;
-                p.append_to(0, t)?;
+                let inc = self.append(p, t)?;
                 p.score(draw.log_weight)?;
                 p.score(inc)?;
                 t
@@ -206,8 +236,7 @@ impl FeynmanKac {
             ProposalKind::Custom(q) => {
                 let lq = crate::proposal::checked_log_probs(q.as_ref(), &p.view(), log_p)?;
                 let t = p.draw(&lq)?;
-                let inc = self.increment(&p.view(), t)?;
-                p.append_to(0, t)?;
+                let inc = self.append(p, t)?;
                 p.score(log_div(log_p[t as usize], lq[t as usize]))?;
                 p.score(inc)?;
                 t
@@ -220,21 +249,101 @@ impl FeynmanKac {
         })
     }
 
-    /// `log φ(x·t) − log φ(x)` (or the complete score on EOS), updating the cached prefix.
-    fn increment(&mut self, view: &SeqView<'_>, t: u32) -> Result<f64> {
-        self.increments.increment(view, t)
+    /// This particle's state of the potential (started on first use).
+    fn state_mut(&mut self, vocab: &Vocabulary) -> &mut AnyState {
+        let potential = &self.potential;
+        self.state.get_or_insert_with(|| potential.start(vocab))
     }
 
-    fn next_weights(&self, view: &SeqView<'_>, potential: &dyn Potential) -> Result<Vec<f64>> {
-        let mut w = vec![0.0; view.vocab.dist_len()];
-        potential.log_weight_next(view, &mut w);
-        if w.iter().any(|x| x.is_nan()) {
-            return Err(SmcError::NanPotential {
-                name: potential.name().to_string(),
-            });
-        }
-        Ok(w)
+    /// The proposal's constraint and this particle's state of it.
+    fn constraint_state(&mut self, vocab: &Vocabulary) -> Result<(SharedPotential, &AnyState)> {
+        let Some((c, state)) = self.constraint.as_mut() else {
+            return Err(SmcError::Program(
+                "the proposal has no constraint (internal)".into(),
+            ));
+        };
+        let c = c.clone();
+        let state = state.get_or_insert_with(|| c.start(vocab));
+        Ok((c, state))
     }
+
+    /// The constraint's next-token weights (mask proposal).
+    fn constraint_weights(&mut self, p: &Particle<'_>) -> Result<Vec<f64>> {
+        let view = p.view();
+        let (c, state) = self.constraint_state(p.vocab())?;
+        next_weights(&c, state, &view)
+    }
+
+    /// Advance the potential's (and the constraint's) state past the ordinary token `t`,
+    /// before it is appended.
+    fn advance_states(&mut self, p: &Particle<'_>, t: u32) {
+        let view = p.view();
+        let vocab = p.vocab();
+        let potential = self.potential.clone();
+        potential.advance(self.state_mut(vocab), &view, t);
+        if let Some((c, state)) = self.constraint.as_mut() {
+            let state = state.get_or_insert_with(|| c.start(vocab));
+            c.advance(state, &view, t);
+        }
+    }
+
+    /// Append `t` and return its potential increment `log φ(x·t) − log φ(x)` (on EOS:
+    /// `log φ_end(x) − log φ(x)`), advancing the states.
+    fn append(&mut self, p: &mut Particle<'_>, t: u32) -> Result<f64> {
+        if t == p.vocab().eos() {
+            let inc = self.end_increment(p)?;
+            p.append_to(0, t)?;
+            return Ok(inc);
+        }
+        self.advance_states(p, t);
+        p.append_to(0, t)?;
+        let vocab = p.vocab();
+        let potential = self.potential.clone();
+        let score = checked(
+            &potential,
+            potential.prefix(self.state_mut(vocab), &p.view()),
+        )?;
+        let inc = log_div(score, self.prefix_score);
+        self.prefix_score = score;
+        Ok(inc)
+    }
+
+    /// `log φ_end(x) − log φ(x)` for ending the current sequence.
+    fn end_increment(&mut self, p: &Particle<'_>) -> Result<f64> {
+        let potential = self.potential.clone();
+        let end = checked(
+            &potential,
+            potential.complete(self.state_mut(p.vocab()), &p.view()),
+        )?;
+        Ok(log_div(end, self.prefix_score))
+    }
+}
+
+/// `x`, or [`SmcError::NanPotential`] naming `potential` when `x` is NaN.
+fn checked(potential: &SharedPotential, x: f64) -> Result<f64> {
+    if x.is_nan() {
+        Err(SmcError::NanPotential {
+            name: potential.name().to_string(),
+        })
+    } else {
+        Ok(x)
+    }
+}
+
+/// Next-token weights of `potential` in `state`, NaN reported as an error.
+fn next_weights(
+    potential: &SharedPotential,
+    state: &AnyState,
+    view: &SeqView<'_>,
+) -> Result<Vec<f64>> {
+    let mut w = vec![0.0; view.vocab.dist_len()];
+    potential.log_weight_next(state, view, &mut w);
+    if w.iter().any(|x| x.is_nan()) {
+        return Err(SmcError::NanPotential {
+            name: potential.name().to_string(),
+        });
+    }
+    Ok(w)
 }
 
 impl Program for FeynmanKac {
@@ -247,19 +356,26 @@ impl Program for FeynmanKac {
             }),
             _ => Ok(()),
         };
-        let potential = self.increments.potential();
         check(
-            &format!("potential `{}`", potential.name()),
-            potential.vocab_size(),
+            &format!("potential `{}`", self.potential.name()),
+            self.potential.vocab_size(),
         )?;
         if let ProposalKind::Mask(m) = &self.proposal {
-            check(&format!("mask `{}`", m.name()), m.vocab_size())?;
+            check(&format!("mask `{}`", m.dyn_name()), m.dyn_vocab_size())?;
         }
         Ok(())
     }
 
     fn start(&mut self, p: &mut Particle<'_>) -> Result<()> {
-        let initial = self.increments.start(&p.view())?;
+        let vocab = p.vocab();
+        let potential = self.potential.clone();
+        let state = potential.start(vocab);
+        let initial = checked(&potential, potential.prefix(&state, &p.view()))?;
+        self.state = Some(state);
+        if let Some((c, cstate)) = self.constraint.as_mut() {
+            *cstate = Some(c.start(vocab));
+        }
+        self.prefix_score = initial;
         p.score(initial)
     }
 
@@ -350,19 +466,18 @@ impl Program for FeynmanKac {
                 // The proposal's constraint is part of the target: EOS forced at the limit
                 // must be allowed by it, exactly as a drawn EOS would have to be.
                 let eos = p.vocab().eos();
-                let allowed = match &self.proposal {
-                    ProposalKind::Mask(mask) => {
-                        self.next_weights(&p.view(), mask.as_ref())?[eos as usize]
-                            > f64::NEG_INFINITY
-                    }
-                    ProposalKind::Awrs(constraint) => constraint.allows(&p.view(), eos),
-                    _ => true,
+                let allowed = if self.constraint.is_some() {
+                    let view = p.view();
+                    let (c, state) = self.constraint_state(view.vocab)?;
+                    checked(&c, c.log_weight_of(state, &view, eos))? > f64::NEG_INFINITY
+                } else {
+                    true
                 };
                 if !allowed {
                     p.condition(false);
                     return Ok(());
                 }
-                let inc = self.increment(&p.view(), eos)?;
+                let inc = self.end_increment(p)?;
                 p.observe(eos)?;
                 p.score(inc)?;
             }

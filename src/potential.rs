@@ -12,10 +12,11 @@
 //!
 //! Potentials see the *generated* tokens (the prompt is not included) and their bytes.
 
+use std::any::Any;
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use crate::logspace::log_mul;
-use std::borrow::Cow;
 
 use crate::vocab::{complete_text, prefix_text, TokenId, Vocabulary};
 
@@ -44,24 +45,192 @@ impl<'a> SeqView<'a> {
     }
 }
 
-/// A potential on token sequences, in log space.
+/// A potential with a per-particle state, in log space.
 ///
-/// Implement [`Potential::prefix`] and [`Potential::complete`]; override
-/// [`Potential::log_weight_next`] when all next-token weights can be computed faster than
-/// one prefix evaluation per token.
+/// Each particle holds a [`Potential::State`]: it starts at [`Potential::start`] (the empty
+/// generated sequence), [`Potential::advance`]s by one token at a time, and the scores read
+/// it — so a stateful constraint (a grammar matcher, a byte recognizer, a running count)
+/// does O(1) work per token instead of re-reading the whole prefix, and cloning a particle
+/// clones its state. Scores also receive the [`SeqView`] of the sequence, so a potential
+/// that is a plain function of the text needs no state at all: implement [`SeqPotential`]
+/// instead, which gives `Potential` with `State = ()`.
+///
+/// # Contract
+/// * `prefix(state, x)` is `log φ(x)` for an unfinished `x`, `complete(state, x)` is
+///   `log φ_end(x)` for an `x` that ended with EOS; `-inf` rejects, NaN is never valid.
+/// * `state` is always the state after exactly the tokens of `x`.
+/// * `log_weight_next(state, x)[v] = prefix(x·v) − prefix(x)` for ordinary `v`, and
+///   `complete(x) − prefix(x)` for EOS; all `-inf` when `prefix(x)` is `-inf`.
+///   [`crate::testing::assert_potential_consistent`] checks all of this.
+///
+/// # Example
+/// A stateful count of `a` bytes (O(1) per token):
+/// ```
+/// use smc_steer::potential::{Potential, SeqView};
+/// use smc_steer::{TokenId, Vocabulary};
+/// struct LikesA;
+/// impl Potential for LikesA {
+///     type State = usize; // number of `a` bytes so far
+///     fn name(&self) -> &str { "likes-a" }
+///     fn start(&self, _: &Vocabulary) -> usize { 0 }
+///     fn advance(&self, n: &mut usize, seq: &SeqView<'_>, t: TokenId) {
+///         *n += seq.vocab.bytes(t).iter().filter(|b| **b == b'a').count();
+///     }
+///     fn prefix(&self, n: &usize, _: &SeqView<'_>) -> f64 { 0.5 * *n as f64 }
+///     fn complete(&self, n: &usize, s: &SeqView<'_>) -> f64 { self.prefix(n, s) }
+/// }
+/// let v = Vocabulary::from_strs(&["a", "b"]).unwrap();
+/// smc_steer::testing::assert_potential_consistent(&LikesA, &v, 3);
+/// ```
+pub trait Potential: Send + Sync {
+    /// The per-particle state (`()` for potentials that read only the [`SeqView`]).
+    type State: Clone + Send + Sync + 'static;
+
+    /// A name used in error messages.
+    fn name(&self) -> &str;
+
+    /// The state of the empty generated sequence.
+    fn start(&self, vocab: &Vocabulary) -> Self::State;
+
+    /// Advance `state` past the ordinary token `token` appended to `seq` (`seq` is the
+    /// sequence *before* `token`; EOS is never advanced over).
+    fn advance(&self, state: &mut Self::State, seq: &SeqView<'_>, token: TokenId);
+
+    /// `log φ(x)` for the unfinished sequence `seq` in `state`.
+    fn prefix(&self, state: &Self::State, seq: &SeqView<'_>) -> f64;
+
+    /// `log φ_end(x)` for the sequence `seq`, in `state`, that ended with EOS.
+    fn complete(&self, state: &Self::State, seq: &SeqView<'_>) -> f64;
+
+    /// The log-weight of every next symbol (see the contract); `out` has
+    /// `vocab.dist_len()` entries. The default advances a copy of the state once per
+    /// token; override it when all next-token weights can be computed at once.
+    fn log_weight_next(&self, state: &Self::State, seq: &SeqView<'_>, out: &mut [f64]) {
+        let base = self.prefix(state, seq);
+        if base == f64::NEG_INFINITY {
+            out.fill(f64::NEG_INFINITY);
+            return;
+        }
+        let mut next = Extended::new(seq);
+        for (v, o) in out.iter_mut().enumerate().take(seq.vocab.len()) {
+            let mut s = state.clone();
+            self.advance(&mut s, seq, v as TokenId);
+            *o = self.prefix(&s, &next.with(v as TokenId)) - base;
+        }
+        if let Some(o) = out.get_mut(seq.vocab.len()) {
+            *o = self.complete(state, seq) - base;
+        }
+    }
+
+    /// The log-weight of one next symbol, `log_weight_next(state, seq)[token]`, computed
+    /// alone (what lazy samplers such as AWRS ask for).
+    fn log_weight_of(&self, state: &Self::State, seq: &SeqView<'_>, token: TokenId) -> f64 {
+        let base = self.prefix(state, seq);
+        if base == f64::NEG_INFINITY {
+            return f64::NEG_INFINITY;
+        }
+        if token == seq.vocab.eos() {
+            return self.complete(state, seq) - base;
+        }
+        let mut s = state.clone();
+        self.advance(&mut s, seq, token);
+        self.prefix(&s, &Extended::new(seq).with(token)) - base
+    }
+
+    /// The vocabulary size this potential was built for, if it depends on one.
+    fn vocab_size(&self) -> Option<usize> {
+        None
+    }
+}
+
+/// The state of `potential` after `tokens` (from [`Potential::start`], advancing token by
+/// token), and the view of the sequence — for tests and for scoring a sequence at once.
 ///
 /// # Example
 /// ```
-/// use smc_steer::potential::{Potential, SeqView};
+/// use smc_steer::potential::{replay, Potential, TokenWeights};
+/// use smc_steer::Vocabulary;
+/// let v = Vocabulary::from_strs(&["a", "b"]).unwrap();
+/// let w = TokenWeights::new("w", vec![1.0, 2.0, 0.0]).unwrap();
+/// let bytes = v.decode_bytes(&[0, 1]);
+/// let (state, view) = replay(&w, &v, &[0, 1], &bytes);
+/// assert_eq!(w.prefix(&state, &view), 3.0);
+/// ```
+pub fn replay<'a, P: Potential + ?Sized>(
+    potential: &P,
+    vocab: &'a Vocabulary,
+    tokens: &'a [TokenId],
+    bytes: &'a [u8],
+) -> (P::State, SeqView<'a>) {
+    let mut state = potential.start(vocab);
+    let mut n_bytes = 0;
+    for (i, &t) in tokens.iter().enumerate() {
+        let before = SeqView {
+            tokens: &tokens[..i],
+            bytes: &bytes[..n_bytes.min(bytes.len())],
+            vocab,
+        };
+        potential.advance(&mut state, &before, t);
+        n_bytes += vocab.bytes(t).len();
+    }
+    let view = SeqView {
+        tokens,
+        bytes,
+        vocab,
+    };
+    (state, view)
+}
+
+/// A sequence extended by one token, reusing its buffers across tokens.
+struct Extended<'a> {
+    vocab: &'a Vocabulary,
+    tokens: Vec<TokenId>,
+    bytes: Vec<u8>,
+    n_bytes: usize,
+}
+
+impl<'a> Extended<'a> {
+    fn new(seq: &SeqView<'a>) -> Self {
+        let mut tokens = seq.tokens.to_vec();
+        tokens.push(0);
+        Self {
+            vocab: seq.vocab,
+            tokens,
+            bytes: seq.bytes.to_vec(),
+            n_bytes: seq.bytes.len(),
+        }
+    }
+
+    /// The view of the sequence followed by `token`.
+    fn with(&mut self, token: TokenId) -> SeqView<'_> {
+        if let Some(last) = self.tokens.last_mut() {
+            *last = token;
+        }
+        self.bytes.truncate(self.n_bytes);
+        self.bytes.extend_from_slice(self.vocab.bytes(token));
+        SeqView {
+            tokens: &self.tokens,
+            bytes: &self.bytes,
+            vocab: self.vocab,
+        }
+    }
+}
+
+/// A potential that is a plain function of the sequence (no state): the easy way to write
+/// one. Every `SeqPotential` is a [`Potential`] with `State = ()`.
+///
+/// # Example
+/// ```
+/// use smc_steer::potential::{SeqPotential, SeqView};
 /// /// Rewards sequences with many `a` bytes.
 /// struct LikesA;
-/// impl Potential for LikesA {
+/// impl SeqPotential for LikesA {
 ///     fn name(&self) -> &str { "likes-a" }
 ///     fn prefix(&self, s: &SeqView) -> f64 { s.bytes.iter().filter(|b| **b == b'a').count() as f64 * 0.5 }
 ///     fn complete(&self, s: &SeqView) -> f64 { self.prefix(s) }
 /// }
 /// ```
-pub trait Potential: Send + Sync {
+pub trait SeqPotential: Send + Sync {
     /// A name used in error messages.
     fn name(&self) -> &str;
 
@@ -71,33 +240,10 @@ pub trait Potential: Send + Sync {
     /// `log φ_end(x)` for a sequence `x` that ended with EOS.
     fn complete(&self, seq: &SeqView<'_>) -> f64;
 
-    /// The log-weight of every next symbol: `out[v] = prefix(x·v) − prefix(x)` for ordinary
-    /// tokens and `out[eos] = complete(x) − prefix(x)`. `out` has `vocab.dist_len()` entries.
-    ///
-    /// The default evaluates [`Potential::prefix`] once per token; when `prefix(x)` is
-    /// `-inf` every entry is `-inf`.
+    /// The log-weight of every next symbol (as [`Potential::log_weight_next`]). The default
+    /// evaluates [`SeqPotential::prefix`] once per token.
     fn log_weight_next(&self, seq: &SeqView<'_>, out: &mut [f64]) {
-        let base = self.prefix(seq);
-        if base == f64::NEG_INFINITY {
-            out.fill(f64::NEG_INFINITY);
-            return;
-        }
-        let mut tokens = seq.tokens.to_vec();
-        let mut bytes = seq.bytes.to_vec();
-        let n_bytes = bytes.len();
-        for (v, o) in out.iter_mut().enumerate().take(seq.vocab.len()) {
-            tokens.push(v as TokenId);
-            bytes.extend_from_slice(seq.vocab.bytes(v as TokenId));
-            let view = SeqView {
-                tokens: &tokens,
-                bytes: &bytes,
-                vocab: seq.vocab,
-            };
-            *o = self.prefix(&view) - base;
-            tokens.pop();
-            bytes.truncate(n_bytes);
-        }
-        out[seq.vocab.len()] = self.complete(seq) - base;
+        Potential::log_weight_next(&Stateless(self), &(), seq, out)
     }
 
     /// The vocabulary size this potential was built for, if it depends on one.
@@ -106,21 +252,201 @@ pub trait Potential: Send + Sync {
     }
 }
 
-impl<P: Potential + ?Sized> Potential for Arc<P> {
+/// The default per-token loop of [`Potential`], borrowed by [`SeqPotential`].
+struct Stateless<'a, P: ?Sized>(&'a P);
+
+impl<P: SeqPotential + ?Sized> Potential for Stateless<'_, P> {
+    type State = ();
     fn name(&self) -> &str {
-        (**self).name()
+        self.0.name()
     }
-    fn prefix(&self, seq: &SeqView<'_>) -> f64 {
-        (**self).prefix(seq)
+    fn start(&self, _: &Vocabulary) {}
+    fn advance(&self, _: &mut (), _: &SeqView<'_>, _: TokenId) {}
+    fn prefix(&self, _: &(), seq: &SeqView<'_>) -> f64 {
+        self.0.prefix(seq)
     }
-    fn complete(&self, seq: &SeqView<'_>) -> f64 {
-        (**self).complete(seq)
+    fn complete(&self, _: &(), seq: &SeqView<'_>) -> f64 {
+        self.0.complete(seq)
     }
-    fn log_weight_next(&self, seq: &SeqView<'_>, out: &mut [f64]) {
-        (**self).log_weight_next(seq, out)
+}
+
+impl<P: SeqPotential + ?Sized> Potential for P {
+    type State = ();
+    fn name(&self) -> &str {
+        SeqPotential::name(self)
+    }
+    fn start(&self, _: &Vocabulary) {}
+    fn advance(&self, _: &mut (), _: &SeqView<'_>, _: TokenId) {}
+    fn prefix(&self, _: &(), seq: &SeqView<'_>) -> f64 {
+        SeqPotential::prefix(self, seq)
+    }
+    fn complete(&self, _: &(), seq: &SeqView<'_>) -> f64 {
+        SeqPotential::complete(self, seq)
+    }
+    fn log_weight_next(&self, _: &(), seq: &SeqView<'_>, out: &mut [f64]) {
+        SeqPotential::log_weight_next(self, seq, out)
     }
     fn vocab_size(&self) -> Option<usize> {
-        (**self).vocab_size()
+        SeqPotential::vocab_size(self)
+    }
+}
+
+/// A type-erased potential state (what [`SharedPotential`] and [`DynPotential`] use).
+pub struct AnyState(Box<dyn StateBox>);
+
+trait StateBox: Send + Sync {
+    fn clone_box(&self) -> Box<dyn StateBox>;
+    fn as_any(&self) -> &dyn Any;
+    fn as_any_mut(&mut self) -> &mut dyn Any;
+}
+
+impl<T: Clone + Send + Sync + 'static> StateBox for T {
+    fn clone_box(&self) -> Box<dyn StateBox> {
+        Box::new(self.clone())
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+impl Clone for AnyState {
+    fn clone(&self) -> Self {
+        Self(self.0.clone_box())
+    }
+}
+
+impl std::fmt::Debug for AnyState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AnyState")
+    }
+}
+
+impl AnyState {
+    fn new<T: Clone + Send + Sync + 'static>(state: T) -> Self {
+        Self(Box::new(state))
+    }
+    fn get<T: 'static>(&self) -> Option<&T> {
+        self.0.as_any().downcast_ref()
+    }
+    fn get_mut<T: 'static>(&mut self) -> Option<&mut T> {
+        self.0.as_any_mut().downcast_mut()
+    }
+}
+
+/// The object-safe form of [`Potential`], with [`AnyState`] states; implemented for every
+/// `Potential`. Use it through [`SharedPotential`] (or `Arc<dyn DynPotential>`, as
+/// [`crate::ProposalKind`] does) to hold potentials of different types together.
+///
+/// A state of the wrong type (one made by another potential) makes the scores NaN — which
+/// the engine reports as [`crate::SmcError::NanPotential`] — never a panic.
+pub trait DynPotential: Send + Sync {
+    /// As [`Potential::name`].
+    fn dyn_name(&self) -> &str;
+    /// As [`Potential::start`].
+    fn dyn_start(&self, vocab: &Vocabulary) -> AnyState;
+    /// As [`Potential::advance`].
+    fn dyn_advance(&self, state: &mut AnyState, seq: &SeqView<'_>, token: TokenId);
+    /// As [`Potential::prefix`].
+    fn dyn_prefix(&self, state: &AnyState, seq: &SeqView<'_>) -> f64;
+    /// As [`Potential::complete`].
+    fn dyn_complete(&self, state: &AnyState, seq: &SeqView<'_>) -> f64;
+    /// As [`Potential::log_weight_next`].
+    fn dyn_log_weight_next(&self, state: &AnyState, seq: &SeqView<'_>, out: &mut [f64]);
+    /// As [`Potential::log_weight_of`].
+    fn dyn_log_weight_of(&self, state: &AnyState, seq: &SeqView<'_>, token: TokenId) -> f64;
+    /// As [`Potential::vocab_size`].
+    fn dyn_vocab_size(&self) -> Option<usize>;
+}
+
+impl<P: Potential> DynPotential for P {
+    fn dyn_name(&self) -> &str {
+        self.name()
+    }
+    fn dyn_start(&self, vocab: &Vocabulary) -> AnyState {
+        AnyState::new(self.start(vocab))
+    }
+    fn dyn_advance(&self, state: &mut AnyState, seq: &SeqView<'_>, token: TokenId) {
+        if let Some(s) = state.get_mut::<P::State>() {
+            self.advance(s, seq, token);
+        }
+    }
+    fn dyn_prefix(&self, state: &AnyState, seq: &SeqView<'_>) -> f64 {
+        state
+            .get::<P::State>()
+            .map_or(f64::NAN, |s| self.prefix(s, seq))
+    }
+    fn dyn_complete(&self, state: &AnyState, seq: &SeqView<'_>) -> f64 {
+        state
+            .get::<P::State>()
+            .map_or(f64::NAN, |s| self.complete(s, seq))
+    }
+    fn dyn_log_weight_next(&self, state: &AnyState, seq: &SeqView<'_>, out: &mut [f64]) {
+        match state.get::<P::State>() {
+            Some(s) => self.log_weight_next(s, seq, out),
+            None => out.fill(f64::NAN),
+        }
+    }
+    fn dyn_log_weight_of(&self, state: &AnyState, seq: &SeqView<'_>, token: TokenId) -> f64 {
+        state
+            .get::<P::State>()
+            .map_or(f64::NAN, |s| self.log_weight_of(s, seq, token))
+    }
+    fn dyn_vocab_size(&self) -> Option<usize> {
+        self.vocab_size()
+    }
+}
+
+/// A shared, type-erased potential: any [`Potential`] behind an `Arc`, itself a
+/// `Potential` with [`AnyState`] states. Cloning it shares the potential.
+#[derive(Clone)]
+pub struct SharedPotential(Arc<dyn DynPotential>);
+
+impl std::fmt::Debug for SharedPotential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SharedPotential({})", self.0.dyn_name())
+    }
+}
+
+impl SharedPotential {
+    /// Share `potential`.
+    pub fn new(potential: impl Potential + 'static) -> Self {
+        Self(Arc::new(potential))
+    }
+
+    /// Share an already shared potential.
+    pub fn from_arc(potential: Arc<dyn DynPotential>) -> Self {
+        Self(potential)
+    }
+}
+
+impl Potential for SharedPotential {
+    type State = AnyState;
+    fn name(&self) -> &str {
+        self.0.dyn_name()
+    }
+    fn start(&self, vocab: &Vocabulary) -> AnyState {
+        self.0.dyn_start(vocab)
+    }
+    fn advance(&self, state: &mut AnyState, seq: &SeqView<'_>, token: TokenId) {
+        self.0.dyn_advance(state, seq, token)
+    }
+    fn prefix(&self, state: &AnyState, seq: &SeqView<'_>) -> f64 {
+        self.0.dyn_prefix(state, seq)
+    }
+    fn complete(&self, state: &AnyState, seq: &SeqView<'_>) -> f64 {
+        self.0.dyn_complete(state, seq)
+    }
+    fn log_weight_next(&self, state: &AnyState, seq: &SeqView<'_>, out: &mut [f64]) {
+        self.0.dyn_log_weight_next(state, seq, out)
+    }
+    fn log_weight_of(&self, state: &AnyState, seq: &SeqView<'_>, token: TokenId) -> f64 {
+        self.0.dyn_log_weight_of(state, seq, token)
+    }
+    fn vocab_size(&self) -> Option<usize> {
+        self.0.dyn_vocab_size()
     }
 }
 
@@ -128,7 +454,7 @@ impl<P: Potential + ?Sized> Potential for Arc<P> {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Trivial;
 
-impl Potential for Trivial {
+impl SeqPotential for Trivial {
     fn name(&self) -> &str {
         "trivial"
     }
@@ -238,7 +564,7 @@ impl Hard {
     }
 }
 
-impl Potential for Hard {
+impl SeqPotential for Hard {
     fn name(&self) -> &str {
         &self.name
     }
@@ -305,7 +631,7 @@ impl Soft {
     }
 }
 
-impl Potential for Soft {
+impl SeqPotential for Soft {
     fn name(&self) -> &str {
         &self.name
     }
@@ -354,17 +680,25 @@ impl TokenWeights {
 }
 
 impl Potential for TokenWeights {
+    /// `Σ_t log_w[x_t]` so far.
+    type State = f64;
     fn name(&self) -> &str {
         &self.name
     }
-    fn prefix(&self, seq: &SeqView<'_>) -> f64 {
-        seq.tokens.iter().map(|&t| self.weight(t)).sum()
+    fn start(&self, _: &Vocabulary) -> f64 {
+        0.0
     }
-    fn complete(&self, seq: &SeqView<'_>) -> f64 {
-        self.prefix(seq) + self.log_w[self.log_w.len() - 1]
+    fn advance(&self, sum: &mut f64, _: &SeqView<'_>, token: TokenId) {
+        *sum = log_mul(*sum, self.weight(token));
     }
-    fn log_weight_next(&self, seq: &SeqView<'_>, out: &mut [f64]) {
-        if self.prefix(seq) == f64::NEG_INFINITY {
+    fn prefix(&self, sum: &f64, _: &SeqView<'_>) -> f64 {
+        *sum
+    }
+    fn complete(&self, sum: &f64, _: &SeqView<'_>) -> f64 {
+        log_mul(*sum, self.log_w[self.log_w.len() - 1])
+    }
+    fn log_weight_next(&self, sum: &f64, _: &SeqView<'_>, out: &mut [f64]) {
+        if *sum == f64::NEG_INFINITY {
             out.fill(f64::NEG_INFINITY);
         } else {
             out.copy_from_slice(&self.log_w);
@@ -388,7 +722,7 @@ impl Potential for TokenWeights {
 #[derive(Clone)]
 pub struct Product {
     name: String,
-    parts: Vec<Arc<dyn Potential>>,
+    parts: Vec<SharedPotential>,
 }
 
 impl Product {
@@ -402,146 +736,78 @@ impl Product {
 
     /// Add a factor.
     pub fn with(mut self, p: impl Potential + 'static) -> Self {
-        self.parts.push(Arc::new(p));
+        self.parts.push(SharedPotential::new(p));
         self
     }
 
     /// Add a shared factor.
-    pub fn with_arc(mut self, p: Arc<dyn Potential>) -> Self {
-        self.parts.push(p);
+    pub fn with_arc(mut self, p: Arc<dyn DynPotential>) -> Self {
+        self.parts.push(SharedPotential::from_arc(p));
         self
     }
 
     /// The factors.
-    pub fn parts(&self) -> &[Arc<dyn Potential>] {
+    pub fn parts(&self) -> &[SharedPotential] {
         &self.parts
     }
 }
 
 impl Potential for Product {
+    /// One state per factor.
+    type State = Vec<AnyState>;
     fn name(&self) -> &str {
         &self.name
     }
-    fn prefix(&self, seq: &SeqView<'_>) -> f64 {
+    fn start(&self, vocab: &Vocabulary) -> Vec<AnyState> {
+        self.parts.iter().map(|p| p.start(vocab)).collect()
+    }
+    fn advance(&self, states: &mut Vec<AnyState>, seq: &SeqView<'_>, token: TokenId) {
+        for (p, s) in self.parts.iter().zip(states.iter_mut()) {
+            p.advance(s, seq, token);
+        }
+    }
+    fn prefix(&self, states: &Vec<AnyState>, seq: &SeqView<'_>) -> f64 {
         let mut total = 0.0;
-        for p in &self.parts {
-            total = log_mul(total, p.prefix(seq));
+        for (p, s) in self.parts.iter().zip(states) {
+            total = log_mul(total, p.prefix(s, seq));
             if total == f64::NEG_INFINITY {
                 break;
             }
         }
         total
     }
-    fn complete(&self, seq: &SeqView<'_>) -> f64 {
+    fn complete(&self, states: &Vec<AnyState>, seq: &SeqView<'_>) -> f64 {
         let mut total = 0.0;
-        for p in &self.parts {
-            total = log_mul(total, p.complete(seq));
+        for (p, s) in self.parts.iter().zip(states) {
+            total = log_mul(total, p.complete(s, seq));
             if total == f64::NEG_INFINITY {
                 break;
             }
         }
         total
     }
-    fn log_weight_next(&self, seq: &SeqView<'_>, out: &mut [f64]) {
+    fn log_weight_next(&self, states: &Vec<AnyState>, seq: &SeqView<'_>, out: &mut [f64]) {
         out.fill(0.0);
         let mut part = vec![0.0; out.len()];
-        for p in &self.parts {
-            p.log_weight_next(seq, &mut part);
+        for (p, s) in self.parts.iter().zip(states) {
+            p.log_weight_next(s, seq, &mut part);
             for (o, x) in out.iter_mut().zip(&part) {
                 *o = log_mul(*o, *x);
             }
         }
     }
+    fn log_weight_of(&self, states: &Vec<AnyState>, seq: &SeqView<'_>, token: TokenId) -> f64 {
+        let mut total = 0.0;
+        for (p, s) in self.parts.iter().zip(states) {
+            total = log_mul(total, p.log_weight_of(s, seq, token));
+            if total == f64::NEG_INFINITY {
+                break;
+            }
+        }
+        total
+    }
     fn vocab_size(&self) -> Option<usize> {
         self.parts.iter().find_map(|p| p.vocab_size())
-    }
-}
-
-/// A potential applied step by step: it remembers `log φ` of the current prefix, so each
-/// step evaluates one new prefix, and turns scores into Feynman-Kac increments
-/// `log φ(x·v) − log φ(x)` (or `log φ_end(x) − log φ(x)` on EOS). A dead prefix stays dead;
-/// NaN is reported as [`crate::SmcError::NanPotential`] naming the potential.
-#[derive(Clone)]
-pub struct Increments {
-    potential: Arc<dyn Potential>,
-    prefix_score: f64,
-}
-
-impl std::fmt::Debug for Increments {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Increments")
-            .field("potential", &self.potential.name())
-            .field("prefix_score", &self.prefix_score)
-            .finish()
-    }
-}
-
-impl Increments {
-    /// Track `potential` from the empty prefix.
-    pub fn new(potential: Arc<dyn Potential>) -> Self {
-        Self {
-            potential,
-            prefix_score: 0.0,
-        }
-    }
-
-    /// The potential.
-    pub fn potential(&self) -> &Arc<dyn Potential> {
-        &self.potential
-    }
-
-    /// `log φ` of the current prefix.
-    pub fn prefix_score(&self) -> f64 {
-        self.prefix_score
-    }
-
-    fn checked(&self, x: f64) -> crate::Result<f64> {
-        if x.is_nan() {
-            Err(crate::SmcError::NanPotential {
-                name: self.potential.name().to_string(),
-            })
-        } else {
-            Ok(x)
-        }
-    }
-
-    /// Score the starting sequence: returns `log φ(seq)` (the initial weight factor).
-    ///
-    /// # Errors
-    /// [`crate::SmcError::NanPotential`].
-    pub fn start(&mut self, seq: &SeqView<'_>) -> crate::Result<f64> {
-        self.prefix_score = self.checked(self.potential.prefix(seq))?;
-        Ok(self.prefix_score)
-    }
-
-    /// The increment for appending `token` to `seq` (EOS: for ending it), remembering the
-    /// new prefix score.
-    ///
-    /// # Errors
-    /// [`crate::SmcError::NanPotential`].
-    pub fn increment(&mut self, seq: &SeqView<'_>, token: TokenId) -> crate::Result<f64> {
-        if token == seq.vocab.eos() {
-            let end = self.checked(self.potential.complete(seq))?;
-            return Ok(crate::logspace::log_div(end, self.prefix_score));
-        }
-        let mut tokens = seq.tokens.to_vec();
-        tokens.push(token);
-        let mut bytes = seq.bytes.to_vec();
-        bytes.extend_from_slice(seq.vocab.bytes(token));
-        let next = SeqView {
-            tokens: &tokens,
-            bytes: &bytes,
-            vocab: seq.vocab,
-        };
-        let score = self.checked(self.potential.prefix(&next))?;
-        let inc = crate::logspace::log_div(score, self.prefix_score);
-        self.prefix_score = score;
-        Ok(inc)
-    }
-
-    /// Advance by an increment already known from [`Potential::log_weight_next`].
-    pub fn advance_by(&mut self, increment: f64) {
-        self.prefix_score = log_mul(self.prefix_score, increment);
     }
 }
 
@@ -563,7 +829,7 @@ mod tests {
             vocab: &v,
         };
         let mut out = vec![0.0; 4];
-        p.log_weight_next(&view, &mut out);
+        SeqPotential::log_weight_next(&p, &view, &mut out);
         assert_eq!(out, vec![1.0, 0.0, 0.0, 0.0]);
     }
 
@@ -573,22 +839,14 @@ mod tests {
         let p = Product::new("p")
             .with(Hard::on_text("no-b", |t: &str| !t.contains('b')))
             .with(Soft::on_tokens("len", |t: &[TokenId]| t.len() as f64));
-        let ok = SeqView {
-            tokens: &[0, 0],
-            bytes: b"aa",
-            vocab: &v,
-        };
-        let bad = SeqView {
-            tokens: &[0, 1],
-            bytes: b"ab",
-            vocab: &v,
-        };
-        assert_eq!(p.prefix(&ok), 2.0);
-        assert_eq!(p.prefix(&bad), f64::NEG_INFINITY);
+        let (ok_state, ok) = replay(&p, &v, &[0, 0], b"aa");
+        let (bad_state, bad) = replay(&p, &v, &[0, 1], b"ab");
+        assert_eq!(p.prefix(&ok_state, &ok), 2.0);
+        assert_eq!(p.prefix(&bad_state, &bad), f64::NEG_INFINITY);
         let mut out = vec![0.0; 4];
-        p.log_weight_next(&ok, &mut out);
+        p.log_weight_next(&ok_state, &ok, &mut out);
         assert_eq!(out, vec![1.0, f64::NEG_INFINITY, 1.0, 0.0]);
-        p.log_weight_next(&bad, &mut out);
+        p.log_weight_next(&bad_state, &bad, &mut out);
         assert!(out.iter().all(|x| *x == f64::NEG_INFINITY));
     }
 
@@ -601,7 +859,7 @@ mod tests {
             bytes: b"a",
             vocab: &v,
         };
-        assert_eq!(h.prefix(&s), 0.0);
-        assert_eq!(h.complete(&s), f64::NEG_INFINITY);
+        assert_eq!(SeqPotential::prefix(&h, &s), 0.0);
+        assert_eq!(SeqPotential::complete(&h, &s), f64::NEG_INFINITY);
     }
 }

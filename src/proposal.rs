@@ -6,8 +6,7 @@
 
 use std::sync::Arc;
 
-use crate::awrs::TokenConstraint;
-use crate::potential::{Potential, SeqView};
+use crate::potential::{DynPotential, SeqView};
 
 /// A user proposal: a next-token distribution that may depend on the sequence and on the
 /// kernel's distribution.
@@ -60,14 +59,15 @@ pub enum ProposalKind {
     /// next-token weight. The mask is treated as a Bernoulli event: the weight gains
     /// `log P(next ∈ mask)`, the token is drawn from `p` restricted to the mask, then the
     /// model's potential `G_t` of that token is applied.
-    Mask(Arc<dyn Potential>),
+    Mask(Arc<dyn DynPotential>),
     /// Any user proposal, with the correction `log p(v) − log q(v)` and `G_t(v)`.
     Custom(Arc<dyn Proposal>),
-    /// Adaptive weighted rejection sampling ([`crate::awrs`]) under a token constraint
-    /// evaluated lazily: the token is an exact draw from `p` restricted to the constraint,
-    /// the weight gains an unbiased estimate of `P(next satisfies it)`, then `G_t`. As with
-    /// [`ProposalKind::Mask`], the constraint becomes part of the target.
-    Awrs(Arc<dyn TokenConstraint>),
+    /// Adaptive weighted rejection sampling ([`crate::awrs`]) under a Boolean potential
+    /// evaluated lazily, one token at a time: the token is an exact draw from `p` restricted
+    /// to the constraint, the weight gains a properly weighted estimate of
+    /// `P(next satisfies it)`, then `G_t`. As with [`ProposalKind::Mask`], the constraint
+    /// becomes part of the target.
+    Awrs(Arc<dyn DynPotential>),
 }
 
 impl std::fmt::Debug for ProposalKind {
@@ -75,9 +75,9 @@ impl std::fmt::Debug for ProposalKind {
         match self {
             ProposalKind::Bootstrap => write!(f, "Bootstrap"),
             ProposalKind::LocallyOptimal => write!(f, "LocallyOptimal"),
-            ProposalKind::Mask(p) => write!(f, "Mask({})", p.name()),
+            ProposalKind::Mask(p) => write!(f, "Mask({})", p.dyn_name()),
             ProposalKind::Custom(q) => write!(f, "Custom({})", q.name()),
-            ProposalKind::Awrs(c) => write!(f, "Awrs({})", c.name()),
+            ProposalKind::Awrs(c) => write!(f, "Awrs({})", c.dyn_name()),
         }
     }
 }

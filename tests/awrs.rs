@@ -6,9 +6,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use common::*;
-use smc_steer::awrs::{awrs, AwrsOptions, PotentialConstraint, TokenConstraint};
+use smc_steer::awrs::{awrs, AwrsOptions};
 use smc_steer::exact::enumerate;
-use smc_steer::potential::Hard;
+use smc_steer::potential::{DynPotential, Hard, SeqPotential};
 use smc_steer::replicate::run_replicates;
 use smc_steer::toy::ToyKernel;
 use smc_steer::{FeynmanKac, ProposalKind, SeqView, Smc, SmcConfig, Truncation, Vocabulary};
@@ -20,13 +20,32 @@ struct Allowed {
     ok: Vec<bool>,
     calls: AtomicUsize,
 }
-impl TokenConstraint for Allowed {
+/// As a Boolean potential: a prefix is allowed when its last token is, and EOS when EOS is.
+impl SeqPotential for Allowed {
     fn name(&self) -> &str {
         "allowed-set"
     }
-    fn allows(&self, _: &SeqView<'_>, t: u32) -> bool {
+    fn prefix(&self, s: &SeqView<'_>) -> f64 {
+        let ok = s.tokens.last().is_none_or(|t| {
+            self.calls.fetch_add(1, Ordering::Relaxed);
+            self.ok[*t as usize]
+        });
+        if ok {
+            0.0
+        } else {
+            f64::NEG_INFINITY
+        }
+    }
+    fn complete(&self, s: &SeqView<'_>) -> f64 {
+        if self.prefix(s) == f64::NEG_INFINITY {
+            return f64::NEG_INFINITY;
+        }
         self.calls.fetch_add(1, Ordering::Relaxed);
-        self.ok[t as usize]
+        if self.ok[s.vocab.eos() as usize] {
+            0.0
+        } else {
+            f64::NEG_INFINITY
+        }
     }
 }
 
@@ -97,7 +116,7 @@ fn weighted_draws_are_unbiased_for_the_constrained_sum() {
             let mut r = rng(master_seed());
             let (mut s, mut s2, mut w_sum) = (0.0, 0.0, 0.0);
             for _ in 0..REPS {
-                let d = awrs(&log_p, &view, &c, options, &mut r).unwrap();
+                let d = awrs(&log_p, &view, &c, &(), options, &mut r).unwrap();
                 let t = d.token.expect("some token is allowed");
                 assert!(ok[t as usize], "{case}: drew a disallowed token");
                 let w = d.log_weight.exp();
@@ -140,7 +159,7 @@ fn nothing_allowed_gives_a_dead_draw() {
         calls: AtomicUsize::new(0),
     };
     let log_p = [0.5f64.ln(), 0.25f64.ln(), 0.25f64.ln()];
-    let d = awrs(&log_p, &view, &c, AwrsOptions::default(), &mut rng(1)).unwrap();
+    let d = awrs(&log_p, &view, &c, &(), AwrsOptions::default(), &mut rng(1)).unwrap();
     assert_eq!(d.token, None);
     assert_eq!(d.log_weight, f64::NEG_INFINITY);
     assert_eq!(d.evaluations, 3);
@@ -149,16 +168,14 @@ fn nothing_allowed_gives_a_dead_draw() {
             remainder_ratio: bad,
             ..AwrsOptions::default()
         };
-        assert!(awrs(&log_p, &view, &c, options, &mut rng(1)).is_err());
+        assert!(awrs(&log_p, &view, &c, &(), options, &mut rng(1)).is_err());
     }
 }
 
 #[test]
 fn smc_with_awrs_is_unbiased_and_respects_the_constraint() {
-    let constraint: Arc<dyn TokenConstraint> =
-        Arc::new(PotentialConstraint(Hard::on_text("no-cc", |t: &str| {
-            !t.contains("cc")
-        })));
+    let constraint: Arc<dyn DynPotential> =
+        Arc::new(Hard::on_text("no-cc", |t: &str| !t.contains("cc")));
     let exact = enumerate(&kernel(), &potential(), &[], 4, Truncation::Truncate).unwrap();
     let config = SmcConfig {
         particles: 8,
@@ -220,7 +237,7 @@ fn sparse_constraints_do_not_kill_particles() {
     const DRAWS: usize = 4000;
     let (mut zero, mut s, mut s2) = (0usize, 0.0, 0.0);
     for _ in 0..DRAWS {
-        let d = awrs(&log_p, &view, &c, AwrsOptions::default(), &mut r).unwrap();
+        let d = awrs(&log_p, &view, &c, &(), AwrsOptions::default(), &mut r).unwrap();
         let w = d.log_weight.exp() / z;
         zero += usize::from(w == 0.0);
         s += w;
@@ -246,7 +263,7 @@ fn sparse_constraints_do_not_kill_particles() {
     let allowed = Hard::on_tokens("sparse", |t: &[u32]| {
         (0..t.len()).all(|i| sparse_allows(&t[..i], t[i]))
     });
-    let constraint: Arc<dyn TokenConstraint> = Arc::new(PotentialConstraint(allowed.clone()));
+    let constraint: Arc<dyn DynPotential> = Arc::new(allowed.clone());
     let mut spread = Vec::new();
     for proposal in [
         ProposalKind::Mask(Arc::new(allowed.clone())),

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use common::*;
 use smc_steer::exact::enumerate;
-use smc_steer::potential::{Hard, Potential};
+use smc_steer::potential::{Hard, SeqPotential};
 use smc_steer::toy::ToyKernel;
 use smc_steer::{FeynmanKac, ProposalKind, Smc, SmcConfig, TokenId, Truncation, Vocabulary};
 
@@ -37,7 +37,7 @@ type Key = (Vec<TokenId>, bool);
 
 /// Exact distribution of locally constrained (masked) sampling: at each step draw from the
 /// kernel renormalised over the allowed tokens, ignoring weights.
-fn masked_decoding(kernel: &ToyKernel, constraint: &dyn Potential) -> HashMap<Key, f64> {
+fn masked_decoding(kernel: &ToyKernel, constraint: &dyn SeqPotential) -> HashMap<Key, f64> {
     let vocab = kernel.vocab_ref().clone();
     let mut out = HashMap::new();
     let mut stack = vec![(Vec::<TokenId>::new(), 1.0f64)];

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use common::*;
 use rand::Rng;
 use smc_steer::exact::enumerate;
-use smc_steer::potential::{Hard, Potential, TokenWeights, Trivial};
+use smc_steer::potential::{DynPotential, Hard, TokenWeights, Trivial};
 use smc_steer::replicate::run_replicates;
 use smc_steer::toy::ToyKernel;
 use smc_steer::{
@@ -108,7 +108,7 @@ fn proposals_are_unbiased_and_respect_the_constraint() {
         Truncation::Truncate,
     )
     .unwrap();
-    let mask: std::sync::Arc<dyn Potential> =
+    let mask: std::sync::Arc<dyn DynPotential> =
         std::sync::Arc::new(Hard::on_text("no-cc", |t: &str| !t.contains("cc")));
     for (name, proposal) in [
         ("locally-optimal", ProposalKind::LocallyOptimal),
@@ -391,9 +391,8 @@ fn every_algorithm_family_detects_a_two_percent_bias() {
         ..SmcConfig::default()
     };
     let mask = potential();
-    let awrs: std::sync::Arc<dyn smc_steer::awrs::TokenConstraint> = std::sync::Arc::new(
-        smc_steer::awrs::PotentialConstraint(Hard::on_text("no-cc", |t: &str| !t.contains("cc"))),
-    );
+    let awrs: std::sync::Arc<dyn DynPotential> =
+        std::sync::Arc::new(Hard::on_text("no-cc", |t: &str| !t.contains("cc")));
     let families: Vec<(&str, SmcConfig, ProposalKind)> = vec![
         ("smc-bootstrap", base.clone(), ProposalKind::Bootstrap),
         (

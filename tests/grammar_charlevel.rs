@@ -4,11 +4,11 @@
 
 mod common;
 use common::{assert_unbiased, seeded};
-use smc_steer::awrs::TokenConstraint;
 use smc_steer::exact::enumerate;
 use smc_steer::grammar::charlevel::{ByteRecognizer, CharPotential, TokenTrie};
-use smc_steer::potential::{Potential, SeqView};
+use smc_steer::potential::{SeqPotential, SeqView};
 use smc_steer::replicate::run_replicates;
+use smc_steer::testing::{assert_potential_consistent, assert_same_potential};
 use smc_steer::toy::ToyKernel;
 use smc_steer::{FeynmanKac, ProposalKind, Smc, SmcConfig, Truncation, Vocabulary};
 
@@ -52,7 +52,7 @@ struct NaiveWords {
     max: usize,
 }
 
-impl Potential for NaiveWords {
+impl SeqPotential for NaiveWords {
     fn name(&self) -> &str {
         "naive-words"
     }
@@ -88,48 +88,16 @@ fn toy_vocab() -> Vocabulary {
     Vocabulary::new(t).unwrap()
 }
 
-fn assert_same(v: &Vocabulary, fast: &dyn Potential, slow: &dyn Potential, prefix: &[u32]) {
-    let bytes = v.decode_bytes(prefix);
-    let view = SeqView {
-        tokens: prefix,
-        bytes: &bytes,
-        vocab: v,
-    };
-    let mut a = vec![0.0; v.dist_len()];
-    let mut b = vec![0.0; v.dist_len()];
-    fast.log_weight_next(&view, &mut a);
-    slow.log_weight_next(&view, &mut b);
-    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
-        assert!(
-            x == y || (x - y).abs() < 1e-12,
-            "prefix {prefix:?}, token {i} ({:?}): trie {x} vs naive {y}",
-            String::from_utf8_lossy(v.bytes(i as u32))
-        );
-    }
-    assert_eq!(fast.prefix(&view), slow.prefix(&view));
-    assert_eq!(fast.complete(&view), slow.complete(&view));
-}
-
 #[test]
 fn trie_walk_equals_naive_weights_on_a_toy_vocabulary() {
+    // Every sequence of up to 3 tokens of a 15-token vocabulary (with an empty token, a
+    // lone lead byte and a 2-byte character), for 4 limits.
     let v = toy_vocab();
     for max in [1u8, 2, 3, 4] {
         let fast = CharPotential::new(Words { max });
         let slow = NaiveWords { max: max as usize };
-        for prefix in [
-            vec![],
-            vec![0],
-            vec![1],
-            vec![2, 3],
-            vec![5, 4],
-            vec![6, 7],
-            vec![10],
-            vec![9, 9],
-            vec![13],
-            vec![12, 8],
-        ] {
-            assert_same(&v, &fast, &slow, &prefix);
-        }
+        assert_same_potential(&fast, &slow, &v, 3);
+        assert_potential_consistent(&fast, &v, 2);
     }
 }
 
@@ -142,24 +110,11 @@ fn trie_has_one_node_per_distinct_prefix() {
 }
 
 #[test]
-fn awrs_constraint_agrees_with_the_potential() {
+fn one_token_at_a_time_agrees_with_the_trie_walk() {
+    // What AWRS asks (`log_weight_of`, one token read from the recognizer state) against
+    // the trie walk, through the consistency check.
     let v = toy_vocab();
-    let p = CharPotential::new(Words { max: 3 });
-    let bytes = v.decode_bytes(&[1]);
-    let view = SeqView {
-        tokens: &[1],
-        bytes: &bytes,
-        vocab: &v,
-    };
-    let mut w = vec![0.0; v.dist_len()];
-    p.log_weight_next(&view, &mut w);
-    for t in 0..v.dist_len() as u32 {
-        assert_eq!(
-            TokenConstraint::allows(&p, &view, t),
-            w[t as usize] > f64::NEG_INFINITY,
-            "token {t}"
-        );
-    }
+    assert_potential_consistent(&CharPotential::new(Words { max: 3 }), &v, 3);
 }
 
 #[test]
@@ -205,6 +160,7 @@ fn locally_optimal_smc_with_a_char_potential_is_unbiased() {
 #[test]
 fn trie_walk_equals_naive_weights_on_the_smollm2_vocabulary() {
     use smc_steer::lm::{GgufFile, Tokenizer};
+    use smc_steer::testing::assert_same_scores;
     let Some(path) = common::real_model() else {
         return;
     };
@@ -222,9 +178,9 @@ fn trie_walk_equals_naive_weights_on_the_smollm2_vocabulary() {
         "Hello",
     ] {
         let ids = tok.encode(text).unwrap();
-        assert_same(&v, &fast, &slow, &ids);
+        assert_same_scores(&fast, &slow, &v, &ids);
     }
     // A partial UTF-8 character at the end of the prefix.
     let e_acute = tok.encode("é").unwrap();
-    assert_same(&v, &fast, &slow, &e_acute[..1]);
+    assert_same_scores(&fast, &slow, &v, &e_acute[..1]);
 }

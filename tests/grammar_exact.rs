@@ -7,7 +7,7 @@ mod common;
 use common::{assert_unbiased, seeded};
 use smc_steer::exact::enumerate;
 use smc_steer::grammar::{Constrained, Grammar, GrammarConstraint, GrammarError};
-use smc_steer::potential::{Hard, Potential, Product, SeqView};
+use smc_steer::potential::{replay, Hard, Potential, Product, SeqPotential, SeqView};
 use smc_steer::replicate::run_replicates;
 use smc_steer::toy::ToyKernel;
 use smc_steer::{FeynmanKac, ProposalKind, Smc, SmcConfig, Truncation, Vocabulary};
@@ -86,18 +86,14 @@ fn potential_matches_the_language() {
     for tokens in &all_sequences(v.len(), 4) {
         let bytes = v.decode_bytes(tokens);
         let text = String::from_utf8(bytes.clone()).unwrap();
-        let view = SeqView {
-            tokens,
-            bytes: &bytes,
-            vocab: &v,
-        };
+        let (matcher, view) = replay(&c, &v, tokens, &bytes);
         assert_eq!(
-            c.prefix(&view) == 0.0,
+            c.prefix(&matcher, &view) == 0.0,
             regex_ok(&text, false) || regex_ok(&text, true),
             "prefix {text:?}"
         );
         assert_eq!(
-            c.complete(&view) == 0.0,
+            c.complete(&matcher, &view) == 0.0,
             regex_ok(&text, true),
             "complete {text:?}"
         );
@@ -115,15 +111,11 @@ fn mask_equals_naive_next_token_weights() {
     // Every token sequence up to length 3, dead prefixes included (every entry -inf).
     for tokens in all_sequences(v.len(), 3) {
         let bytes = v.decode_bytes(&tokens);
-        let view = SeqView {
-            tokens: &tokens,
-            bytes: &bytes,
-            vocab: &v,
-        };
+        let (matcher, view) = replay(&c, &v, &tokens, &bytes);
         let mut fast = vec![0.0; v.dist_len()];
-        c.log_weight_next(&view, &mut fast);
+        c.log_weight_next(&matcher, &view, &mut fast);
         let mut slow = vec![0.0; v.dist_len()];
-        naive.log_weight_next(&view, &mut slow);
+        SeqPotential::log_weight_next(&naive, &view, &mut slow);
         // The naive check's EOS entry: the text is complete.
         let text = String::from_utf8(bytes.clone()).unwrap();
         let base_ok = regex_ok(&text, false) || regex_ok(&text, true);

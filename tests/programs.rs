@@ -5,7 +5,7 @@ mod common;
 use common::*;
 use smc_steer::exact::enumerate;
 use smc_steer::logspace::{log_mul, log_sum_exp};
-use smc_steer::potential::{Potential, SeqView, Soft, TokenWeights, Trivial};
+use smc_steer::potential::{SeqPotential, SeqView, Soft, TokenWeights, Trivial};
 use smc_steer::replicate::run_replicates;
 use smc_steer::{
     Algorithm, FeynmanKac, Flow, Particle, Program, Result, Smc, SmcConfig, SmcError, TokenId,
@@ -286,7 +286,7 @@ impl Program for Spinner {
 }
 
 struct NanPotential;
-impl Potential for NanPotential {
+impl SeqPotential for NanPotential {
     fn name(&self) -> &str {
         "broken"
     }

@@ -8,11 +8,10 @@ mod common;
 use std::sync::Arc;
 
 use common::*;
-use smc_steer::awrs::{PotentialConstraint, TokenConstraint};
 use smc_steer::constraints::MaxWordLetters;
 use smc_steer::exact::enumerate;
 use smc_steer::feynman_kac::{StepUnit, WORD_STEP_MAX_TOKENS};
-use smc_steer::potential::{Hard, Potential, Product, SeqView, Soft, Trivial};
+use smc_steer::potential::{DynPotential, Hard, Product, SeqView, Soft, Trivial};
 use smc_steer::replicate::run_replicates;
 use smc_steer::toy::ToyKernel;
 use smc_steer::{FeynmanKac, ProposalKind, Smc, SmcConfig, SmcError, Truncation, Vocabulary};
@@ -38,10 +37,9 @@ fn view<'a>(v: &'a Vocabulary, tokens: &'a [u32], bytes: &'a [u8]) -> SeqView<'a
 fn an_invalid_byte_cannot_hide_text_from_a_potential() {
     let v = lead_byte_vocab();
     let no_c = Hard::on_text("no-c", |t: &str| !t.contains('c'));
-    let bytes = v.decode_bytes(&[2, 1]);
-    let s = view(&v, &[2, 1], &bytes);
-    assert_eq!(no_c.complete(&s), f64::NEG_INFINITY);
-    assert_eq!(no_c.prefix(&s), f64::NEG_INFINITY);
+    let (prefix, complete, _) = scores(&no_c, &v, &[2, 1]);
+    assert_eq!(complete, f64::NEG_INFINITY);
+    assert_eq!(prefix, f64::NEG_INFINITY);
     // Held back only while it may still be completed: [a, 0xC3] reads "a" as a prefix and
     // "a\u{FFFD}" once complete.
     let bytes = v.decode_bytes(&[0, 2]);
@@ -49,9 +47,7 @@ fn an_invalid_byte_cannot_hide_text_from_a_potential() {
     assert_eq!(s.text(), "a");
     assert_eq!(s.complete_text(), "a\u{FFFD}");
     // Next-token weights follow the same rule: after [0xC3], `c` is forbidden.
-    let bytes = v.decode_bytes(&[2]);
-    let mut w = vec![0.0; v.dist_len()];
-    no_c.log_weight_next(&view(&v, &[2], &bytes), &mut w);
+    let (_, _, w) = scores(&no_c, &v, &[2]);
     assert_eq!(w[1], f64::NEG_INFINITY);
 
     // Exact target and SMC (both truncation policies): no mass on any text with a `c`.
@@ -95,17 +91,11 @@ fn word_limits_see_through_invalid_bytes_and_glued_symbols() {
     ])
     .unwrap();
     let c = MaxWordLetters::new(5);
-    let tokens = [0, 1, 2];
-    let bytes = v.decode_bytes(&tokens);
-    assert_eq!(c.prefix(&view(&v, &tokens, &bytes)), f64::NEG_INFINITY);
-    assert_eq!(c.complete(&view(&v, &tokens, &bytes)), f64::NEG_INFINITY);
-    let ok = [2, 1, 3, 0];
-    let bytes = v.decode_bytes(&ok);
-    assert_eq!(c.prefix(&view(&v, &ok, &bytes)), 0.0);
-    let mut w = vec![0.0; v.dist_len()];
-    let tokens = [0, 1];
-    let bytes = v.decode_bytes(&tokens);
-    c.log_weight_next(&view(&v, &tokens, &bytes), &mut w);
+    let (prefix, complete, _) = scores(&c, &v, &[0, 1, 2]);
+    assert_eq!(prefix, f64::NEG_INFINITY);
+    assert_eq!(complete, f64::NEG_INFINITY);
+    assert_eq!(scores(&c, &v, &[2, 1, 3, 0]).0, 0.0);
+    let (_, _, w) = scores(&c, &v, &[0, 1]);
     // After "domin\u{C3}": `te` makes 8 letters, a space ends the word (6 letters with the
     // invalid byte: already too long once it is known to be invalid), EOS makes it 6.
     assert_eq!(w[2], f64::NEG_INFINITY);
@@ -179,7 +169,7 @@ fn ends_in_b() -> Hard {
 #[test]
 fn force_eos_asks_the_proposals_constraint() {
     let exact = enumerate(&ab_kernel(), &ends_in_b(), &[], 2, Truncation::ForceEos).unwrap();
-    let constraint: Arc<dyn TokenConstraint> = Arc::new(PotentialConstraint(ends_in_b()));
+    let constraint: Arc<dyn DynPotential> = Arc::new(ends_in_b());
     for (label, proposal) in [
         ("mask", ProposalKind::Mask(Arc::new(ends_in_b()))),
         ("awrs", ProposalKind::Awrs(constraint)),
@@ -316,7 +306,7 @@ fn pieces_kernel() -> ToyKernel {
 #[test]
 fn word_steps_with_mask_and_awrs_proposals_are_unbiased() {
     let limit = MaxWordLetters::new(3);
-    let constraint: Arc<dyn TokenConstraint> = Arc::new(PotentialConstraint(limit));
+    let constraint: Arc<dyn DynPotential> = Arc::new(limit);
     for truncation in [Truncation::Truncate, Truncation::ForceEos] {
         let exact = enumerate(&pieces_kernel(), &limit, &[], 4, truncation).unwrap();
         for (label, proposal) in [

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use smc_steer::awrs::{AwrsOptions, TokenConstraint};
+use smc_steer::awrs::AwrsOptions;
 use smc_steer::grammar::charlevel::{ByteRecognizer, CharPotential};
 use smc_steer::potential::{Potential, SeqView};
 use smc_steer::{FeynmanKac, Kernel, ProposalKind, Smc, SmcConfig, TokenId, Vocabulary};
@@ -33,43 +33,51 @@ impl ByteRecognizer for Lipogram {
     }
 }
 
-/// Counts AWRS's token evaluations.
-struct CountedConstraint {
+/// The lipogram with counters: one-token evaluations (what AWRS asks), full next-token
+/// weight calls (what the mask asks) and the trie walk's recognizer steps.
+struct Counted {
     inner: CharPotential<Lipogram>,
     evals: AtomicUsize,
-}
-
-impl TokenConstraint for CountedConstraint {
-    fn name(&self) -> &str {
-        "lipogram"
-    }
-    fn allows(&self, seq: &SeqView<'_>, token: TokenId) -> bool {
-        self.evals.fetch_add(1, Ordering::Relaxed);
-        TokenConstraint::allows(&self.inner, seq, token)
-    }
-}
-
-/// Counts full-mask evaluations (every token per call) and the trie walk's recognizer steps.
-struct CountedMask {
-    inner: CharPotential<Lipogram>,
     calls: AtomicUsize,
     steps: AtomicUsize,
 }
 
-impl Potential for CountedMask {
+impl Counted {
+    fn new(inner: CharPotential<Lipogram>) -> Self {
+        Self {
+            inner,
+            evals: AtomicUsize::new(0),
+            calls: AtomicUsize::new(0),
+            steps: AtomicUsize::new(0),
+        }
+    }
+}
+
+impl Potential for Counted {
+    type State = <CharPotential<Lipogram> as Potential>::State;
     fn name(&self) -> &str {
         "lipogram"
     }
-    fn prefix(&self, seq: &SeqView<'_>) -> f64 {
-        self.inner.prefix(seq)
+    fn start(&self, vocab: &Vocabulary) -> Self::State {
+        self.inner.start(vocab)
     }
-    fn complete(&self, seq: &SeqView<'_>) -> f64 {
-        self.inner.complete(seq)
+    fn advance(&self, state: &mut Self::State, seq: &SeqView<'_>, token: TokenId) {
+        self.inner.advance(state, seq, token)
     }
-    fn log_weight_next(&self, seq: &SeqView<'_>, out: &mut [f64]) {
+    fn prefix(&self, state: &Self::State, seq: &SeqView<'_>) -> f64 {
+        self.inner.prefix(state, seq)
+    }
+    fn complete(&self, state: &Self::State, seq: &SeqView<'_>) -> f64 {
+        self.inner.complete(state, seq)
+    }
+    fn log_weight_next(&self, state: &Self::State, seq: &SeqView<'_>, out: &mut [f64]) {
         self.calls.fetch_add(1, Ordering::Relaxed);
-        let stats = self.inner.log_weight_next_stats(seq, out);
+        let stats = self.inner.log_weight_next_stats(state, seq, out);
         self.steps.fetch_add(stats.steps, Ordering::Relaxed);
+    }
+    fn log_weight_of(&self, state: &Self::State, seq: &SeqView<'_>, token: TokenId) -> f64 {
+        self.evals.fetch_add(1, Ordering::Relaxed);
+        self.inner.log_weight_of(state, seq, token)
     }
 }
 
@@ -175,10 +183,7 @@ fn awrs_vs_mask(report: &mut Report, args: &Args) -> Result<(), String> {
         prompt = kernel
             .encode("My favorite food is")
             .map_err(|e| e.to_string())?;
-        let counted = Arc::new(CountedConstraint {
-            inner: CharPotential::new(Lipogram),
-            evals: AtomicUsize::new(0),
-        });
+        let counted = Arc::new(Counted::new(CharPotential::new(Lipogram)));
         let model = FeynmanKac::new(CharPotential::new(Lipogram))
             .with_proposal(ProposalKind::Awrs(counted.clone()))
             .with_awrs_options(options);
@@ -192,11 +197,10 @@ fn awrs_vs_mask(report: &mut Report, args: &Args) -> Result<(), String> {
 
     let kernel = load(args, n, max_tokens)?;
     let dist_len = kernel.vocab().dist_len();
-    let counted = Arc::new(CountedMask {
-        inner: CharPotential::for_vocab(Lipogram, kernel.vocab()),
-        calls: AtomicUsize::new(0),
-        steps: AtomicUsize::new(0),
-    });
+    let counted = Arc::new(Counted::new(CharPotential::for_vocab(
+        Lipogram,
+        kernel.vocab(),
+    )));
     let model = FeynmanKac::new(CharPotential::new(Lipogram))
         .with_proposal(ProposalKind::Mask(counted.clone()));
     let r = Smc::new(kernel, model, &prompt, config)

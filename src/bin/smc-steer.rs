@@ -10,12 +10,11 @@ use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::{Deserialize, Serialize};
-use smc_steer::awrs::PotentialConstraint;
 use smc_steer::constraints::MaxWordLetters;
 use smc_steer::feynman_kac::StepUnit;
 use smc_steer::grammar::{Constrained, Grammar, GrammarConstraint};
 use smc_steer::lm::{ChatMessage, KernelOptions, LmError, TransformerKernel};
-use smc_steer::potential::{Potential, Product, Trivial};
+use smc_steer::potential::{DynPotential, Product, SharedPotential, Trivial};
 use smc_steer::report::RunRecord;
 use smc_steer::{
     Algorithm, FeynmanKac, Flow, Kernel, Particle, Program, ProposalKind, Resampling, Smc,
@@ -339,7 +338,7 @@ impl Program for JobProgram {
 
 /// A job's constraints, checked without the model.
 struct Spec {
-    potential: Arc<dyn Potential>,
+    potential: Arc<dyn DynPotential>,
     has_hard: bool,
     grammar: Option<Grammar>,
     constraints: Vec<String>,
@@ -359,7 +358,7 @@ fn read_constraint_file(path: &Path, what: &str) -> Result<String, Failure> {
 
 /// Parse and validate every constraint of a job (before any model work).
 fn spec(job: &JobOptions) -> Result<Spec, Failure> {
-    let mut hard: Vec<Arc<dyn Potential>> = Vec::new();
+    let mut hard: Vec<Arc<dyn DynPotential>> = Vec::new();
     let mut constraints = Vec::new();
     if let Some(k) = job.max_word_letters {
         if k == 0 {
@@ -402,7 +401,7 @@ fn spec(job: &JobOptions) -> Result<Spec, Failure> {
             ));
         }
     }
-    let potential: Arc<dyn Potential> = match hard.len() {
+    let potential: Arc<dyn DynPotential> = match hard.len() {
         0 => Arc::new(Trivial),
         1 => hard[0].clone(),
         _ => Arc::new(
@@ -429,7 +428,7 @@ fn build_program(
             .map_err(|e| constraint_error(e.to_string()))?;
         let mut program = Constrained::new(c);
         if spec.has_hard {
-            program = program.with_potential(spec.potential.clone());
+            program = program.with_potential(SharedPotential::from_arc(spec.potential.clone()));
         }
         return Ok(JobProgram::Grammar(Box::new(program)));
     }
@@ -438,9 +437,7 @@ fn build_program(
         (ProposalArg::Auto, false) | (ProposalArg::Bootstrap, _) => ProposalKind::Bootstrap,
         (ProposalArg::Auto, true) | (ProposalArg::Mask, _) => ProposalKind::Mask(potential.clone()),
         (ProposalArg::LocallyOptimal, _) => ProposalKind::LocallyOptimal,
-        (ProposalArg::Awrs, _) => {
-            ProposalKind::Awrs(Arc::new(PotentialConstraint(potential.clone())))
-        }
+        (ProposalArg::Awrs, _) => ProposalKind::Awrs(potential.clone()),
     };
     let unit = if job.word_steps {
         StepUnit::Word

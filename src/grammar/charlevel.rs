@@ -6,9 +6,10 @@
 //! constraint. Its `log_weight(state)` is the prefix score `log φ(x)` (0 for a pure
 //! predicate) and `complete(state)` the final score `log φ_end(x)`.
 //!
-//! [`CharPotential`] is the [`Potential`] of a recognizer. Its
-//! [`Potential::log_weight_next`] runs the recognizer over the prefix once, then walks a
-//! trie of the vocabulary's byte strings ([`TokenTrie`]) from that state: a subtree is
+//! [`CharPotential`] is the [`Potential`] of a recognizer; its per-particle state is the
+//! recognizer's state, advanced by the bytes of each token (so nothing is re-read). Its
+//! [`Potential::log_weight_next`] walks a trie of the vocabulary's byte strings
+//! ([`TokenTrie`]) from that state: a subtree is
 //! skipped as soon as its first byte is rejected, and tokens sharing a prefix share its
 //! steps, so a step costs one recognizer call per visited trie node instead of one
 //! decode-and-check of every token.
@@ -20,7 +21,7 @@
 //! # Example: every word has at most 4 letters
 //! ```
 //! use smc_steer::grammar::charlevel::{ByteRecognizer, CharPotential};
-//! use smc_steer::potential::{Potential, SeqView};
+//! use smc_steer::potential::{replay, Potential};
 //! use smc_steer::Vocabulary;
 //!
 //! struct ShortWords(u8);
@@ -35,22 +36,21 @@
 //! }
 //! let v = Vocabulary::from_strs(&["th", "ere", " a", "is"]).unwrap();
 //! let p = CharPotential::new(ShortWords(4));
-//! let view = SeqView { tokens: &[0], bytes: b"th", vocab: &v };
+//! let (state, view) = replay(&p, &v, &[0], b"th");
 //! let mut w = vec![0.0; v.dist_len()];
-//! p.log_weight_next(&view, &mut w);
+//! p.log_weight_next(&state, &view, &mut w);
 //! assert_eq!(w, vec![0.0, f64::NEG_INFINITY, 0.0, 0.0, 0.0]); // "th"+"ere" has 5 letters
 //! ```
 
 use std::sync::{Arc, Mutex};
 
-use crate::awrs::TokenConstraint;
 use crate::potential::{Potential, SeqView};
 use crate::vocab::{TokenId, Vocabulary};
 
 /// A byte-level recognizer: a state machine over the output's bytes with optional scores.
 pub trait ByteRecognizer: Send + Sync {
     /// The state after the bytes read so far.
-    type State: Clone + Send + Sync;
+    type State: Clone + Send + Sync + 'static;
 
     /// A name used in error messages.
     fn name(&self) -> &str;
@@ -310,67 +310,88 @@ impl<R: ByteRecognizer> CharPotential<R> {
     }
 
     /// As [`Potential::log_weight_next`], also returning the walk's statistics.
-    pub fn log_weight_next_stats(&self, seq: &SeqView<'_>, out: &mut [f64]) -> WalkStats {
+    pub fn log_weight_next_stats(
+        &self,
+        state: &Option<R::State>,
+        seq: &SeqView<'_>,
+        out: &mut [f64],
+    ) -> WalkStats {
         let eos = seq.vocab.len();
-        let Some(state) = run(&self.rec, seq.bytes) else {
+        let Some(state) = state else {
             out.fill(f64::NEG_INFINITY);
             return WalkStats::default();
         };
-        let base = self.rec.log_weight(&state);
+        let base = self.rec.log_weight(state);
         if base == f64::NEG_INFINITY {
             out.fill(f64::NEG_INFINITY);
             return WalkStats::default();
         }
         let trie = self.trie_for(seq.vocab);
-        let stats = trie.walk(&self.rec, &state, base, out);
+        let stats = trie.walk(&self.rec, state, base, out);
         if let Some(o) = out.get_mut(eos) {
-            *o = self.rec.complete(&state) - base;
+            *o = self.rec.complete(state) - base;
         }
         stats
     }
+
+    /// The recognizer's state after `bytes` from `state` (`None`: rejected).
+    fn read(&self, state: &R::State, bytes: &[u8]) -> Option<R::State> {
+        let mut s = state.clone();
+        for &b in bytes {
+            s = self.rec.step(&s, b)?;
+        }
+        Some(s)
+    }
 }
 
+/// The state is the recognizer's state after the bytes so far (`None` once rejected), so
+/// each token costs one step per byte, whatever the length of the prefix.
 impl<R: ByteRecognizer> Potential for CharPotential<R> {
+    type State = Option<R::State>;
+
     fn name(&self) -> &str {
         self.rec.name()
     }
 
-    fn prefix(&self, seq: &SeqView<'_>) -> f64 {
-        run(&self.rec, seq.bytes).map_or(f64::NEG_INFINITY, |s| self.rec.log_weight(&s))
+    fn start(&self, _: &Vocabulary) -> Self::State {
+        Some(self.rec.initial())
     }
 
-    fn complete(&self, seq: &SeqView<'_>) -> f64 {
-        run(&self.rec, seq.bytes).map_or(f64::NEG_INFINITY, |s| self.rec.complete(&s))
+    fn advance(&self, state: &mut Self::State, seq: &SeqView<'_>, token: TokenId) {
+        if let Some(s) = state.as_ref() {
+            *state = self.read(s, seq.vocab.bytes(token));
+        }
     }
 
-    fn log_weight_next(&self, seq: &SeqView<'_>, out: &mut [f64]) {
-        self.log_weight_next_stats(seq, out);
-    }
-}
-
-/// A character-level potential is a token constraint for AWRS
-/// ([`crate::ProposalKind::Awrs`]): a token is allowed when the recognizer accepts its
-/// bytes after the prefix (and, for EOS, when the final score is not `-inf`). Each call
-/// checks one token only.
-impl<R: ByteRecognizer> TokenConstraint for CharPotential<R> {
-    fn name(&self) -> &str {
-        self.rec.name()
+    fn prefix(&self, state: &Self::State, _: &SeqView<'_>) -> f64 {
+        state
+            .as_ref()
+            .map_or(f64::NEG_INFINITY, |s| self.rec.log_weight(s))
     }
 
-    fn allows(&self, seq: &SeqView<'_>, token: TokenId) -> bool {
-        let Some(state) = run(&self.rec, seq.bytes) else {
-            return false;
+    fn complete(&self, state: &Self::State, _: &SeqView<'_>) -> f64 {
+        state
+            .as_ref()
+            .map_or(f64::NEG_INFINITY, |s| self.rec.complete(s))
+    }
+
+    fn log_weight_next(&self, state: &Self::State, seq: &SeqView<'_>, out: &mut [f64]) {
+        self.log_weight_next_stats(state, seq, out);
+    }
+
+    /// One token alone (what AWRS asks for): its bytes read from the current state.
+    fn log_weight_of(&self, state: &Self::State, seq: &SeqView<'_>, token: TokenId) -> f64 {
+        let Some(s) = state else {
+            return f64::NEG_INFINITY;
         };
+        let base = self.rec.log_weight(s);
+        if base == f64::NEG_INFINITY {
+            return f64::NEG_INFINITY;
+        }
         if token == seq.vocab.eos() {
-            return self.rec.complete(&state) > f64::NEG_INFINITY;
+            return self.rec.complete(s) - base;
         }
-        let mut s = state;
-        for &b in seq.vocab.bytes(token) {
-            match self.rec.step(&s, b) {
-                Some(n) => s = n,
-                None => return false,
-            }
-        }
-        self.rec.log_weight(&s) > f64::NEG_INFINITY
+        self.read(s, seq.vocab.bytes(token))
+            .map_or(f64::NEG_INFINITY, |n| self.rec.log_weight(&n) - base)
     }
 }

@@ -403,23 +403,24 @@ fn is_no_extension(msg: &str) -> bool {
 /// per-particle matchers ([`GrammarConstraint::matcher`]).
 ///
 /// As a potential, `prefix(x)` is 0 while the bytes of `x` are a prefix of a string of the
-/// language and `-inf` otherwise; `complete(x)` is 0 when they are in the language. Each
-/// call replays the sequence through a fresh matcher (use [`crate::grammar::Constrained`]
-/// to keep one matcher per particle instead). An internal llguidance failure makes the
-/// potential return NaN, which the engine reports as [`SmcError::NanPotential`] naming it.
+/// language and `-inf` otherwise; `complete(x)` is 0 when they are in the language. Its
+/// per-particle state is a matcher that consumes each token once. An internal llguidance
+/// failure while computing a mask makes the next-token weights NaN, which the engine
+/// reports as [`SmcError::NanPotential`] naming it ([`crate::grammar::Constrained`]
+/// reports it with llguidance's message).
 ///
 /// # Example
 /// ```
 /// use smc_steer::grammar::{Grammar, GrammarConstraint};
-/// use smc_steer::potential::{Potential, SeqView};
+/// use smc_steer::potential::{replay, Potential};
 /// use smc_steer::Vocabulary;
 /// let v = Vocabulary::from_strs(&["1", "2", "-", "12"]).unwrap();
 /// let c = GrammarConstraint::new(&v, Grammar::regex(r"\d+-\d")).unwrap();
-/// let view = SeqView { tokens: &[3, 2], bytes: b"12-", vocab: &v };
-/// assert_eq!(c.prefix(&view), 0.0);
-/// assert_eq!(c.complete(&view), f64::NEG_INFINITY);
+/// let (matcher, view) = replay(&c, &v, &[3, 2], b"12-");
+/// assert_eq!(c.prefix(&matcher, &view), 0.0);
+/// assert_eq!(c.complete(&matcher, &view), f64::NEG_INFINITY);
 /// let mut w = vec![0.0; v.dist_len()];
-/// c.log_weight_next(&view, &mut w);
+/// c.log_weight_next(&matcher, &view, &mut w);
 /// assert_eq!(w, vec![0.0, 0.0, f64::NEG_INFINITY, f64::NEG_INFINITY, f64::NEG_INFINITY]);
 /// ```
 pub struct GrammarConstraint {
@@ -596,31 +597,46 @@ fn build_factory(vocab: &Vocabulary) -> Result<ParserFactory, GrammarError> {
     Ok(factory)
 }
 
+/// The state is the particle's own matcher: each token is consumed once, and cloning the
+/// state forks the matcher (see [`GrammarConstraint::with_shared_lexer_cache`]).
 impl Potential for GrammarConstraint {
+    type State = GrammarMatcher;
+
     fn name(&self) -> &str {
         &self.name
     }
 
-    fn prefix(&self, seq: &SeqView<'_>) -> f64 {
-        if self.matcher_after(seq.tokens).is_dead() {
+    fn start(&self, _: &Vocabulary) -> GrammarMatcher {
+        self.matcher()
+    }
+
+    fn advance(&self, matcher: &mut GrammarMatcher, _: &SeqView<'_>, token: TokenId) {
+        matcher.consume(token);
+    }
+
+    fn prefix(&self, matcher: &GrammarMatcher, _: &SeqView<'_>) -> f64 {
+        if matcher.is_dead() {
             f64::NEG_INFINITY
         } else {
             0.0
         }
     }
 
-    fn complete(&self, seq: &SeqView<'_>) -> f64 {
-        let mut m = self.matcher_after(seq.tokens);
-        if m.accepts_eos() {
+    fn complete(&self, matcher: &GrammarMatcher, _: &SeqView<'_>) -> f64 {
+        if !matcher.is_dead() && matcher.clone().accepts_eos() {
             0.0
         } else {
             f64::NEG_INFINITY
         }
     }
 
-    fn log_weight_next(&self, seq: &SeqView<'_>, out: &mut [f64]) {
-        let mut m = self.matcher_after(seq.tokens);
-        match m.mask() {
+    fn log_weight_next(&self, matcher: &GrammarMatcher, _: &SeqView<'_>, out: &mut [f64]) {
+        if matcher.is_dead() {
+            out.fill(f64::NEG_INFINITY);
+            return;
+        }
+        // Computing a mask advances llguidance's internal caches: work on a fork.
+        match matcher.clone().mask() {
             Ok(mask) => {
                 for (v, o) in out.iter_mut().enumerate() {
                     *o = if mask.allows(v as TokenId) {
@@ -631,6 +647,14 @@ impl Potential for GrammarConstraint {
                 }
             }
             Err(_) => out.fill(f64::NAN),
+        }
+    }
+
+    fn log_weight_of(&self, matcher: &GrammarMatcher, _: &SeqView<'_>, token: TokenId) -> f64 {
+        if !matcher.is_dead() && matcher.clone().consume(token) {
+            0.0
+        } else {
+            f64::NEG_INFINITY
         }
     }
 

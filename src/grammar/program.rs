@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use crate::error::{Result, SmcError};
 use crate::particle::Particle;
-use crate::potential::{Increments, Potential};
+use crate::potential::{AnyState, Potential, SharedPotential};
 use crate::program::{Flow, Program, Truncation};
 use crate::vocab::Vocabulary;
 
@@ -41,8 +41,8 @@ use super::llg::{GrammarConstraint, GrammarMatcher};
 pub struct Constrained {
     constraint: Arc<GrammarConstraint>,
     matcher: GrammarMatcher,
-    /// The extra potential, with `log φ` of the current prefix.
-    potential: Option<Increments>,
+    /// The extra potential, this particle's state of it and `log φ` of the current prefix.
+    potential: Option<(SharedPotential, Option<AnyState>, f64)>,
     /// Masked steps taken (statistics).
     steps: usize,
 }
@@ -76,7 +76,7 @@ impl Constrained {
     /// Multiply the target by another potential (soft or hard), applied as increments
     /// `φ(x·v)/φ(x)` after each draw, as in [`crate::FeynmanKac`].
     pub fn with_potential(mut self, potential: impl Potential + 'static) -> Self {
-        self.potential = Some(Increments::new(Arc::new(potential)));
+        self.potential = Some((SharedPotential::new(potential), None, 0.0));
         self
     }
 
@@ -90,12 +90,41 @@ impl Constrained {
         &self.matcher
     }
 
-    /// The extra potential's increment for appending `t` (or ending, for EOS).
+    /// The extra potential's increment for appending `t` (or ending, for EOS), advancing
+    /// its state; call before `t` is appended.
     fn increment(&mut self, p: &Particle<'_>, t: u32) -> Result<f64> {
-        match &mut self.potential {
-            Some(inc) => inc.increment(&p.view(), t),
-            None => Ok(0.0),
+        let Some((potential, state, prefix_score)) = &mut self.potential else {
+            return Ok(0.0);
+        };
+        let view = p.view();
+        let state = state.get_or_insert_with(|| potential.start(view.vocab));
+        let nan = |x: f64| {
+            if x.is_nan() {
+                Err(SmcError::NanPotential {
+                    name: potential.name().to_string(),
+                })
+            } else {
+                Ok(x)
+            }
+        };
+        if t == view.vocab.eos() {
+            let end = nan(potential.complete(state, &view))?;
+            return Ok(crate::logspace::log_div(end, *prefix_score));
         }
+        potential.advance(state, &view, t);
+        let mut tokens = view.tokens.to_vec();
+        tokens.push(t);
+        let mut bytes = view.bytes.to_vec();
+        bytes.extend_from_slice(view.vocab.bytes(t));
+        let next = crate::potential::SeqView {
+            tokens: &tokens,
+            bytes: &bytes,
+            vocab: view.vocab,
+        };
+        let score = nan(potential.prefix(state, &next))?;
+        let inc = crate::logspace::log_div(score, *prefix_score);
+        *prefix_score = score;
+        Ok(inc)
     }
 }
 
@@ -108,7 +137,7 @@ impl Program for Constrained {
                 found: self.constraint.vocab_len(),
             });
         }
-        if let Some(pot) = self.potential.as_ref().map(Increments::potential) {
+        if let Some((pot, _, _)) = self.potential.as_ref() {
             if let Some(found) = pot.vocab_size().filter(|n| *n != vocab.len()) {
                 return Err(SmcError::VocabularyMismatch {
                     what: format!("potential `{}`", pot.name()),
@@ -121,8 +150,17 @@ impl Program for Constrained {
     }
 
     fn start(&mut self, p: &mut Particle<'_>) -> Result<()> {
-        if let Some(inc) = &mut self.potential {
-            let initial = inc.start(&p.view())?;
+        if let Some((potential, state, prefix_score)) = &mut self.potential {
+            let view = p.view();
+            let s = potential.start(view.vocab);
+            let initial = potential.prefix(&s, &view);
+            if initial.is_nan() {
+                return Err(SmcError::NanPotential {
+                    name: potential.name().to_string(),
+                });
+            }
+            *state = Some(s);
+            *prefix_score = initial;
             p.score(initial)?;
         }
         Ok(())

@@ -67,6 +67,20 @@ pub fn potential() -> Product {
         }))
 }
 
+/// The prefix score, complete score and next-token weights of `p` after `tokens` (its
+/// state replayed from the start).
+pub fn scores<P: smc_steer::potential::Potential + ?Sized>(
+    p: &P,
+    vocab: &smc_steer::Vocabulary,
+    tokens: &[u32],
+) -> (f64, f64, Vec<f64>) {
+    let bytes = vocab.decode_bytes(tokens);
+    let (state, view) = smc_steer::potential::replay(p, vocab, tokens, &bytes);
+    let mut next = vec![0.0; vocab.dist_len()];
+    p.log_weight_next(&state, &view, &mut next);
+    (p.prefix(&state, &view), p.complete(&state, &view), next)
+}
+
 /// A seeded test RNG.
 pub fn rng(seed: u64) -> Pcg64Mcg {
     Pcg64Mcg::seed_from_u64(seed)
