@@ -8,10 +8,11 @@
 //!
 //! With `--json` every figure is one JSON object per line with `metric`, `impl`, `n` and
 //! `value` (plus `unit`); derived ratios come last. Timings are medians over `--steps` steps.
-//! `SMC_BENCH_ONLY=cache` or `SMC_BENCH_ONLY=constraints` runs one group of figures.
+//! `SMC_BENCH_ONLY=cache`, `constraints` or `potentials` runs one group of figures.
 
 mod cache;
 mod constraints;
+mod potentials;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -260,9 +261,15 @@ fn run() -> Result<(), String> {
     if cache::only() {
         return cache::run(&mut report, &args);
     }
-    if std::env::var("SMC_BENCH_ONLY").is_ok_and(|v| v == "constraints") {
+    let only = std::env::var("SMC_BENCH_ONLY").unwrap_or_default();
+    if only == "constraints" {
         let kernel = load(&args, 32, 64)?;
         return constraints::run(&mut report, &args, kernel.vocab());
+    }
+    if only == "potentials" {
+        let kernel = load(&args, 1, 64)?;
+        let tokens = kernel.encode(&TEXT.repeat(8)).map_err(|e| e.to_string())?;
+        return potentials::run(&mut report, kernel.vocab(), &tokens);
     }
     let max_n = *args.ns.iter().max().unwrap_or(&1);
     let mut kernel = load(&args, max_n, 512)?;
@@ -365,6 +372,8 @@ fn run() -> Result<(), String> {
         );
     }
     constraints::run(&mut report, &args, kernel.vocab())?;
+    let text = kernel.encode(&TEXT.repeat(8)).map_err(|e| e.to_string())?;
+    potentials::run(&mut report, kernel.vocab(), &text)?;
     cache::run(&mut report, &args)?;
     Ok(())
 }
