@@ -13,9 +13,9 @@ use unicode_segmentation::UnicodeSegmentation;
 use crate::error::{Result, SmcError};
 use crate::logspace::{log_div, log_mul, log_sum_exp};
 use crate::particle::Particle;
-use crate::potential::{AnyState, DynPotential, Potential, SeqView, SharedPotential};
+use crate::potential::{AnyState, DynPotential, Potential, SharedPotential};
 use crate::program::{Flow, Program, Truncation};
-use crate::proposal::ProposalKind;
+use crate::proposal::{PotentialIncrement, ProposalKind, SamplerInput, TokenSampler};
 use crate::vocab::Vocabulary;
 
 /// A Feynman-Kac model: kernel steps weighted by a potential.
@@ -43,9 +43,12 @@ pub struct FeynmanKac {
     state: Option<AnyState>,
     /// `log φ` of the current prefix.
     prefix_score: f64,
-    proposal: ProposalKind,
-    /// The mask or AWRS proposal's constraint and this particle's state of it.
-    constraint: Option<(SharedPotential, Option<AnyState>)>,
+    /// The built-in proposal the sampler was made from (`None` for a user sampler).
+    proposal: Option<ProposalKind>,
+    /// The proposal.
+    sampler: Arc<dyn TokenSampler>,
+    /// This particle's state of the sampler (its constraint's state), if it keeps one.
+    sampler_state: Option<AnyState>,
     unit: StepUnit,
     /// Word steps: what the next draw is conditioned on.
     phase: WordPhase,
@@ -97,7 +100,7 @@ impl std::fmt::Debug for FeynmanKac {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FeynmanKac")
             .field("potential", &self.potential.name())
-            .field("proposal", &self.proposal)
+            .field("sampler", &self.sampler.name())
             .finish()
     }
 }
@@ -114,8 +117,9 @@ impl FeynmanKac {
             potential: SharedPotential::from_arc(potential),
             state: None,
             prefix_score: 0.0,
-            proposal: ProposalKind::Bootstrap,
-            constraint: None,
+            proposal: Some(ProposalKind::Bootstrap),
+            sampler: Arc::new(crate::proposal::Bootstrap),
+            sampler_state: None,
             unit: StepUnit::Token,
             phase: WordPhase::Draw(None),
             words: Arc::new(OnceLock::new()),
@@ -134,18 +138,23 @@ impl FeynmanKac {
     /// [`crate::awrs::AwrsOptions`]).
     pub fn with_awrs_options(mut self, options: crate::awrs::AwrsOptions) -> Self {
         self.awrs_options = options;
+        if let Some(kind) = &self.proposal {
+            self.sampler = kind.sampler(options);
+        }
         self
     }
 
-    /// Use another proposal.
+    /// Use a built-in proposal.
     pub fn with_proposal(mut self, proposal: ProposalKind) -> Self {
-        self.constraint = match &proposal {
-            ProposalKind::Mask(c) | ProposalKind::Awrs(c) => {
-                Some((SharedPotential::from_arc(Arc::clone(c)), None))
-            }
-            _ => None,
-        };
-        self.proposal = proposal;
+        self.sampler = proposal.sampler(self.awrs_options);
+        self.proposal = Some(proposal);
+        self
+    }
+
+    /// Use any [`TokenSampler`] as the proposal.
+    pub fn with_sampler(mut self, sampler: impl TokenSampler + 'static) -> Self {
+        self.sampler = Arc::new(sampler);
+        self.proposal = None;
         self
     }
 
@@ -160,88 +169,54 @@ impl FeynmanKac {
     }
 
     /// Draw one token from `log_p` (the kernel's distribution, possibly conditioned on a
-    /// word-boundary event) with the proposal, append it and update the weight. Returns
+    /// word-boundary event) with the sampler, append it and update the weight. Returns
     /// `None` when the particle died.
     fn draw_token(&mut self, p: &mut Particle<'_>, log_p: &[f64]) -> Result<Option<u32>> {
-        let eos = p.vocab().eos();
-        let t = match self.proposal.clone() {
-            ProposalKind::Bootstrap => {
-                let t = p.draw(log_p)?;
-                let inc = self.append(p, t)?;
-                p.score(inc)?;
-                t
-            }
-            ProposalKind::LocallyOptimal => {
-                let w = {
-                    let potential = self.potential.clone();
-                    let view = p.view();
-                    next_weights(&potential, self.state_mut(view.vocab), &view)?
-                };
-                let joint: Vec<f64> = log_p.iter().zip(&w).map(|(a, b)| log_mul(*a, *b)).collect();
-                let local_z = log_sum_exp(&joint);
-                if local_z == f64::NEG_INFINITY {
-                    p.condition(false);
-                    return Ok(None);
-                }
-                let t = p.draw(&joint)?;
-                if t == eos {
-                    p.append_to(0, t)?;
-                } else {
-                    // The drawn token's weight is known: advance without re-scoring.
-                    self.advance_states(p, t);
-                    p.append_to(0, t)?;
-                    self.prefix_score = log_mul(self.prefix_score, w[t as usize]);
-                }
-                p.score(local_z)?;
-                t
-            }
-            ProposalKind::Mask(_) => {
-                // The mask's weights become the masked kernel distribution in place.
-                let mut masked = self.constraint_weights(p)?;
-                for (m, lp) in masked.iter_mut().zip(log_p) {
-                    *m = if *m > f64::NEG_INFINITY {
-                        *lp
-                    } else {
-                        f64::NEG_INFINITY
-                    };
-                }
-                let log_mass = log_sum_exp(&masked);
-                if log_mass == f64::NEG_INFINITY {
-                    p.condition(false);
-                    return Ok(None);
-                }
-                let t = p.draw(&masked)?;
-                let inc = self.append(p, t)?;
-                p.score(log_mass)?;
-                p.score(inc)?;
-                t
-            }
-            ProposalKind::Awrs(_) => {
-                let options = self.awrs_options;
-                let mut rng = rand_pcg::Pcg64Mcg::new(rand::Rng::random(p.rng()));
-                let vocab = p.vocab();
-                let draw = {
-                    let (c, cstate) = self.constraint_state(vocab)?;
-                    crate::awrs::awrs(log_p, &p.view(), &c, cstate, options, &mut rng)?
-                };
-                let Some(t) = draw.token else {
-                    p.condition(false);
-                    return Ok(None);
-                };
+        let vocab = p.vocab();
+        self.state_mut(vocab);
+        if self.sampler_state.is_none() {
+            self.sampler_state = self.sampler.start(vocab);
+        }
+        let (Some(potential_state), sampler) = (self.state.as_ref(), Arc::clone(&self.sampler))
+        else {
+            return Err(SmcError::Program(
+                "potential state missing (internal)".into(),
+            ));
+        };
+        // The sampler draws with the particle's own RNG stream.
+        let mut rng = p.take_rng();
+        let draw = sampler.sample(&mut SamplerInput {
+            log_p,
+            seq: p.view(),
+            potential: &self.potential,
+            potential_state,
+            state: self.sampler_state.as_ref(),
+            rng: &mut rng,
+        });
+        p.put_rng(rng);
+        let draw = draw?;
+        let Some(draw) = draw else {
+            p.condition(false);
+            return Ok(None);
+        };
+        let t = draw.token;
+        match draw.potential {
+            PotentialIncrement::Pending => {
                 let inc = self.append(p, t)?;
                 p.score(draw.log_weight)?;
                 p.score(inc)?;
-                t
             }
-            ProposalKind::Custom(q) => {
-                let lq = crate::proposal::checked_log_probs(q.as_ref(), &p.view(), log_p)?;
-                let t = p.draw(&lq)?;
-                let inc = self.append(p, t)?;
-                p.score(log_div(log_p[t as usize], lq[t as usize]))?;
-                p.score(inc)?;
-                t
+            PotentialIncrement::Included(g) => {
+                if t != vocab.eos() {
+                    self.advance_states(p, t);
+                    p.append_to(0, t)?;
+                    self.prefix_score = log_mul(self.prefix_score, g);
+                } else {
+                    p.append_to(0, t)?;
+                }
+                p.score(draw.log_weight)?;
             }
-        };
+        }
         Ok(if p.is_finished() && p.log_weight() == f64::NEG_INFINITY {
             None
         } else {
@@ -255,25 +230,6 @@ impl FeynmanKac {
         self.state.get_or_insert_with(|| potential.start(vocab))
     }
 
-    /// The proposal's constraint and this particle's state of it.
-    fn constraint_state(&mut self, vocab: &Vocabulary) -> Result<(SharedPotential, &AnyState)> {
-        let Some((c, state)) = self.constraint.as_mut() else {
-            return Err(SmcError::Program(
-                "the proposal has no constraint (internal)".into(),
-            ));
-        };
-        let c = c.clone();
-        let state = state.get_or_insert_with(|| c.start(vocab));
-        Ok((c, state))
-    }
-
-    /// The constraint's next-token weights (mask proposal).
-    fn constraint_weights(&mut self, p: &Particle<'_>) -> Result<Vec<f64>> {
-        let view = p.view();
-        let (c, state) = self.constraint_state(p.vocab())?;
-        next_weights(&c, state, &view)
-    }
-
     /// Advance the potential's (and the constraint's) state past the ordinary token `t`,
     /// before it is appended.
     fn advance_states(&mut self, p: &Particle<'_>, t: u32) {
@@ -281,9 +237,11 @@ impl FeynmanKac {
         let vocab = p.vocab();
         let potential = self.potential.clone();
         potential.advance(self.state_mut(vocab), &view, t);
-        if let Some((c, state)) = self.constraint.as_mut() {
-            let state = state.get_or_insert_with(|| c.start(vocab));
-            c.advance(state, &view, t);
+        if self.sampler_state.is_none() {
+            self.sampler_state = self.sampler.start(vocab);
+        }
+        if let Some(state) = self.sampler_state.as_mut() {
+            self.sampler.advance(state, &view, t);
         }
     }
 
@@ -330,22 +288,6 @@ fn checked(potential: &SharedPotential, x: f64) -> Result<f64> {
     }
 }
 
-/// Next-token weights of `potential` in `state`, NaN reported as an error.
-fn next_weights(
-    potential: &SharedPotential,
-    state: &AnyState,
-    view: &SeqView<'_>,
-) -> Result<Vec<f64>> {
-    let mut w = vec![0.0; view.vocab.dist_len()];
-    potential.log_weight_next(state, view, &mut w);
-    if w.iter().any(|x| x.is_nan()) {
-        return Err(SmcError::NanPotential {
-            name: potential.name().to_string(),
-        });
-    }
-    Ok(w)
-}
-
 impl Program for FeynmanKac {
     fn check(&self, vocab: &Vocabulary) -> Result<()> {
         let check = |what: &str, n: Option<usize>| match n {
@@ -360,9 +302,10 @@ impl Program for FeynmanKac {
             &format!("potential `{}`", self.potential.name()),
             self.potential.vocab_size(),
         )?;
-        if let ProposalKind::Mask(m) = &self.proposal {
-            check(&format!("mask `{}`", m.dyn_name()), m.dyn_vocab_size())?;
-        }
+        check(
+            &format!("proposal `{}`", self.sampler.name()),
+            self.sampler.vocab_size(),
+        )?;
         Ok(())
     }
 
@@ -372,9 +315,7 @@ impl Program for FeynmanKac {
         let state = potential.start(vocab);
         let initial = checked(&potential, potential.prefix(&state, &p.view()))?;
         self.state = Some(state);
-        if let Some((c, cstate)) = self.constraint.as_mut() {
-            *cstate = Some(c.start(vocab));
-        }
+        self.sampler_state = self.sampler.start(vocab);
         self.prefix_score = initial;
         p.score(initial)
     }
@@ -466,13 +407,12 @@ impl Program for FeynmanKac {
                 // The proposal's constraint is part of the target: EOS forced at the limit
                 // must be allowed by it, exactly as a drawn EOS would have to be.
                 let eos = p.vocab().eos();
-                let allowed = if self.constraint.is_some() {
-                    let view = p.view();
-                    let (c, state) = self.constraint_state(view.vocab)?;
-                    checked(&c, c.log_weight_of(state, &view, eos))? > f64::NEG_INFINITY
-                } else {
-                    true
-                };
+                if self.sampler_state.is_none() {
+                    self.sampler_state = self.sampler.start(p.vocab());
+                }
+                let allowed = self
+                    .sampler
+                    .allows_end(self.sampler_state.as_ref(), &p.view())?;
                 if !allowed {
                     p.condition(false);
                     return Ok(());

@@ -116,6 +116,17 @@ impl<'a> Particle<'a> {
         &mut self.rng
     }
 
+    /// Lend out the particle's RNG (for a sampler that needs it beside a view of the
+    /// particle); give it back with [`Particle::put_rng`] so the stream continues.
+    pub(crate) fn take_rng(&mut self) -> Pcg64Mcg {
+        std::mem::replace(&mut self.rng, Pcg64Mcg::new(0))
+    }
+
+    /// Give back the RNG lent by [`Particle::take_rng`].
+    pub(crate) fn put_rng(&mut self, rng: Pcg64Mcg) {
+        self.rng = rng;
+    }
+
     /// The kernel's vocabulary.
     pub fn vocab(&self) -> &'a Vocabulary {
         self.vocab

@@ -1,12 +1,21 @@
 //! Proposals: how a particle chooses its next token.
 //!
 //! Sampling token `v` from a proposal `q` instead of the kernel `p` multiplies the weight by
-//! the importance correction `p(v) / q(v)`, so the target is unchanged. The built-in
-//! choices of the Feynman-Kac program are listed in [`ProposalKind`].
+//! the importance correction `p(v) / q(v)`, so the target is unchanged. Every proposal is a
+//! [`TokenSampler`]: given the particle's next-token distribution, its sequence and its
+//! potential state, it returns a token and a log-weight; the engine
+//! ([`crate::FeynmanKac`]) owns the population, appends the token, applies the potential and
+//! keeps `log Z`. The built-in samplers are listed in [`ProposalKind`].
 
 use std::sync::Arc;
 
-use crate::potential::{DynPotential, SeqView};
+use rand_pcg::Pcg64Mcg;
+
+use crate::error::{Result, SmcError};
+use crate::logspace::{log_div, log_mul, log_sum_exp};
+use crate::potential::{AnyState, DynPotential, Potential, SeqView, SharedPotential};
+use crate::sampling::{restrict, sample_log_categorical};
+use crate::vocab::{TokenId, Vocabulary};
 
 /// A user proposal: a next-token distribution that may depend on the sequence and on the
 /// kernel's distribution.
@@ -30,12 +39,12 @@ pub fn checked_log_probs(
     q: &dyn Proposal,
     seq: &SeqView<'_>,
     kernel_log_probs: &[f64],
-) -> crate::Result<Vec<f64>> {
+) -> Result<Vec<f64>> {
     let mut lq = vec![f64::NEG_INFINITY; kernel_log_probs.len()];
     q.log_probs(seq, kernel_log_probs, &mut lq);
-    let total = crate::logspace::log_sum_exp(&lq);
+    let total = log_sum_exp(&lq);
     if lq.iter().any(|x| x.is_nan()) || total.abs() > 1e-6 {
-        return Err(crate::SmcError::InvalidProposal {
+        return Err(SmcError::InvalidProposal {
             name: q.name().into(),
             reason: format!(
                 "log q must be a normalised distribution without NaN (log Σ q = {total})"
@@ -45,7 +54,311 @@ pub fn checked_log_probs(
     Ok(lq)
 }
 
-/// The proposals of [`crate::FeynmanKac`].
+/// What a [`TokenSampler`] sees when it draws one token for one particle.
+pub struct SamplerInput<'a> {
+    /// The kernel's next-token log-probabilities (vocabulary + EOS), possibly conditioned
+    /// (word steps condition on a word-boundary event).
+    pub log_p: &'a [f64],
+    /// The particle's generated sequence.
+    pub seq: SeqView<'a>,
+    /// The model's potential `G` and the particle's state of it.
+    pub potential: &'a SharedPotential,
+    /// The particle's state of `potential`.
+    pub potential_state: &'a AnyState,
+    /// The sampler's own per-particle state ([`TokenSampler::start`]), if it has one.
+    pub state: Option<&'a AnyState>,
+    /// The particle's random number generator.
+    pub rng: &'a mut Pcg64Mcg,
+}
+
+impl SamplerInput<'_> {
+    /// Draw an index from log-weights with the particle's RNG.
+    ///
+    /// # Errors
+    /// [`SmcError::Program`] when every entry is `-inf`.
+    pub fn draw(&mut self, log_q: &[f64]) -> Result<TokenId> {
+        sample_log_categorical(log_q, self.rng)
+            .map(|i| i as TokenId)
+            .ok_or_else(|| SmcError::Program("cannot draw from a distribution with no mass".into()))
+    }
+
+    /// The potential's next-token weights in the particle's state (NaN is an error).
+    ///
+    /// # Errors
+    /// [`SmcError::NanPotential`].
+    pub fn potential_weights(&self) -> Result<Vec<f64>> {
+        weights_of(self.potential, self.potential_state, &self.seq)
+    }
+}
+
+/// The next-token weights of `potential` in `state` after `seq`; NaN is an error naming it.
+///
+/// # Errors
+/// [`SmcError::NanPotential`].
+pub fn weights_of<P: Potential + ?Sized>(
+    potential: &P,
+    state: &P::State,
+    seq: &SeqView<'_>,
+) -> Result<Vec<f64>> {
+    let mut w = vec![0.0; seq.vocab.dist_len()];
+    potential.log_weight_next(state, seq, &mut w);
+    if w.iter().any(|x| x.is_nan()) {
+        return Err(SmcError::NanPotential {
+            name: potential.name().to_string(),
+        });
+    }
+    Ok(w)
+}
+
+/// A sampler's draw: the token and its log-weight.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Draw {
+    /// The drawn symbol (EOS included).
+    pub token: TokenId,
+    /// The log-weight the sampler contributes: its importance correction (e.g.
+    /// `log p(v) − log q(v)`, or `log P(mask)`), to which the engine adds the potential's
+    /// increment `log G(v)` — unless [`Draw::potential`] says it is already included.
+    pub log_weight: f64,
+    /// How the potential's increment is accounted for.
+    pub potential: PotentialIncrement,
+}
+
+/// Whether a [`Draw`]'s weight already contains the potential's increment.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
+pub enum PotentialIncrement {
+    /// The engine computes `log G(v)` and adds it (most samplers).
+    Pending,
+    /// The sampler folded `log G(v)` (the given value) into its weight, as the locally
+    /// optimal proposal does; the engine only records it in the prefix score.
+    Included(f64),
+}
+
+/// A proposal: draws the next token of one particle and returns it with a log-weight such
+/// that the engine's weights stay properly weighted for the target `p·G`.
+///
+/// A sampler with a constraint of its own (the mask and AWRS proposals) keeps a
+/// per-particle state of it: [`TokenSampler::start`] makes it, [`TokenSampler::advance`]
+/// moves it past each appended token, and the constraint is part of the target (under
+/// [`crate::Truncation::ForceEos`] the engine asks [`TokenSampler::allows_end`]).
+pub trait TokenSampler: Send + Sync {
+    /// A name used in messages.
+    fn name(&self) -> &str;
+
+    /// The sampler's state for a new particle (`None`: it keeps none).
+    fn start(&self, _vocab: &Vocabulary) -> Option<AnyState> {
+        None
+    }
+
+    /// Move the sampler's state past the ordinary token `token` appended to `seq`.
+    fn advance(&self, _state: &mut AnyState, _seq: &SeqView<'_>, _token: TokenId) {}
+
+    /// Draw the next symbol. `Ok(None)` when no symbol can be drawn (the particle dies).
+    ///
+    /// # Errors
+    /// A broken potential or proposal (NaN, not normalised).
+    fn sample(&self, input: &mut SamplerInput<'_>) -> Result<Option<Draw>>;
+
+    /// Whether the sequence may end here (EOS forced at the token limit): `false` when the
+    /// sampler's own constraint refuses EOS.
+    ///
+    /// # Errors
+    /// A broken constraint (NaN).
+    fn allows_end(&self, _state: Option<&AnyState>, _seq: &SeqView<'_>) -> Result<bool> {
+        Ok(true)
+    }
+
+    /// The vocabulary size the sampler was built for, if it depends on one.
+    fn vocab_size(&self) -> Option<usize> {
+        None
+    }
+}
+
+/// Sample from the kernel; the weight is the potential's increment only.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Bootstrap;
+
+impl TokenSampler for Bootstrap {
+    fn name(&self) -> &str {
+        "bootstrap"
+    }
+    fn sample(&self, input: &mut SamplerInput<'_>) -> Result<Option<Draw>> {
+        let token = input.draw(input.log_p)?;
+        Ok(Some(Draw {
+            token,
+            log_weight: 0.0,
+            potential: PotentialIncrement::Pending,
+        }))
+    }
+}
+
+/// The locally optimal proposal `q(v) ∝ p(v)·G(v)`: weight `log Σ_v p(v)·G(v)`, the same
+/// for every draw.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LocallyOptimal;
+
+impl TokenSampler for LocallyOptimal {
+    fn name(&self) -> &str {
+        "locally-optimal"
+    }
+    fn sample(&self, input: &mut SamplerInput<'_>) -> Result<Option<Draw>> {
+        let w = input.potential_weights()?;
+        let joint: Vec<f64> = input
+            .log_p
+            .iter()
+            .zip(&w)
+            .map(|(a, b)| log_mul(*a, *b))
+            .collect();
+        let local_z = log_sum_exp(&joint);
+        if local_z == f64::NEG_INFINITY {
+            return Ok(None);
+        }
+        let token = input.draw(&joint)?;
+        Ok(Some(Draw {
+            token,
+            log_weight: local_z,
+            potential: PotentialIncrement::Included(w[token as usize]),
+        }))
+    }
+}
+
+/// Draw from the kernel restricted to the tokens a Boolean potential allows (its mask), as
+/// a Bernoulli event observed with its exact probability: the weight gains
+/// `log P(next ∈ mask)`. The mask is part of the target.
+#[derive(Clone)]
+pub struct MaskSampler {
+    constraint: SharedPotential,
+}
+
+impl MaskSampler {
+    /// Mask with `constraint`'s next-token weights (allowed: not `-inf`).
+    pub fn new(constraint: Arc<dyn DynPotential>) -> Self {
+        Self {
+            constraint: SharedPotential::from_arc(constraint),
+        }
+    }
+}
+
+/// The constraint's state from a sampler input (started by the engine).
+fn constraint_state<'a>(name: &str, state: Option<&'a AnyState>) -> Result<&'a AnyState> {
+    state.ok_or_else(|| SmcError::Program(format!("sampler `{name}` was not started")))
+}
+
+impl TokenSampler for MaskSampler {
+    fn name(&self) -> &str {
+        self.constraint.name()
+    }
+    fn start(&self, vocab: &Vocabulary) -> Option<AnyState> {
+        Some(self.constraint.start(vocab))
+    }
+    fn advance(&self, state: &mut AnyState, seq: &SeqView<'_>, token: TokenId) {
+        self.constraint.advance(state, seq, token);
+    }
+    fn sample(&self, input: &mut SamplerInput<'_>) -> Result<Option<Draw>> {
+        let state = constraint_state(self.name(), input.state)?;
+        let allowed = weights_of(&self.constraint, state, &input.seq)?;
+        let (masked, log_mass) = restrict(input.log_p, |i| allowed[i] > f64::NEG_INFINITY);
+        if log_mass == f64::NEG_INFINITY {
+            return Ok(None);
+        }
+        let token = input.draw(&masked)?;
+        Ok(Some(Draw {
+            token,
+            log_weight: log_mass,
+            potential: PotentialIncrement::Pending,
+        }))
+    }
+    fn allows_end(&self, state: Option<&AnyState>, seq: &SeqView<'_>) -> Result<bool> {
+        allows_end(&self.constraint, constraint_state(self.name(), state)?, seq)
+    }
+    fn vocab_size(&self) -> Option<usize> {
+        self.constraint.vocab_size()
+    }
+}
+
+fn allows_end(constraint: &SharedPotential, state: &AnyState, seq: &SeqView<'_>) -> Result<bool> {
+    let w = constraint.log_weight_of(state, seq, seq.vocab.eos());
+    if w.is_nan() {
+        return Err(SmcError::NanPotential {
+            name: constraint.name().to_string(),
+        });
+    }
+    Ok(w > f64::NEG_INFINITY)
+}
+
+/// Adaptive weighted rejection sampling ([`crate::awrs`]) under a Boolean potential,
+/// evaluated one token at a time. The constraint is part of the target.
+#[derive(Clone)]
+pub struct AwrsSampler {
+    constraint: SharedPotential,
+    options: crate::awrs::AwrsOptions,
+}
+
+impl AwrsSampler {
+    /// AWRS under `constraint` with `options`.
+    pub fn new(constraint: Arc<dyn DynPotential>, options: crate::awrs::AwrsOptions) -> Self {
+        Self {
+            constraint: SharedPotential::from_arc(constraint),
+            options,
+        }
+    }
+}
+
+impl TokenSampler for AwrsSampler {
+    fn name(&self) -> &str {
+        self.constraint.name()
+    }
+    fn start(&self, vocab: &Vocabulary) -> Option<AnyState> {
+        Some(self.constraint.start(vocab))
+    }
+    fn advance(&self, state: &mut AnyState, seq: &SeqView<'_>, token: TokenId) {
+        self.constraint.advance(state, seq, token);
+    }
+    fn sample(&self, input: &mut SamplerInput<'_>) -> Result<Option<Draw>> {
+        let state = constraint_state(self.name(), input.state)?;
+        // A child RNG, so that the number of draws the walk makes does not shift the
+        // particle's own stream.
+        let mut rng = Pcg64Mcg::new(rand::Rng::random(input.rng));
+        let draw = crate::awrs::awrs(
+            input.log_p,
+            &input.seq,
+            &self.constraint,
+            state,
+            self.options,
+            &mut rng,
+        )?;
+        Ok(draw.token.map(|token| Draw {
+            token,
+            log_weight: draw.log_weight,
+            potential: PotentialIncrement::Pending,
+        }))
+    }
+    fn allows_end(&self, state: Option<&AnyState>, seq: &SeqView<'_>) -> Result<bool> {
+        allows_end(&self.constraint, constraint_state(self.name(), state)?, seq)
+    }
+}
+
+/// A user [`Proposal`] `q`, with the correction `log p(v) − log q(v)`.
+#[derive(Clone)]
+pub struct CustomSampler(pub Arc<dyn Proposal>);
+
+impl TokenSampler for CustomSampler {
+    fn name(&self) -> &str {
+        self.0.name()
+    }
+    fn sample(&self, input: &mut SamplerInput<'_>) -> Result<Option<Draw>> {
+        let lq = checked_log_probs(self.0.as_ref(), &input.seq, input.log_p)?;
+        let token = input.draw(&lq)?;
+        Ok(Some(Draw {
+            token,
+            log_weight: log_div(input.log_p[token as usize], lq[token as usize]),
+            potential: PotentialIncrement::Pending,
+        }))
+    }
+}
+
+/// The built-in proposals of [`crate::FeynmanKac`] (each becomes a [`TokenSampler`]; see
+/// [`crate::FeynmanKac::with_sampler`] for your own).
 #[derive(Clone)]
 #[non_exhaustive]
 pub enum ProposalKind {
@@ -68,6 +381,19 @@ pub enum ProposalKind {
     /// `P(next satisfies it)`, then `G_t`. As with [`ProposalKind::Mask`], the constraint
     /// becomes part of the target.
     Awrs(Arc<dyn DynPotential>),
+}
+
+impl ProposalKind {
+    /// The sampler of this proposal (`awrs` configures [`ProposalKind::Awrs`]).
+    pub fn sampler(&self, awrs: crate::awrs::AwrsOptions) -> Arc<dyn TokenSampler> {
+        match self {
+            ProposalKind::Bootstrap => Arc::new(Bootstrap),
+            ProposalKind::LocallyOptimal => Arc::new(LocallyOptimal),
+            ProposalKind::Mask(c) => Arc::new(MaskSampler::new(Arc::clone(c))),
+            ProposalKind::Custom(q) => Arc::new(CustomSampler(Arc::clone(q))),
+            ProposalKind::Awrs(c) => Arc::new(AwrsSampler::new(Arc::clone(c), awrs)),
+        }
+    }
 }
 
 impl std::fmt::Debug for ProposalKind {

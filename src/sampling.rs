@@ -36,6 +36,31 @@ pub fn sample_log_categorical<R: Rng + ?Sized>(log_w: &[f64], rng: &mut R) -> Op
     last
 }
 
+/// `log_p` restricted to the symbols for which `allowed(i)` holds (`-inf` elsewhere), and
+/// the log of the mass kept, `log Σ_{i allowed} p(i)` (`-inf` when nothing is allowed).
+///
+/// The one masking primitive of the crate: the mask and grammar proposals draw from the
+/// result (and gain its mass as weight), word steps condition on a word-boundary event with
+/// it.
+///
+/// # Example
+/// ```
+/// use smc_steer::sampling::restrict;
+/// let log_p = [0.5f64.ln(), 0.3f64.ln(), 0.2f64.ln()];
+/// let (masked, log_mass) = restrict(&log_p, |i| i != 1);
+/// assert_eq!(masked[1], f64::NEG_INFINITY);
+/// assert!((log_mass - 0.7f64.ln()).abs() < 1e-12);
+/// ```
+pub fn restrict(log_p: &[f64], allowed: impl Fn(usize) -> bool) -> (Vec<f64>, f64) {
+    let masked: Vec<f64> = log_p
+        .iter()
+        .enumerate()
+        .map(|(i, l)| if allowed(i) { *l } else { f64::NEG_INFINITY })
+        .collect();
+    let log_mass = crate::logspace::log_sum_exp(&masked);
+    (masked, log_mass)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
