@@ -286,10 +286,19 @@ fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
-            // Help and version go to stdout with success; errors are one clear message.
-            let code = if e.use_stderr() { exit::USAGE } else { 0 };
-            let _ = e.print();
-            return ExitCode::from(code);
+            // Help and version go to stdout with success; errors are one clear line.
+            if !e.use_stderr() {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            let text = e.render().to_string();
+            let first = text
+                .lines()
+                .map(str::trim)
+                .find(|l| !l.is_empty())
+                .unwrap_or("error: invalid arguments");
+            eprintln!("{first} (see --help)");
+            return ExitCode::from(exit::USAGE);
         }
     };
     let result = match cli.command {
@@ -931,8 +940,8 @@ fn run(a: RunArgs) -> Result<(), Failure> {
     config(&a.job)?;
     spec(&a.job)?;
     if let (Some(r), Some(h)) = (&a.record, &a.report) {
-        let same = r == h
-            || matches!((r.canonicalize(), h.canonicalize()), (Ok(x), Ok(y)) if x == y);
+        let same =
+            r == h || matches!((r.canonicalize(), h.canonicalize()), (Ok(x), Ok(y)) if x == y);
         if same {
             return Err(Failure::usage(format!(
                 "--record and --report name the same file {}",
@@ -1052,13 +1061,18 @@ fn parse_job(line: &[u8], defaults: &JobOptions) -> ParsedLine {
     let text = match std::str::from_utf8(line) {
         Ok(t) => t,
         Err(e) => {
+            // The line is refused, but its id is still reported when it can be read.
+            let lossy = String::from_utf8_lossy(line);
+            let id = serde_json::from_str::<serde_json::Value>(&lossy)
+                .ok()
+                .and_then(|mut v| v.get_mut("id").map(serde_json::Value::take));
             return ParsedLine {
-                id: None,
+                id,
                 job: Err(format!(
                     "invalid job: not valid UTF-8 (at byte {})",
                     e.valid_up_to()
                 )),
-            }
+            };
         }
     };
     let value: serde_json::Value = match serde_json::from_str(text) {
@@ -1080,7 +1094,11 @@ fn parse_job(line: &[u8], defaults: &JobOptions) -> ParsedLine {
     let job = (|| {
         let prompt = match fields.remove("prompt") {
             Some(serde_json::Value::String(p)) => p,
-            Some(other) => return Err(format!("invalid job: `prompt` must be a string, got {other}")),
+            Some(other) => {
+                return Err(format!(
+                    "invalid job: `prompt` must be a string, got {other}"
+                ))
+            }
             None => return Err("invalid job: missing field `prompt`".to_string()),
         };
         let mut merged = serde_json::to_value(defaults).map_err(|e| e.to_string())?;
@@ -1139,8 +1157,7 @@ fn batch(a: BatchArgs) -> Result<(), Failure> {
         .iter()
         .enumerate()
         .map(|(i, l)| {
-            (!l.trim_ascii().is_empty() && i % shards == shard)
-                .then(|| parse_job(l, &a.defaults))
+            (!l.trim_ascii().is_empty() && i % shards == shard).then(|| parse_job(l, &a.defaults))
         })
         .collect();
     // The kernel is sized per job (each job's request is checked on its own line).

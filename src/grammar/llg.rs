@@ -586,6 +586,9 @@ impl GrammarConstraint {
     }
 }
 
+/// Earley items allowed in one parser row (llguidance's `max_items_in_row`).
+pub const MAX_ITEMS_IN_ROW: usize = 40_000;
+
 fn build_factory(vocab: &Vocabulary) -> Result<ParserFactory, GrammarError> {
     let n = vocab.len();
     if n + 1 >= 0xff_ffff {
@@ -621,6 +624,13 @@ fn build_factory(vocab: &Vocabulary) -> Result<ParserFactory, GrammarError> {
     let mut factory = ParserFactory::new(&env, caps, &slices)
         .map_err(|e| GrammarError::Vocabulary(e.to_string()))?;
     factory.quiet();
+    let limits = factory.limits_mut();
+    // llguidance's default (2,000 Earley items in one row) makes an alternation of 2,000
+    // literals fail after its first token; rows stay far below the per-mask item budget
+    // (`step_max_items`) with this bound.
+    limits.max_items_in_row = MAX_ITEMS_IN_ROW;
+    // One-line errors: no parser-state dump in the message.
+    limits.verbose_errors = false;
     Ok(factory)
 }
 

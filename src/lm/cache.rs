@@ -260,8 +260,12 @@ impl PagedKvCache {
             what: "the KV cache".into(),
             bytes: bytes as u64,
         };
-        self.refs.try_reserve_exact(extra).map_err(|_| oom(extra * 4))?;
-        self.free.try_reserve_exact(extra).map_err(|_| oom(extra * 4))?;
+        self.refs
+            .try_reserve_exact(extra)
+            .map_err(|_| oom(extra * 4))?;
+        self.free
+            .try_reserve_exact(extra)
+            .map_err(|_| oom(extra * 4))?;
         match &mut self.pool {
             Pool::Host { keys, values } => {
                 // Reserve everything first so that a failure leaves the pool as it was.

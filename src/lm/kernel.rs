@@ -111,9 +111,8 @@ pub fn memory_estimate(
     let step = particles.max(1).checked_mul(per_row)?;
     // Per prompt token: the residual stream, its norm, attention output and projections,
     // the SwiGLU gate and up halves (f32).
-    let width = 4 * c.hidden_size
-        + 2 * c.intermediate_size
-        + (c.n_heads + 2 * c.n_kv_heads) * c.head_dim;
+    let width =
+        4 * c.hidden_size + 2 * c.intermediate_size + (c.n_heads + 2 * c.n_kv_heads) * c.head_dim;
     let prompt = prompt_tokens.max(1).checked_mul(width)?.checked_mul(4)?;
     let total = kv.checked_add(step)?.checked_add(prompt)?;
     u64::try_from(total).ok()
@@ -126,7 +125,9 @@ fn kv_tokens(
     max_new_tokens: usize,
     block_size: usize,
 ) -> Option<usize> {
-    let prompt = prompt_tokens.div_ceil(block_size.max(1)).checked_mul(block_size)?;
+    let prompt = prompt_tokens
+        .div_ceil(block_size.max(1))
+        .checked_mul(block_size)?;
     let growth = max_new_tokens
         .div_ceil(block_size.max(1))
         .checked_add(1)?
@@ -672,8 +673,9 @@ fn check_request(c: &LlamaConfig, opts: &KernelOptions, prompt_tokens: usize) ->
         {
             "use a shorter prompt".to_string()
         } else {
-            let per_particle =
-                memory_estimate(c, 1, 0, growth, opts.block_size).unwrap_or(u64::MAX).max(1);
+            let per_particle = memory_estimate(c, 1, 0, growth, opts.block_size)
+                .unwrap_or(u64::MAX)
+                .max(1);
             format!(
                 "lower --particles (to about {} here) or --max-tokens",
                 (available / per_particle).max(1)

@@ -98,12 +98,20 @@ impl LlamaConfig {
         for (name, value, max) in [
             ("vocabulary size", self.vocab_size, limits::MAX_VOCAB),
             ("hidden size", self.hidden_size, limits::MAX_WIDTH),
-            ("intermediate size", self.intermediate_size, limits::MAX_WIDTH),
+            (
+                "intermediate size",
+                self.intermediate_size,
+                limits::MAX_WIDTH,
+            ),
             ("layer count", self.n_layers, limits::MAX_LAYERS),
             ("head count", self.n_heads, limits::MAX_HEADS),
             ("key/value head count", self.n_kv_heads, limits::MAX_HEADS),
             ("head dimension", self.head_dim, limits::MAX_WIDTH),
-            ("query width (heads x head dimension)", self.n_heads.saturating_mul(self.head_dim), limits::MAX_WIDTH),
+            (
+                "query width (heads x head dimension)",
+                self.n_heads.saturating_mul(self.head_dim),
+                limits::MAX_WIDTH,
+            ),
             ("context window", self.max_seq_len, limits::MAX_CONTEXT),
         ] {
             if value > max {
@@ -758,7 +766,10 @@ impl LlamaModel {
             }
         };
         let half = hd / 2;
-        let (mut cos, mut sin) = (Vec::with_capacity(n_tok * half), Vec::with_capacity(n_tok * half));
+        let (mut cos, mut sin) = (
+            Vec::with_capacity(n_tok * half),
+            Vec::with_capacity(n_tok * half),
+        );
         for &(_, pos) in &meta {
             self.rope_angles(pos, &mut cos, &mut sin);
         }
@@ -777,7 +788,10 @@ impl LlamaModel {
             let mut k = k.flatten_all()?.to_vec1::<f32>()?;
             let v = v.flatten_all()?.to_vec1::<f32>()?;
             for t in 0..n_tok {
-                let (c0, s0) = (&cos[t * half..(t + 1) * half], &sin[t * half..(t + 1) * half]);
+                let (c0, s0) = (
+                    &cos[t * half..(t + 1) * half],
+                    &sin[t * half..(t + 1) * half],
+                );
                 self.rope_row(&mut q[t * nh * hd..(t + 1) * nh * hd], c0, s0);
                 self.rope_row(&mut k[t * nkv * hd..(t + 1) * nkv * hd], c0, s0);
             }
