@@ -1246,3 +1246,68 @@ fn inspect(a: InspectArgs) -> Result<(), Failure> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// Seed of the batch-line mutation fuzzer.
+    const BATCH_FUZZ_SEED: u64 = 0xba7c_41e5;
+    /// Cases unless `SMC_STEER_FUZZ_CASES` says otherwise.
+    const DEFAULT_CASES: usize = 4000;
+
+    #[test]
+    fn batch_line_mutations_never_panic() {
+        let cases = std::env::var("SMC_STEER_FUZZ_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(DEFAULT_CASES);
+        let defaults = JobOptions::default();
+        let seeds: &[&[u8]] = &[
+            br#"{"id": "a", "prompt": "The Fed says", "max_word_letters": 5}"#,
+            br#"{"id": 7, "prompt": "x", "particles": 16, "seed": 7, "steer": 2, "temperature": 0.5}"#,
+            br#"{"prompt": "y", "regex": "\\d{4}", "max-tokens": 3, "ess_threshold": 1e308}"#,
+            b"\xef\xbb\xbf{\"id\": null, \"prompt\": \"z\", \"chat\": true, \"system\": \"s\"}",
+        ];
+        let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(BATCH_FUZZ_SEED);
+        let mut valid = 0;
+        for _ in 0..cases {
+            let mut line = seeds[rng.random_range(0..seeds.len())].to_vec();
+            for _ in 0..rng.random_range(1..=4) {
+                if line.is_empty() {
+                    break;
+                }
+                let i = rng.random_range(0..line.len());
+                match rng.random_range(0..4) {
+                    0 => line[i] ^= 1 << rng.random_range(0..8),
+                    1 => line[i] = rng.random(),
+                    2 => line.insert(i, b"0123456789-e.\"{}[],:\\"[rng.random_range(0..21)]),
+                    _ => {
+                        line.remove(i);
+                    }
+                }
+            }
+            // Parse, split and validate as `batch` does; none of it may panic.
+            for l in batch_lines(&line) {
+                let parsed = parse_job(l, &defaults);
+                if let Ok((_, options)) = &parsed.job {
+                    if config(options).is_ok() && spec(options).is_ok() {
+                        valid += 1;
+                    }
+                }
+            }
+        }
+        assert!(valid > 0, "no mutant stayed valid: the fuzzer explores nothing");
+    }
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_size("512"), Ok(512));
+        assert_eq!(parse_size("4G"), Ok(4 << 30));
+        assert_eq!(parse_size("64m"), Ok(64 << 20));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("99999999999T").is_err());
+        assert!(parse_size("-1K").is_err());
+    }
+}
