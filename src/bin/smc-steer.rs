@@ -1298,7 +1298,10 @@ mod tests {
                 }
             }
         }
-        assert!(valid > 0, "no mutant stayed valid: the fuzzer explores nothing");
+        assert!(
+            valid > 0,
+            "no mutant stayed valid: the fuzzer explores nothing"
+        );
     }
 
     #[test]
