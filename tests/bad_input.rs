@@ -885,6 +885,11 @@ fn catalogue(f: &Fixtures, out: &Path) -> Vec<Case> {
             run(&["--record", &o("x"), "--report", &o("x")]),
             fail(2, "same file"),
         ),
+        c(
+            "record and report on one file, two spellings",
+            run(&["--record", &o("x"), "--report", &o("../case/x")]),
+            fail(2, "same file"),
+        ),
         full("run to a full disk", run(&[]), fail(1, "stdout")),
         full(
             "batch to a full disk",
@@ -1302,5 +1307,22 @@ fn config_json_mutations_never_panic() {
         }
     }
     assert!(err > 0 && ok > 0, "{ok} loaded, {err} refused");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn huge_declared_context_windows_load_without_tables() {
+    let dir = std::env::temp_dir().join(format!("smc-steer-ctx-{}", std::process::id()));
+    let mut cfg = hf_config_json();
+    cfg["max_position_embeddings"] = serde_json::json!(1u64 << 62);
+    write_hf(&dir, cfg);
+    let m = LlamaModel::from_safetensors(&dir, &LoadOptions::default()).unwrap();
+    // Capped, and no table sized by the declared window was built (this test runs in
+    // the harness's memory).
+    assert_eq!(
+        m.config().max_seq_len,
+        smc_steer::lm::model::limits::MAX_CONTEXT
+    );
+    assert!(m.forward_full(&[3, 9, 27]).is_ok());
     let _ = std::fs::remove_dir_all(&dir);
 }

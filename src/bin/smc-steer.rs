@@ -917,6 +917,18 @@ impl Drop for OutputFile {
     }
 }
 
+/// The absolute path a file has or would have (its folder resolved), to compare two paths.
+fn canonical(p: &Path) -> Option<PathBuf> {
+    if let Ok(c) = p.canonicalize() {
+        return Some(c);
+    }
+    let parent = match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.canonicalize().ok()?,
+        _ => std::env::current_dir().ok()?,
+    };
+    Some(parent.join(p.file_name()?))
+}
+
 fn stdout_failure(e: std::io::Error) -> Failure {
     Failure {
         code: exit::RUNTIME,
@@ -940,8 +952,7 @@ fn run(a: RunArgs) -> Result<(), Failure> {
     config(&a.job)?;
     spec(&a.job)?;
     if let (Some(r), Some(h)) = (&a.record, &a.report) {
-        let same =
-            r == h || matches!((r.canonicalize(), h.canonicalize()), (Ok(x), Ok(y)) if x == y);
+        let same = r == h || matches!((canonical(r), canonical(h)), (Some(x), Some(y)) if x == y);
         if same {
             return Err(Failure::usage(format!(
                 "--record and --report name the same file {}",
