@@ -783,6 +783,23 @@ fn catalogue(f: &Fixtures, out: &Path) -> Vec<Case> {
             Expect::Ok("log Z"),
         ),
         c(
+            "long prompt over --max-memory",
+            strings(&[
+                "run",
+                "--model",
+                &p("tiny8k.gguf"),
+                "--prompt-file",
+                &p("long.txt"),
+                "--max-tokens",
+                "2",
+                "-n",
+                "4",
+                "--max-memory",
+                "1M",
+            ]),
+            fail(2, "shorter prompt"),
+        ),
+        c(
             "cache too small",
             strings(&[
                 "run",

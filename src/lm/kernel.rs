@@ -411,10 +411,10 @@ impl TransformerKernel {
     }
 
     /// Check that `prompt_tokens` plus the configured generation fit the context window
-    /// (before any model work).
+    /// and (with [`KernelOptions::check_memory`]) the memory limit, before any model work.
     ///
     /// # Errors
-    /// [`LmError::RequestTooLong`].
+    /// [`LmError::RequestTooLong`], [`LmError::InsufficientMemory`].
     pub fn check_fits(&self, prompt_tokens: usize) -> LmResult<()> {
         let window = self.model.config().max_seq_len;
         if prompt_tokens.saturating_add(self.opts.max_new_tokens) > window {
@@ -424,7 +424,10 @@ impl TransformerKernel {
                 window,
             });
         }
-        Ok(())
+        if self.opts.cache_tokens.is_some() {
+            return Ok(());
+        }
+        check_request(self.model.config(), &self.opts, prompt_tokens)
     }
 
     /// Grow the cache (when its size is not fixed) so that a prompt of `prompt_tokens` and
