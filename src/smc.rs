@@ -189,8 +189,12 @@ impl<K: Kernel, P: Program> Smc<K, P> {
             ));
         }
         let n = config.particles;
-        let mut per_particle: Vec<Vec<Context>> =
-            (0..n).map(|_| Vec::with_capacity(prompts.len())).collect();
+        // The particle count comes from the user: allocate fallibly.
+        let mut per_particle: Vec<Vec<Context>> = Vec::new();
+        per_particle
+            .try_reserve_exact(n)
+            .map_err(|_| SmcError::CapacityExceeded(format!("cannot allocate {n} particles")))?;
+        per_particle.extend((0..n).map(|_| Vec::with_capacity(prompts.len())));
         for prompt in prompts {
             let (root, dist) = kernel.start(prompt)?;
             check_dist::<K>(&dist, kernel.vocab())?;

@@ -39,7 +39,9 @@ fn browser_or_skip() -> Option<PathBuf> {
             panic!("chromium is required under CI (apt-get install chromium)")
         }
         None => {
-            eprintln!("skipping: chromium not found (apt-get install chromium, or set SMC_STEER_CHROMIUM)");
+            common::skip(
+                "chromium not found (apt-get install chromium, or set SMC_STEER_CHROMIUM)",
+            );
             None
         }
     }

@@ -301,10 +301,28 @@ impl GrammarMatcher {
     /// Advance by one symbol. Returns whether the output is still in (a prefix of) the
     /// language; after `false` the matcher is dead. EOS is accepted only where the
     /// language accepts the output.
+    ///
+    /// A failure of llguidance itself (a parser limit) also kills the matcher here; use
+    /// [`GrammarMatcher::try_consume`] to tell it apart from a token outside the language.
     pub fn consume(&mut self, token: TokenId) -> bool {
+        match self.try_consume(token) {
+            Ok(ok) => ok,
+            Err(_) => {
+                self.dead = true;
+                false
+            }
+        }
+    }
+
+    /// As [`GrammarMatcher::consume`], but a failure of the matcher (a parser or lexer
+    /// limit, an internal error) is an error carrying llguidance's message, not a death.
+    ///
+    /// # Errors
+    /// [`GrammarError::Matcher`].
+    pub fn try_consume(&mut self, token: TokenId) -> Result<bool, GrammarError> {
         if self.dead || self.ended {
             self.dead = true;
-            return false;
+            return Ok(false);
         }
         let eos = self.shared.vocab_len as TokenId;
         if token == eos {
@@ -312,25 +330,35 @@ impl GrammarMatcher {
             if !self.accepts_eos() {
                 self.dead = true;
             }
-            return !self.dead;
+            return Ok(!self.dead);
         }
         if token > eos {
             self.dead = true;
-            return false;
+            return Ok(false);
         }
         if self.shared.empty_tokens.binary_search(&token).is_ok() {
-            return true;
+            return Ok(true);
         }
         if self.inner.is_stopped() {
             // The output is complete and cannot be extended.
             self.dead = true;
-            return false;
+            return Ok(false);
         }
         match self.inner.try_consume_tokens(&[token]) {
-            Ok(1) => true,
-            _ => {
+            Ok(1) => Ok(true),
+            Ok(_) if !self.inner.is_error() => {
                 self.dead = true;
-                false
+                Ok(false)
+            }
+            Ok(_) => {
+                self.dead = true;
+                Err(GrammarError::Matcher(
+                    self.inner.get_error().unwrap_or_default(),
+                ))
+            }
+            Err(e) => {
+                self.dead = true;
+                Err(GrammarError::Matcher(e.to_string()))
             }
         }
     }
@@ -559,6 +587,9 @@ impl GrammarConstraint {
     }
 }
 
+/// Earley items allowed in one parser row (llguidance's `max_items_in_row`).
+pub const MAX_ITEMS_IN_ROW: usize = 40_000;
+
 fn build_factory(vocab: &Vocabulary) -> Result<ParserFactory, GrammarError> {
     let n = vocab.len();
     if n + 1 >= 0xff_ffff {
@@ -594,6 +625,13 @@ fn build_factory(vocab: &Vocabulary) -> Result<ParserFactory, GrammarError> {
     let mut factory = ParserFactory::new(&env, caps, &slices)
         .map_err(|e| GrammarError::Vocabulary(e.to_string()))?;
     factory.quiet();
+    let limits = factory.limits_mut();
+    // llguidance's default (2,000 Earley items in one row) makes an alternation of 2,000
+    // literals fail after its first token; rows stay far below the per-mask item budget
+    // (`step_max_items`) with this bound.
+    limits.max_items_in_row = MAX_ITEMS_IN_ROW;
+    // One-line errors: no parser-state dump in the message.
+    limits.verbose_errors = false;
     Ok(factory)
 }
 

@@ -176,7 +176,8 @@ impl Program for Constrained {
         }
         let t = p.draw(&masked)?;
         self.steps += 1;
-        let ok = self.matcher.consume(t);
+        // A matcher failure (a parser limit) is an error of the run, not a dead particle.
+        let ok = self.matcher.try_consume(t)?;
         let inc = self.increment(p, t)?;
         p.append_to(0, t)?;
         p.score(log_mass)?;
@@ -192,7 +193,7 @@ impl Program for Constrained {
             Truncation::Truncate => p.finish(),
             Truncation::ForceEos => {
                 let eos = p.vocab().eos();
-                if self.matcher.consume(eos) {
+                if self.matcher.try_consume(eos)? {
                     let inc = self.increment(p, eos)?;
                     p.observe(eos)?;
                     p.score(inc)?;

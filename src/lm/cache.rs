@@ -76,6 +76,24 @@ enum Pool {
     },
 }
 
+/// `n` zeroed vectors of `len` floats, allocated fallibly (the size comes from the
+/// request).
+fn zeroed_layers(n: usize, len: usize) -> LmResult<Vec<Vec<f32>>> {
+    let mut out = Vec::new();
+    out.try_reserve_exact(n)
+        .map_err(|_| LmError::InvalidConfig(format!("too many layers ({n})")))?;
+    for _ in 0..n {
+        let mut v: Vec<f32> = Vec::new();
+        v.try_reserve_exact(len).map_err(|_| LmError::OutOfMemory {
+            what: "the KV cache".into(),
+            bytes: (len as u64).saturating_mul(8).saturating_mul(n as u64),
+        })?;
+        v.resize(len, 0.0);
+        out.push(v);
+    }
+    Ok(out)
+}
+
 /// Handle of a sequence stored in a [`PagedKvCache`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CacheSeq(pub u64);
@@ -187,8 +205,8 @@ impl PagedKvCache {
             .ok_or_else(|| LmError::InvalidConfig("cache pool size overflows".into()))?;
         let pool = match path {
             AttentionPath::Cpu => Pool::Host {
-                keys: (0..n_layers).map(|_| vec![0f32; layer_floats]).collect(),
-                values: (0..n_layers).map(|_| vec![0f32; layer_floats]).collect(),
+                keys: zeroed_layers(n_layers, layer_floats)?,
+                values: zeroed_layers(n_layers, layer_floats)?,
             },
             AttentionPath::Gather => {
                 let shape = (num_blocks * block_size, n_kv_heads * head_dim);
@@ -213,6 +231,69 @@ impl PagedKvCache {
             seqs: HashMap::new(),
             next_id: 0,
         })
+    }
+
+    /// Grow the pool to `num_blocks` blocks (no-op when it already has as many). Existing
+    /// sequences and block ids stay valid; the new blocks are handed out after the blocks
+    /// already free.
+    ///
+    /// # Errors
+    /// [`LmError::InvalidConfig`] when the size overflows; [`LmError::OutOfMemory`] when the
+    /// allocation fails (the cache is then unchanged); [`LmError::Candle`] for a device pool.
+    pub fn grow(&mut self, num_blocks: usize) -> LmResult<()> {
+        let old = self.layout.num_blocks;
+        if num_blocks <= old {
+            return Ok(());
+        }
+        if num_blocks > u32::MAX as usize {
+            return Err(LmError::InvalidConfig(format!(
+                "too many cache blocks ({num_blocks})"
+            )));
+        }
+        let layer_floats = self
+            .block_floats
+            .checked_mul(num_blocks)
+            .filter(|&n| n.checked_mul(4 * 2 * self.layout.n_layers).is_some())
+            .ok_or_else(|| LmError::InvalidConfig("cache pool size overflows".into()))?;
+        let extra = num_blocks - old;
+        let oom = |bytes: usize| LmError::OutOfMemory {
+            what: "the KV cache".into(),
+            bytes: bytes as u64,
+        };
+        self.refs
+            .try_reserve_exact(extra)
+            .map_err(|_| oom(extra * 4))?;
+        self.free
+            .try_reserve_exact(extra)
+            .map_err(|_| oom(extra * 4))?;
+        match &mut self.pool {
+            Pool::Host { keys, values } => {
+                // Reserve everything first so that a failure leaves the pool as it was.
+                let add = layer_floats - self.block_floats * old;
+                for v in keys.iter_mut().chain(values.iter_mut()) {
+                    v.try_reserve_exact(add)
+                        .map_err(|_| oom(add * 4 * 2 * self.layout.n_layers))?;
+                }
+                for v in keys.iter_mut().chain(values.iter_mut()) {
+                    v.resize(layer_floats, 0.0);
+                }
+            }
+            Pool::Tensor { keys, values } => {
+                let cols = self.layout.n_kv_heads * self.layout.head_dim;
+                let rows = extra * self.layout.block_size;
+                for t in keys.iter_mut().chain(values.iter_mut()) {
+                    let z = Tensor::zeros((rows, cols), DType::F32, t.device())?;
+                    *t = Tensor::cat(&[&*t, &z], 0)?;
+                }
+            }
+        }
+        self.refs.resize(num_blocks, 0);
+        // Hand out the blocks already free first, then the new ones in increasing order.
+        let mut free: Vec<u32> = (old as u32..num_blocks as u32).rev().collect();
+        free.append(&mut self.free);
+        self.free = free;
+        self.layout.num_blocks = num_blocks;
+        Ok(())
     }
 
     /// The cache's layout.

@@ -85,7 +85,7 @@ pub enum LmError {
     /// The KV-cache pool has no free blocks left.
     #[error(
         "KV cache exhausted: {needed} more blocks of {block_size} tokens needed but only {free} \
-         of {capacity} are free (raise the cache capacity or use fewer particles/tokens)"
+         of {capacity} are free (raise --cache-tokens, or lower --particles or --max-tokens)"
     )]
     CacheExhausted {
         /// Blocks the operation needed.
@@ -97,15 +97,84 @@ pub enum LmError {
         /// Tokens per block.
         block_size: usize,
     },
+    /// An allocation sized by the request failed.
+    #[error("cannot allocate {bytes} bytes for {what} (out of memory)")]
+    OutOfMemory {
+        /// What was being allocated.
+        what: String,
+        /// Bytes requested.
+        bytes: u64,
+    },
+    /// The request would need more memory than the machine has available.
+    #[error(
+        "this request needs about {} for {what} but only {} is available; {hint} \
+         (or pass --ignore-memory-check to try anyway)",
+        human_bytes(*.needed), human_bytes(*.available)
+    )]
+    InsufficientMemory {
+        /// Estimated bytes needed.
+        needed: u64,
+        /// Bytes available.
+        available: u64,
+        /// What needs the memory.
+        what: String,
+        /// What to lower.
+        hint: String,
+    },
+    /// The prompt plus the generated tokens cannot fit the context window.
+    #[error(
+        "a prompt of {prompt} tokens plus up to {max_new_tokens} generated tokens ({}) exceed \
+         the context window of {window} tokens (lower --max-tokens to {} at most, or shorten \
+         the prompt)",
+        .prompt + .max_new_tokens, .window.saturating_sub(*.prompt)
+    )]
+    RequestTooLong {
+        /// Prompt tokens.
+        prompt: usize,
+        /// Generated tokens requested per particle.
+        max_new_tokens: usize,
+        /// The model's context window.
+        window: usize,
+    },
     /// A sequence handle unknown to the cache or kernel.
     #[error("unknown sequence handle {0}")]
     UnknownSequence(u64),
     /// An invalid option value.
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),
-    /// An error raised by candle.
+    /// An error raised by candle (without the backtrace candle attaches when
+    /// `RUST_BACKTRACE` is set: messages stay one line).
     #[error("candle: {0}")]
-    Candle(#[from] candle_core::Error),
+    Candle(candle_core::Error),
+}
+
+impl From<candle_core::Error> for LmError {
+    fn from(e: candle_core::Error) -> Self {
+        LmError::Candle(strip_backtrace(e))
+    }
+}
+
+fn strip_backtrace(e: candle_core::Error) -> candle_core::Error {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => strip_backtrace(*inner),
+        other => other,
+    }
+}
+
+/// `1.5 GiB`, `12.0 MiB`, ...
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["bytes", "KiB", "MiB", "GiB", "TiB"];
+    let mut x = b as f64;
+    let mut u = 0;
+    while x >= 1024.0 && u + 1 < UNITS.len() {
+        x /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} bytes")
+    } else {
+        format!("{x:.1} {}", UNITS[u])
+    }
 }
 
 /// Shorthand for results of the `lm` module.

@@ -18,7 +18,9 @@ use rayon::prelude::*;
 use super::cache::{AttentionPath, CacheSeq, PagedKvCache};
 use super::chat::{ChatMessage, ChatTemplate};
 use super::error::{LmError, LmResult};
-use super::model::{GgufFile, LlamaModel, LoadOptions, LogitRows, SeqTokens, WeightFormat};
+use super::model::{
+    GgufFile, LlamaConfig, LlamaModel, LoadOptions, LogitRows, SeqTokens, WeightFormat,
+};
 use super::tokenizer::Tokenizer;
 use crate::error::{Result, SmcError};
 use crate::kernel::{Extend, Extension, Kernel, SeqId};
@@ -47,7 +49,10 @@ pub struct KernelOptions {
     /// Tokens per KV-cache block.
     pub block_size: usize,
     /// Tokens the KV cache can hold in total (all sequences, shared tokens counted once).
-    /// Default: `4096 + particles * (max_new_tokens + block_size)`.
+    /// Default (`None`): sized from the request and grown when a prompt starts, to the
+    /// prompt (stored once) plus `particles * (max_new_tokens + block_size)` (each particle's
+    /// growth, with one partly filled block copied on write), the growth capped by the
+    /// context window. A fixed size never grows.
     pub cache_tokens: Option<usize>,
     /// Expected number of particles (sizes the default cache).
     pub particles: usize,
@@ -60,6 +65,13 @@ pub struct KernelOptions {
     /// Attention implementation over the paged cache (CPU block-table kernel by default;
     /// [`AttentionPath::Gather`] uses candle operations only, for any device).
     pub attention: AttentionPath,
+    /// Refuse a request whose estimated memory ([`memory_estimate`]) exceeds
+    /// [`KernelOptions::memory_limit`] or, without one, the memory the system reports as
+    /// available ([`LmError::InsufficientMemory`]). On by default.
+    pub check_memory: bool,
+    /// Memory the kernel may plan for, in bytes (default: what the system reports as
+    /// available when a request is sized).
+    pub memory_limit: Option<u64>,
 }
 
 impl Default for KernelOptions {
@@ -73,16 +85,78 @@ impl Default for KernelOptions {
             max_seq_len: None,
             temperature: 1.0,
             attention: AttentionPath::Cpu,
+            check_memory: true,
+            memory_limit: None,
         }
     }
 }
 
-impl KernelOptions {
-    fn cache_capacity(&self) -> usize {
-        self.cache_tokens.unwrap_or_else(|| {
-            4096 + self.particles.max(1) * (self.max_new_tokens + self.block_size)
-        })
+/// Memory a request needs beyond the weights, in bytes: the KV cache for the prompt (stored
+/// once) plus `particles` sequences growing by `max_new_tokens` (each with one partly filled
+/// block of `block_size` copied on write), and the activations of one step (a logits row and
+/// the distributions built from it per particle, the hidden states of the prompt's forward
+/// pass). `None` when the size overflows. An estimate, meant to refuse what cannot fit.
+pub fn memory_estimate(
+    c: &LlamaConfig,
+    particles: usize,
+    prompt_tokens: usize,
+    max_new_tokens: usize,
+    block_size: usize,
+) -> Option<u64> {
+    let kv = kv_tokens(particles, prompt_tokens, max_new_tokens, block_size)?
+        .checked_mul(c.cache_layout(block_size, 1).bytes_per_token())?;
+    // Per particle and step: f32 logits, the f64 distribution and two f64 working copies
+    // (proposal, mask) over the vocabulary plus EOS.
+    let per_row = c.vocab_size.checked_add(1)?.checked_mul(4 + 3 * 8)?;
+    let step = particles.max(1).checked_mul(per_row)?;
+    // Per prompt token: the residual stream, its norm, attention output and projections,
+    // the SwiGLU gate and up halves (f32).
+    let width =
+        4 * c.hidden_size + 2 * c.intermediate_size + (c.n_heads + 2 * c.n_kv_heads) * c.head_dim;
+    let prompt = prompt_tokens.max(1).checked_mul(width)?.checked_mul(4)?;
+    let total = kv.checked_add(step)?.checked_add(prompt)?;
+    u64::try_from(total).ok()
+}
+
+/// KV-cache tokens for a prompt shared by `particles` sequences growing by `max_new_tokens`.
+fn kv_tokens(
+    particles: usize,
+    prompt_tokens: usize,
+    max_new_tokens: usize,
+    block_size: usize,
+) -> Option<usize> {
+    let prompt = prompt_tokens
+        .div_ceil(block_size.max(1))
+        .checked_mul(block_size)?;
+    let growth = max_new_tokens
+        .div_ceil(block_size.max(1))
+        .checked_add(1)?
+        .checked_mul(block_size)?
+        .checked_mul(particles.max(1))?;
+    prompt.checked_add(growth)
+}
+
+/// Memory the system reports as available (Linux: `MemAvailable`, lowered to the cgroup's
+/// remaining limit when there is one); `None` where unknown.
+pub fn available_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    let mut avail = kib.saturating_mul(1024);
+    let read = |p: &str| -> Option<u64> { std::fs::read_to_string(p).ok()?.trim().parse().ok() };
+    if let (Some(max), Some(cur)) = (
+        read("/sys/fs/cgroup/memory.max"),
+        read("/sys/fs/cgroup/memory.current"),
+    ) {
+        avail = avail.min(max.saturating_sub(cur));
     }
+    Some(avail)
 }
 
 /// Find the model file: `explicit`, else `$SMC_STEER_MODEL`, else
@@ -114,6 +188,44 @@ pub fn resolve_model_path(explicit: Option<&Path>) -> LmResult<PathBuf> {
     }
 }
 
+/// A model's hyper-parameters read from its file header or `config.json` only (no
+/// weights), validated, the context window capped as when loading: enough to check a request
+/// before loading ([`KernelOptions::check`]).
+///
+/// # Errors
+/// As [`TransformerKernel::load`] for the header.
+pub fn read_config(path: Option<&Path>) -> LmResult<LlamaConfig> {
+    let path = resolve_model_path(path)?;
+    let mut c = if path.is_dir() {
+        super::model::hf_config(&path)?
+    } else {
+        super::model::gguf_config(&GgufFile::open(&path)?.content)?
+    };
+    c.max_seq_len = c.max_seq_len.min(super::model::limits::MAX_CONTEXT);
+    c.validate()?;
+    Ok(c)
+}
+
+impl KernelOptions {
+    /// Check a request against a model before loading it: the generation must leave room
+    /// for a prompt in the context window, and (with [`KernelOptions::check_memory`]) the
+    /// memory estimate without the prompt must fit.
+    ///
+    /// # Errors
+    /// [`LmError::RequestTooLong`], [`LmError::InsufficientMemory`],
+    /// [`LmError::InvalidConfig`].
+    pub fn check(&self, c: &LlamaConfig) -> LmResult<()> {
+        if self.max_new_tokens >= c.max_seq_len {
+            return Err(LmError::RequestTooLong {
+                prompt: 1,
+                max_new_tokens: self.max_new_tokens,
+                window: c.max_seq_len,
+            });
+        }
+        check_request(c, self, 0)
+    }
+}
+
 /// Role of one output row of the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Row {
@@ -138,6 +250,7 @@ pub struct TransformerKernel {
     /// What each output row is.
     kind: Vec<Row>,
     temperature: f64,
+    opts: KernelOptions,
 }
 
 impl TransformerKernel {
@@ -162,7 +275,23 @@ impl TransformerKernel {
         }
         let mut gguf = GgufFile::open(&path)?;
         let model = LlamaModel::from_gguf_file(&mut gguf, &load)?;
-        let tokenizer = Tokenizer::from_gguf(&gguf)?;
+        // A tokenizer that cannot be built from the file's metadata is a problem of the
+        // model file, not of the request.
+        let tokenizer = Tokenizer::from_gguf(&gguf).map_err(|e| match e {
+            LmError::Tokenizer(reason) => LmError::CorruptModel {
+                path: path.clone(),
+                reason: format!("tokenizer metadata: {reason}"),
+            },
+            other => other,
+        })?;
+        // llama.cpp's files have exactly one embedding row per token.
+        let rows = model.config().vocab_size;
+        if tokenizer.vocab_size() != rows {
+            return Err(LmError::VocabMismatch {
+                tokenizer: tokenizer.vocab_size(),
+                model: rows,
+            });
+        }
         let chat = ChatTemplate::from_gguf(&gguf)?;
         Self::from_parts(model, Some(tokenizer), chat, opts)
     }
@@ -196,6 +325,14 @@ impl TransformerKernel {
                         model: n,
                     });
                 }
+                for (what, id) in [("BOS", t.bos_id()), ("EOS", t.eos_id())] {
+                    if let Some(id) = id.filter(|&i| i as usize >= t.vocab_size()) {
+                        return Err(LmError::Format(format!(
+                            "the {what} token id {id} is outside the vocabulary of {} tokens",
+                            t.vocab_size()
+                        )));
+                    }
+                }
                 let mut stop: Vec<u32> =
                     STOP_STRINGS.iter().filter_map(|s| t.token_id(s)).collect();
                 stop.extend(t.eos_id());
@@ -224,7 +361,25 @@ impl TransformerKernel {
             kind[s as usize] = Row::Stop;
         }
         let vocab = Vocabulary::new(bytes).map_err(|e| LmError::InvalidConfig(e.to_string()))?;
-        let cache = model.new_cache_with(opts.block_size, opts.cache_capacity(), opts.attention)?;
+        if opts.block_size == 0 {
+            return Err(LmError::InvalidConfig("block size must be positive".into()));
+        }
+        let window = model.config().max_seq_len;
+        let capacity = match opts.cache_tokens {
+            Some(c) => c,
+            // The particles' growth now; the prompt's blocks are added when it starts.
+            None => {
+                check_request(model.config(), &opts, 0)?;
+                kv_tokens(
+                    opts.particles,
+                    0,
+                    opts.max_new_tokens.min(window),
+                    opts.block_size,
+                )
+                .ok_or_else(|| too_large(&opts))?
+            }
+        };
+        let cache = model.new_cache_with(opts.block_size, capacity.max(1), opts.attention)?;
         Ok(Self {
             model,
             tokenizer,
@@ -234,7 +389,69 @@ impl TransformerKernel {
             stop,
             kind,
             temperature: opts.temperature,
+            opts,
         })
+    }
+
+    /// Size the kernel for the next runs: `particles` sequences generating up to
+    /// `max_new_tokens` tokens each (the KV cache grows accordingly when a prompt starts,
+    /// unless [`KernelOptions::cache_tokens`] fixed it).
+    ///
+    /// # Errors
+    /// [`LmError::InsufficientMemory`] (with [`KernelOptions::check_memory`]) when the
+    /// request cannot fit without a prompt already; [`LmError::InvalidConfig`] when it
+    /// overflows.
+    pub fn set_request(&mut self, particles: usize, max_new_tokens: usize) -> LmResult<()> {
+        let mut opts = self.opts.clone();
+        opts.particles = particles;
+        opts.max_new_tokens = max_new_tokens;
+        check_request(self.model.config(), &opts, 0)?;
+        self.opts = opts;
+        Ok(())
+    }
+
+    /// Check that `prompt_tokens` plus the configured generation fit the context window
+    /// and (with [`KernelOptions::check_memory`]) the memory limit, before any model work.
+    ///
+    /// # Errors
+    /// [`LmError::RequestTooLong`], [`LmError::InsufficientMemory`].
+    pub fn check_fits(&self, prompt_tokens: usize) -> LmResult<()> {
+        let window = self.model.config().max_seq_len;
+        if prompt_tokens.saturating_add(self.opts.max_new_tokens) > window {
+            return Err(LmError::RequestTooLong {
+                prompt: prompt_tokens,
+                max_new_tokens: self.opts.max_new_tokens,
+                window,
+            });
+        }
+        if self.opts.cache_tokens.is_some() {
+            return Ok(());
+        }
+        check_request(self.model.config(), &self.opts, prompt_tokens)
+    }
+
+    /// Grow the cache (when its size is not fixed) so that a prompt of `prompt_tokens` and
+    /// the configured particles' growth fit next to what is already stored.
+    fn reserve_for_prompt(&mut self, prompt_tokens: usize) -> LmResult<()> {
+        if self.opts.cache_tokens.is_some() {
+            return Ok(());
+        }
+        let window = self.model.config().max_seq_len;
+        let growth = self
+            .opts
+            .max_new_tokens
+            .min(window.saturating_sub(prompt_tokens));
+        check_request(self.model.config(), &self.opts, prompt_tokens)?;
+        let bs = self.opts.block_size;
+        let needed = kv_tokens(self.opts.particles, prompt_tokens, growth, bs)
+            .ok_or_else(|| too_large(&self.opts))?
+            / bs;
+        let blocks = self
+            .cache
+            .used_blocks()
+            .checked_add(needed)
+            .ok_or_else(|| too_large(&self.opts))?;
+        self.cache.grow(blocks)
     }
 
     /// The model.
@@ -412,6 +629,7 @@ impl TransformerKernel {
                 max,
             });
         }
+        self.reserve_for_prompt(prompt.len())?;
         let seq = self.cache.create();
         let entry = [SeqTokens {
             seq,
@@ -428,6 +646,63 @@ impl TransformerKernel {
             }
         }
     }
+}
+
+fn too_large(opts: &KernelOptions) -> LmError {
+    LmError::InvalidConfig(format!(
+        "{} particles generating {} tokens each is too large a request",
+        opts.particles, opts.max_new_tokens
+    ))
+}
+
+/// Refuse a request whose memory estimate exceeds the memory limit (see
+/// [`KernelOptions::check_memory`]).
+fn check_request(c: &LlamaConfig, opts: &KernelOptions, prompt_tokens: usize) -> LmResult<()> {
+    let growth = opts
+        .max_new_tokens
+        .min(c.max_seq_len.saturating_sub(prompt_tokens));
+    let needed = memory_estimate(c, opts.particles, prompt_tokens, growth, opts.block_size)
+        .ok_or_else(|| too_large(opts))?;
+    if !opts.check_memory {
+        return Ok(());
+    }
+    let Some(available) = opts.memory_limit.or_else(available_memory) else {
+        return Ok(());
+    };
+    if needed > available {
+        let hint = if prompt_tokens > 0
+            && memory_estimate(c, opts.particles, 0, growth, opts.block_size)
+                .is_some_and(|m| m <= available)
+        {
+            "use a shorter prompt".to_string()
+        } else {
+            let per_particle = memory_estimate(c, 1, 0, growth, opts.block_size)
+                .unwrap_or(u64::MAX)
+                .max(1);
+            format!(
+                "lower --particles (to about {} here) or --max-tokens",
+                (available / per_particle).max(1)
+            )
+        };
+        return Err(LmError::InsufficientMemory {
+            needed,
+            available,
+            what: if prompt_tokens == 0 {
+                format!(
+                    "the KV cache and activations of {} particles x {} tokens",
+                    opts.particles, growth
+                )
+            } else {
+                format!(
+                    "the KV cache and activations of a {prompt_tokens}-token prompt and {} \
+                     particles x {} tokens",
+                    opts.particles, growth
+                )
+            },
+            hint,
+        });
+    }
+    Ok(())
 }
 
 fn hf_chat_template(dir: &Path, tok: &Tokenizer) -> LmResult<Option<ChatTemplate>> {

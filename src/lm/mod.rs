@@ -16,9 +16,10 @@ pub mod tokenizer;
 
 pub use cache::{AttentionPath, CacheLayout, CacheSeq, PagedKvCache, QueryMeta};
 pub use chat::{ChatMessage, ChatTemplate};
-pub use error::{LmError, LmResult};
+pub use error::{human_bytes, LmError, LmResult};
 pub use kernel::{
-    resolve_model_path, KernelOptions, TransformerKernel, DEFAULT_MODEL_FILE, MODEL_ENV,
+    available_memory, memory_estimate, read_config, resolve_model_path, KernelOptions,
+    TransformerKernel, DEFAULT_MODEL_FILE, MODEL_ENV,
 };
 pub use model::{
     GgufFile, LlamaConfig, LlamaModel, LoadOptions, LogitRows, RopeStyle, SeqTokens, WeightFormat,

@@ -70,13 +70,56 @@ pub struct LlamaConfig {
     pub tie_embeddings: bool,
 }
 
+/// The largest dimensions a model may declare. They are far above any released llama-family
+/// model and keep every size computed from a model file's header (weights, KV cache,
+/// activations) well inside `usize`, so that a corrupt or hostile header is refused before
+/// anything is allocated.
+pub mod limits {
+    /// Vocabulary rows.
+    pub const MAX_VOCAB: usize = 1 << 22;
+    /// Model width, head dimension times heads, and SwiGLU width.
+    pub const MAX_WIDTH: usize = 1 << 18;
+    /// Decoder blocks.
+    pub const MAX_LAYERS: usize = 1 << 12;
+    /// Query or key/value heads.
+    pub const MAX_HEADS: usize = 1 << 12;
+    /// Context window (positions); larger declared windows are capped to it.
+    pub const MAX_CONTEXT: usize = 1 << 24;
+}
+
 impl LlamaConfig {
-    /// Check the internal consistency of the dimensions.
+    /// Check the internal consistency of the dimensions and that each is within
+    /// [`limits`].
     ///
     /// # Errors
     /// [`LmError::Format`].
     pub fn validate(&self) -> LmResult<()> {
         let bad = |m: String| Err(LmError::Format(m));
+        for (name, value, max) in [
+            ("vocabulary size", self.vocab_size, limits::MAX_VOCAB),
+            ("hidden size", self.hidden_size, limits::MAX_WIDTH),
+            (
+                "intermediate size",
+                self.intermediate_size,
+                limits::MAX_WIDTH,
+            ),
+            ("layer count", self.n_layers, limits::MAX_LAYERS),
+            ("head count", self.n_heads, limits::MAX_HEADS),
+            ("key/value head count", self.n_kv_heads, limits::MAX_HEADS),
+            ("head dimension", self.head_dim, limits::MAX_WIDTH),
+            (
+                "query width (heads x head dimension)",
+                self.n_heads.saturating_mul(self.head_dim),
+                limits::MAX_WIDTH,
+            ),
+            ("context window", self.max_seq_len, limits::MAX_CONTEXT),
+        ] {
+            if value > max {
+                return bad(format!(
+                    "{name} {value} exceeds the supported maximum {max} (corrupt model file?)"
+                ));
+            }
+        }
         if self.vocab_size == 0
             || self.hidden_size == 0
             || self.intermediate_size == 0
@@ -267,9 +310,10 @@ pub struct LlamaModel {
     layers: Vec<Layer>,
     norm: Tensor,
     lm_head: Linear,
-    /// `cos[p * half + i]`, `sin[...]` for position `p` and frequency `i`.
-    cos: Vec<f32>,
-    sin: Vec<f32>,
+    /// RoPE frequencies `theta^(-2i/d)`. The angles of a position are computed when a token
+    /// at that position is processed (not tabulated for the whole context window, whose
+    /// declared size comes from the model file and may be huge).
+    inv_freq: Vec<f64>,
 }
 
 /// A source of named tensors (GGUF names: `blk.{i}.attn_q.weight`, ...).
@@ -328,7 +372,8 @@ impl LlamaModel {
             }
             Ok(l)
         };
-        let mut layers = Vec::with_capacity(c.n_layers);
+        // No capacity from the header: a missing tensor ends the loop with an error first.
+        let mut layers = Vec::new();
         for i in 0..c.n_layers {
             let p = format!("blk.{i}");
             let wq = lin(format!("{p}.attn_q.weight"), [q_out, h])?;
@@ -362,7 +407,7 @@ impl LlamaModel {
                 _ => Linear::dense(embed.clone())?,
             },
         };
-        let mut built = Vec::with_capacity(c.n_layers);
+        let mut built = Vec::with_capacity(layers.len());
         for (i, (wq, wk, wv, wo, w_gate, w_up, w_down)) in layers.into_iter().enumerate() {
             let p = format!("blk.{i}");
             let attn_norm = require(src.dense(&format!("{p}.attn_norm.weight"))?, "attn_norm")?;
@@ -382,15 +427,14 @@ impl LlamaModel {
         }
         let norm = require(src.dense("output_norm.weight")?, "output_norm.weight")?;
         check_shape(&norm, &[h], "output_norm.weight")?;
-        let (cos, sin) = rope_tables(c);
+        let inv_freq = rope_frequencies(c);
         Ok(Self {
             config,
             embed,
             layers: built,
             norm,
             lm_head,
-            cos,
-            sin,
+            inv_freq,
         })
     }
 
@@ -495,6 +539,7 @@ impl LlamaModel {
     /// As [`LlamaModel::from_gguf`].
     pub fn from_gguf_file(gguf: &mut GgufFile, opts: &LoadOptions) -> LmResult<Self> {
         let mut config = gguf_config(&gguf.content)?;
+        config.max_seq_len = config.max_seq_len.min(limits::MAX_CONTEXT);
         if let Some(m) = opts.max_seq_len {
             config.max_seq_len = config.max_seq_len.min(m.max(1));
         }
@@ -534,6 +579,7 @@ impl LlamaModel {
     /// [`LmError::UnsupportedArchitecture`], [`LmError::Format`].
     pub fn from_safetensors(dir: &Path, opts: &LoadOptions) -> LmResult<Self> {
         let mut config = hf_config(dir)?;
+        config.max_seq_len = config.max_seq_len.min(limits::MAX_CONTEXT);
         if let Some(m) = opts.max_seq_len {
             config.max_seq_len = config.max_seq_len.min(m.max(1));
         }
@@ -719,6 +765,14 @@ impl LlamaModel {
                 slots
             }
         };
+        let half = hd / 2;
+        let (mut cos, mut sin) = (
+            Vec::with_capacity(n_tok * half),
+            Vec::with_capacity(n_tok * half),
+        );
+        for &(_, pos) in &meta {
+            self.rope_angles(pos, &mut cos, &mut sin);
+        }
         let ids_t = Tensor::from_vec(ids, n_tok, &Device::Cpu)?;
         let mut x = self.embed.index_select(&ids_t, 0)?;
         let scale = 1.0 / (hd as f32).sqrt();
@@ -733,9 +787,13 @@ impl LlamaModel {
             let mut q = q.flatten_all()?.to_vec1::<f32>()?;
             let mut k = k.flatten_all()?.to_vec1::<f32>()?;
             let v = v.flatten_all()?.to_vec1::<f32>()?;
-            for (t, &(_, pos)) in meta.iter().enumerate() {
-                self.rope_row(&mut q[t * nh * hd..(t + 1) * nh * hd], pos);
-                self.rope_row(&mut k[t * nkv * hd..(t + 1) * nkv * hd], pos);
+            for t in 0..n_tok {
+                let (c0, s0) = (
+                    &cos[t * half..(t + 1) * half],
+                    &sin[t * half..(t + 1) * half],
+                );
+                self.rope_row(&mut q[t * nh * hd..(t + 1) * nh * hd], c0, s0);
+                self.rope_row(&mut k[t * nkv * hd..(t + 1) * nkv * hd], c0, s0);
             }
             let a = match cache.attention_path() {
                 AttentionPath::Cpu => {
@@ -779,12 +837,20 @@ impl LlamaModel {
         Ok(self.lm_head.forward(&x)?)
     }
 
-    /// Rotate every head of one token's query or key row in place.
-    fn rope_row(&self, row: &mut [f32], pos: usize) {
+    /// `cos` and `sin` of the RoPE angles of position `pos`, appended to `cos` and `sin`.
+    fn rope_angles(&self, pos: usize, cos: &mut Vec<f32>, sin: &mut Vec<f32>) {
+        for &f in &self.inv_freq {
+            let a = pos as f64 * f;
+            cos.push(a.cos() as f32);
+            sin.push(a.sin() as f32);
+        }
+    }
+
+    /// Rotate every head of one token's query or key row in place (`cos`, `sin`: the
+    /// token's angles from [`LlamaModel::rope_angles`]).
+    fn rope_row(&self, row: &mut [f32], cos: &[f32], sin: &[f32]) {
         let hd = self.config.head_dim;
         let half = hd / 2;
-        let cos = &self.cos[pos * half..(pos + 1) * half];
-        let sin = &self.sin[pos * half..(pos + 1) * half];
         for head in row.chunks_exact_mut(hd) {
             match self.config.rope_style {
                 RopeStyle::Interleaved => {
@@ -830,8 +896,12 @@ impl LlamaModel {
         let (nh, nkv, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
         let half = hd / 2;
         let dev = Device::Cpu;
-        let cos = Tensor::from_slice(&self.cos[..n * half], (n, half), &dev)?;
-        let sin = Tensor::from_slice(&self.sin[..n * half], (n, half), &dev)?;
+        let (mut cos, mut sin) = (Vec::with_capacity(n * half), Vec::with_capacity(n * half));
+        for pos in 0..n {
+            self.rope_angles(pos, &mut cos, &mut sin);
+        }
+        let cos = Tensor::from_vec(cos, (n, half), &dev)?;
+        let sin = Tensor::from_vec(sin, (n, half), &dev)?;
         let rope = |t: &Tensor| match c.rope_style {
             RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(t, &cos, &sin),
             RopeStyle::Half => candle_nn::rotary_emb::rope(t, &cos, &sin),
@@ -882,22 +952,11 @@ impl LlamaModel {
     }
 }
 
-/// Rotary tables: `cos/sin(pos * theta^(-2i/d))` for every position and frequency.
-fn rope_tables(c: &LlamaConfig) -> (Vec<f32>, Vec<f32>) {
-    let half = c.head_dim / 2;
-    let inv: Vec<f64> = (0..half)
+/// RoPE frequencies `theta^(-2i/d)` for `i < d/2`.
+fn rope_frequencies(c: &LlamaConfig) -> Vec<f64> {
+    (0..c.head_dim / 2)
         .map(|i| c.rope_theta.powf(-((2 * i) as f64) / c.head_dim as f64))
-        .collect();
-    let mut cos = Vec::with_capacity(c.max_seq_len * half);
-    let mut sin = Vec::with_capacity(c.max_seq_len * half);
-    for p in 0..c.max_seq_len {
-        for &f in &inv {
-            let a = p as f64 * f;
-            cos.push(a.cos() as f32);
-            sin.push(a.sin() as f32);
-        }
-    }
-    (cos, sin)
+        .collect()
 }
 
 /// An opened GGUF file: parsed header and metadata, plus the reader for tensor data.
@@ -923,19 +982,36 @@ impl GgufFile {
     /// # Errors
     /// [`LmError::ModelNotFound`], [`LmError::Io`], [`LmError::CorruptModel`].
     pub fn open(path: &Path) -> LmResult<Self> {
-        if !path.is_file() {
+        if !path.exists() {
             return Err(LmError::ModelNotFound {
                 path: path.to_path_buf(),
+            });
+        }
+        if !path.is_file() {
+            // A device such as /dev/zero would be read without end.
+            return Err(LmError::CorruptModel {
+                path: path.to_path_buf(),
+                reason: "not a regular file".into(),
             });
         }
         let mut file = File::open(path).map_err(|e| LmError::Io {
             path: path.to_path_buf(),
             source: e,
         })?;
-        let content = gguf_file::Content::read(&mut file).map_err(|e| LmError::CorruptModel {
+        // candle's reader checks lengths against the file size; a panic on a header it did
+        // not anticipate (a zero alignment, say) still becomes a typed error.
+        let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            gguf_file::Content::read(&mut file)
+        }));
+        let corrupt = |reason: String| LmError::CorruptModel {
             path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
+            reason,
+        };
+        let content = match read {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return Err(corrupt(e.to_string())),
+            Err(_) => return Err(corrupt("the GGUF header is malformed".into())),
+        };
         // Every tensor must lie inside the file (a truncated download fails here, not later).
         let size = file
             .metadata()
@@ -945,10 +1021,20 @@ impl GgufFile {
             })?
             .len();
         for (name, info) in &content.tensor_infos {
-            let elems = info.shape.elem_count();
-            let block = info.ggml_dtype.block_size();
-            let bytes = (elems / block.max(1)) as u64 * info.ggml_dtype.type_size() as u64;
-            let end = content.tensor_data_offset + info.offset + bytes;
+            // Checked arithmetic: dimensions and offsets come straight from the file.
+            let elems = info
+                .shape
+                .dims()
+                .iter()
+                .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64));
+            let block = info.ggml_dtype.block_size().max(1) as u64;
+            let end = elems
+                .and_then(|e| (e / block).checked_mul(info.ggml_dtype.type_size() as u64))
+                .and_then(|b| b.checked_add(content.tensor_data_offset))
+                .and_then(|b| b.checked_add(info.offset));
+            let Some(end) = end else {
+                return Err(corrupt(format!("tensor `{name}` has an impossible size")));
+            };
             if end > size {
                 return Err(LmError::CorruptModel {
                     path: path.to_path_buf(),
@@ -1024,7 +1110,7 @@ fn md_f64(ct: &gguf_file::Content, key: &str) -> Option<f64> {
 /// Architectures whose GGUF tensors follow the llama layout handled here.
 const GGUF_LLAMA_ARCHS: &[&str] = &["llama", "mistral"];
 
-fn gguf_config(ct: &gguf_file::Content) -> LmResult<LlamaConfig> {
+pub(crate) fn gguf_config(ct: &gguf_file::Content) -> LmResult<LlamaConfig> {
     let arch = ct
         .metadata
         .get("general.architecture")
@@ -1053,6 +1139,13 @@ fn gguf_config(ct: &gguf_file::Content) -> LmResult<LlamaConfig> {
         .get("token_embd.weight")
         .ok_or_else(|| LmError::Format("missing tensor `token_embd.weight`".into()))?;
     let vocab_size = embd.shape.dims().first().copied().unwrap_or(0);
+    if let Ok(declared) = md_usize(ct, &p("vocab_size")) {
+        if declared != vocab_size {
+            return Err(LmError::Format(format!(
+                "metadata `{arch}.vocab_size` is {declared} but `token_embd.weight` has {vocab_size} rows"
+            )));
+        }
+    }
     Ok(LlamaConfig {
         vocab_size,
         hidden_size: hidden,
@@ -1128,18 +1221,29 @@ struct HfConfig {
     mlp_bias: Option<bool>,
 }
 
-fn hf_config(dir: &Path) -> LmResult<LlamaConfig> {
+/// Largest `config.json` read (bytes).
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+pub(crate) fn hf_config(dir: &Path) -> LmResult<LlamaConfig> {
     let path = dir.join("config.json");
     if !path.is_file() {
         return Err(LmError::ModelNotFound { path });
     }
     let mut text = String::new();
+    // A config is a few kilobytes; the bound keeps a wrong path (a device, a huge file) from
+    // being read whole.
     File::open(&path)
-        .and_then(|mut f| f.read_to_string(&mut text))
+        .and_then(|f| f.take(MAX_CONFIG_BYTES + 1).read_to_string(&mut text))
         .map_err(|e| LmError::Io {
             path: path.clone(),
             source: e,
         })?;
+    if text.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(LmError::CorruptModel {
+            path,
+            reason: format!("larger than {MAX_CONFIG_BYTES} bytes"),
+        });
+    }
     let c: HfConfig = serde_json::from_str(&text).map_err(|e| LmError::CorruptModel {
         path: path.clone(),
         reason: e.to_string(),

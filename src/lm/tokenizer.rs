@@ -152,6 +152,13 @@ impl Tokenizer {
                 );
             }
         }
+        if vocab.len() != tokens.len() {
+            return Err(tok_err(format!(
+                "`tokenizer.ggml.tokens` lists {} tokens but only {} distinct ones",
+                tokens.len(),
+                vocab.len()
+            )));
+        }
         let spec = json!({
             "version": "1.0",
             "truncation": null,

@@ -19,10 +19,21 @@ pub fn real_model() -> Option<std::path::PathBuf> {
         Ok(p) => Some(p),
         Err(e) if under_ci() => panic!("CI is set and the model is missing: {e}"),
         Err(e) => {
-            eprintln!("SKIPPED (model not available): {e}");
+            skip(&format!("model not available: {e}"));
             None
         }
     }
+}
+
+/// Say that a test skips, visibly: straight to the process's stderr, which the test
+/// harness does not capture (its `eprintln!` capture would hide the line behind `ok`).
+pub fn skip(why: &str) {
+    use std::io::Write;
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("a test")
+        .to_string();
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
 }
 
 /// Seed of the toy bigram kernel used throughout.
