@@ -155,7 +155,7 @@ fn run() -> Result<(), String> {
     let pooled: HashMap<_, _> = reps
         .pooled_posterior()
         .into_iter()
-        .map(|(t, e, p)| ((t, e), p))
+        .map(|d| ((d.tokens, d.eos), d.probability))
         .collect();
     let tv: f64 = 0.5
         * target

@@ -139,28 +139,10 @@ impl<P> Replicates<P> {
         Estimate { mean, se, n }
     }
 
-    /// The pooled posterior: every run's particles, each run weighted by its `Ẑ` (the
-    /// standard way to combine independent SMC runs), as `(tokens, eos, probability)`.
-    pub fn pooled_posterior(&self) -> Vec<(Vec<crate::vocab::TokenId>, bool, f64)> {
-        let log_total = self.log_mean_z() + (self.runs.len() as f64).ln();
-        let mut map: std::collections::HashMap<(Vec<crate::vocab::TokenId>, bool), f64> =
-            Default::default();
-        if log_total == f64::NEG_INFINITY {
-            return Vec::new();
-        }
-        for r in &self.runs {
-            if r.all_dead {
-                continue;
-            }
-            let run_weight = (r.log_z - log_total).exp();
-            for (c, w) in r.particles.iter().zip(r.normalised_weights()) {
-                if w > 0.0 {
-                    *map.entry((c.tokens.clone(), c.eos)).or_default() += run_weight * w;
-                }
-            }
-        }
-        let mut out: Vec<_> = map.into_iter().map(|((t, e), p)| (t, e, p)).collect();
-        out.sort_by(|a, b| b.2.total_cmp(&a.2).then_with(|| a.0.cmp(&b.0)));
-        out
+    /// The pooled posterior: every run's completions, each run weighted by its `Ẑ` (the
+    /// standard way to combine independent SMC runs), merged by bytes
+    /// ([`crate::result::pool_runs`]).
+    pub fn pooled_posterior(&self) -> Vec<crate::result::Distinct> {
+        crate::result::pool_runs(&self.runs).1
     }
 }

@@ -10,27 +10,11 @@
 use serde::{Deserialize, Serialize};
 
 use crate::record::{log_value, StepRecord};
-use crate::result::SmcResult;
+use crate::result::{Distinct, SmcResult};
 use crate::smc::SmcConfig;
 
 /// Format version of [`RunRecord`].
 pub const RECORD_VERSION: u32 = 1;
-
-/// One distinct completion of the final posterior (merged by text).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct CompletionSummary {
-    /// Generated text.
-    pub text: String,
-    /// Posterior probability (the probabilities of a run sum to 1, or the list is empty).
-    pub probability: f64,
-    /// `log Σ` of the unnormalised weights of the particles holding it.
-    #[serde(with = "log_value")]
-    pub log_weight: f64,
-    /// Whether it ended with EOS.
-    pub eos: bool,
-    /// Number of particles holding it.
-    pub count: usize,
-}
 
 /// Everything a run leaves behind; the schema of `--record` files.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -46,7 +30,7 @@ pub struct RunRecord {
     /// One record per SMC step.
     pub steps: Vec<StepRecord>,
     /// Distinct completions, most probable first.
-    pub completions: Vec<CompletionSummary>,
+    pub completions: Vec<Distinct>,
     /// Estimate of `log Z` (`null` = `-inf`).
     #[serde(with = "log_value")]
     pub log_z: f64,
@@ -69,17 +53,7 @@ impl RunRecord {
         config: &SmcConfig,
         result: &SmcResult<P>,
     ) -> Self {
-        let completions = result
-            .posterior_by_bytes()
-            .into_iter()
-            .map(|d| CompletionSummary {
-                text: d.text,
-                probability: d.probability,
-                log_weight: d.log_weight,
-                eos: d.eos,
-                count: d.count,
-            })
-            .collect();
+        let completions = result.posterior_by_bytes();
         Self {
             version: RECORD_VERSION,
             prompt: prompt.to_string(),
@@ -246,7 +220,7 @@ fn tree(steps: &[StepRecord]) -> String {
     out
 }
 
-fn bars(completions: &[CompletionSummary]) -> String {
+fn bars(completions: &[Distinct]) -> String {
     let mut out = String::from("<div id=\"posterior-bars\">");
     for c in completions.iter().take(30) {
         out.push_str(&format!(

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::logspace::{log_sum_exp, normalise};
 use crate::record::StepRecord;
@@ -30,12 +30,17 @@ pub struct Completion<P> {
 }
 
 /// A distinct completion with its merged probability: the same tokens and ending
-/// ([`SmcResult::posterior`]) or the same bytes and ending ([`SmcResult::posterior_by_bytes`]).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// ([`SmcResult::posterior`]) or the same bytes and ending ([`SmcResult::posterior_by_bytes`],
+/// [`pool_runs`]).
+///
+/// The one posterior type of the crate: a run's posterior, pooled replicates
+/// ([`crate::replicate::Replicates::pooled_posterior`]), the record and HTML report
+/// ([`crate::report::RunRecord`]) and the command line's output all list `Distinct`s.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Distinct {
     /// Generated tokens (of the most probable tokenisation when merged by bytes).
     pub tokens: Vec<TokenId>,
-    /// Their bytes.
+    /// Their bytes (not serialised: `text` shows them, `tokens` determine them).
     #[serde(skip)]
     pub bytes: Vec<u8>,
     /// Their text for display (invalid UTF-8 replaced by U+FFFD; two completions that

@@ -389,7 +389,7 @@ fn replicate_expectations_are_pooled_by_z() {
     let pooled: f64 = reps
         .pooled_posterior()
         .iter()
-        .map(|(t, _, p)| p * f(t))
+        .map(|d| d.probability * f(&d.tokens))
         .sum();
     assert!((pooled - e.mean).abs() < 1e-9);
 }

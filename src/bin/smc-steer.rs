@@ -683,7 +683,7 @@ struct RunOutput {
     prompt: String,
     constraints: Vec<String>,
     #[serde(serialize_with = "completions_with_finished")]
-    completions: Vec<smc_steer::report::CompletionSummary>,
+    completions: Vec<smc_steer::result::Distinct>,
     #[serde(with = "smc_steer::record::log_value")]
     log_z: f64,
     #[serde(with = "smc_steer::record::log_value")]
@@ -698,7 +698,7 @@ struct RunOutput {
 /// Each completion with `finished`: whether it ended with EOS, i.e. is a complete answer
 /// (under a grammar, one the grammar accepts) rather than text cut at the token limit.
 fn completions_with_finished<S: serde::Serializer>(
-    completions: &[smc_steer::report::CompletionSummary],
+    completions: &[smc_steer::result::Distinct],
     s: S,
 ) -> Result<S::Ok, S::Error> {
     use serde::ser::{Error, SerializeSeq};
@@ -835,17 +835,7 @@ fn summarise<P>(
     run_s: f64,
 ) -> RunOutput {
     let log_zs: Vec<f64> = results.iter().map(|(_, r)| r.log_z).collect();
-    let (log_mean_z, pooled) = smc_steer::result::pool_runs(results.iter().map(|(_, r)| r));
-    let completions: Vec<smc_steer::report::CompletionSummary> = pooled
-        .into_iter()
-        .map(|d| smc_steer::report::CompletionSummary {
-            text: d.text,
-            probability: d.probability,
-            log_weight: d.log_weight,
-            eos: d.eos,
-            count: d.count,
-        })
-        .collect();
+    let (log_mean_z, completions) = smc_steer::result::pool_runs(results.iter().map(|(_, r)| r));
     let estimate = smc_steer::replicate::Estimate::from_values(&log_zs);
     let tokens: usize = results.iter().map(|(_, r)| r.tokens_generated).sum();
     RunOutput {
