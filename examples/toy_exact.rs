@@ -12,10 +12,10 @@
 use std::collections::HashMap;
 use std::process::ExitCode;
 
-use smc_steer::exact::enumerate;
 use smc_steer::potential::{Hard, Product, Soft};
 use smc_steer::replicate::run_replicates;
-use smc_steer::toy::ToyKernel;
+use smc_steer::testing::enumerate;
+use smc_steer::testing::ToyKernel;
 use smc_steer::{Algorithm, FeynmanKac, Resampling, Smc, SmcConfig, Truncation};
 
 const KERNEL_SEED: u64 = 20261127;

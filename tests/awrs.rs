@@ -7,10 +7,10 @@ use std::sync::Arc;
 
 use common::*;
 use smc_steer::awrs::{awrs, AwrsOptions};
-use smc_steer::exact::enumerate;
 use smc_steer::potential::{DynPotential, Hard, SeqPotential};
 use smc_steer::replicate::run_replicates;
-use smc_steer::toy::ToyKernel;
+use smc_steer::testing::enumerate;
+use smc_steer::testing::ToyKernel;
 use smc_steer::{FeynmanKac, ProposalKind, SeqView, Smc, SmcConfig, Truncation, Vocabulary};
 
 const REPS: usize = 20_000;

@@ -12,9 +12,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use common::*;
-use smc_steer::exact::enumerate;
 use smc_steer::potential::{Hard, SeqPotential};
-use smc_steer::toy::ToyKernel;
+use smc_steer::testing::enumerate;
+use smc_steer::testing::ToyKernel;
 use smc_steer::{FeynmanKac, ProposalKind, Smc, SmcConfig, TokenId, Truncation, Vocabulary};
 
 const MAX_TOKENS: usize = 4;

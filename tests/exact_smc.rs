@@ -6,10 +6,10 @@ use std::collections::HashMap;
 
 use common::*;
 use rand::Rng;
-use smc_steer::exact::enumerate;
 use smc_steer::potential::{DynPotential, Hard, TokenWeights, Trivial};
 use smc_steer::replicate::run_replicates;
-use smc_steer::toy::ToyKernel;
+use smc_steer::testing::enumerate;
+use smc_steer::testing::ToyKernel;
 use smc_steer::{
     Algorithm, FeynmanKac, ProposalKind, Resampling, Smc, SmcConfig, SmcResult, Truncation,
     Vocabulary,

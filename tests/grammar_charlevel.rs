@@ -4,12 +4,12 @@
 
 mod common;
 use common::{assert_unbiased, seeded};
-use smc_steer::exact::enumerate;
 use smc_steer::grammar::charlevel::{ByteRecognizer, CharPotential, TokenTrie};
 use smc_steer::potential::{SeqPotential, SeqView};
 use smc_steer::replicate::run_replicates;
+use smc_steer::testing::enumerate;
+use smc_steer::testing::ToyKernel;
 use smc_steer::testing::{assert_potential_consistent, assert_same_potential};
-use smc_steer::toy::ToyKernel;
 use smc_steer::{FeynmanKac, ProposalKind, Smc, SmcConfig, Truncation, Vocabulary};
 
 /// Every word has at most `max` ASCII letters; each letter `e` costs 0.3 nats; outputs may

@@ -5,11 +5,11 @@
 
 mod common;
 use common::{assert_unbiased, seeded};
-use smc_steer::exact::enumerate;
 use smc_steer::grammar::{Constrained, Grammar, GrammarConstraint, GrammarError};
 use smc_steer::potential::{replay, Hard, Potential, Product, SeqPotential, SeqView};
 use smc_steer::replicate::run_replicates;
-use smc_steer::toy::ToyKernel;
+use smc_steer::testing::enumerate;
+use smc_steer::testing::ToyKernel;
 use smc_steer::{FeynmanKac, ProposalKind, Smc, SmcConfig, Truncation, Vocabulary};
 
 const MASTER_SEED: u64 = 0x5EED_6A11;

@@ -3,10 +3,10 @@
 mod common;
 
 use common::*;
-use smc_steer::exact::enumerate;
 use smc_steer::logspace::{log_mul, log_sum_exp};
 use smc_steer::potential::{SeqPotential, SeqView, Soft, TokenWeights, Trivial};
 use smc_steer::replicate::run_replicates;
+use smc_steer::testing::enumerate;
 use smc_steer::{
     Algorithm, FeynmanKac, Flow, Particle, Program, Result, Smc, SmcConfig, SmcError, TokenId,
     Truncation,
@@ -493,7 +493,7 @@ fn a_twist_is_removed_before_the_next_step() {
 }
 
 /// A kernel over word pieces: `a`, `b` continue a word, ` a`, ` b` start one.
-fn word_kernel() -> smc_steer::toy::ToyKernel {
+fn word_kernel() -> smc_steer::testing::ToyKernel {
     let vocab = smc_steer::Vocabulary::from_strs(&["a", "b", " a", " b"]).unwrap();
     let table = [
         [0.1, 0.2, 0.3, 0.2, 0.2],
@@ -502,7 +502,7 @@ fn word_kernel() -> smc_steer::toy::ToyKernel {
         [0.2, 0.3, 0.2, 0.1, 0.2],
     ];
     let first = [0.2, 0.1, 0.3, 0.3, 0.1];
-    smc_steer::toy::ToyKernel::bigram(
+    smc_steer::testing::ToyKernel::bigram(
         vocab,
         &first,
         &table.iter().map(|r| r.to_vec()).collect::<Vec<_>>(),

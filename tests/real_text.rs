@@ -9,11 +9,11 @@ use std::sync::Arc;
 
 use common::*;
 use smc_steer::constraints::MaxWordLetters;
-use smc_steer::exact::enumerate;
 use smc_steer::feynman_kac::{StepUnit, WORD_STEP_MAX_TOKENS};
 use smc_steer::potential::{DynPotential, Hard, Product, SeqView, Soft, Trivial};
 use smc_steer::replicate::run_replicates;
-use smc_steer::toy::ToyKernel;
+use smc_steer::testing::enumerate;
+use smc_steer::testing::ToyKernel;
 use smc_steer::{FeynmanKac, ProposalKind, Smc, SmcConfig, SmcError, Truncation, Vocabulary};
 
 /// `a`, `c` and a lone UTF-8 lead byte, as byte-level BPE vocabularies have.

@@ -11,7 +11,7 @@ use std::process::Command;
 
 use smc_steer::potential::{Hard, Soft};
 use smc_steer::report::RunRecord;
-use smc_steer::toy::ToyKernel;
+use smc_steer::testing::ToyKernel;
 use smc_steer::{FeynmanKac, Smc, SmcConfig};
 
 const KERNEL_SEED: u64 = 99;

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use thiserror::Error;
 
-use crate::error::SmcError;
+use crate::core::error::SmcError;
 
 /// Errors of the `lm` module.
 #[derive(Debug, Error)]

@@ -22,9 +22,9 @@ use super::model::{
     GgufFile, LlamaConfig, LlamaModel, LoadOptions, LogitRows, SeqTokens, WeightFormat,
 };
 use super::tokenizer::Tokenizer;
-use crate::error::{Result, SmcError};
-use crate::kernel::{Extend, Extension, Kernel, SeqId};
-use crate::vocab::{TokenId, Vocabulary};
+use crate::core::error::{Result, SmcError};
+use crate::core::kernel::{Extend, Extension, Kernel, SeqId};
+use crate::core::vocab::{TokenId, Vocabulary};
 
 /// File name of the default model (fetched by `scripts/fetch-model.sh`).
 pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";

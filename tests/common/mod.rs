@@ -4,7 +4,7 @@
 use rand::SeedableRng;
 use rand_pcg::Pcg64Mcg;
 use smc_steer::potential::{Hard, Product, Soft};
-use smc_steer::toy::ToyKernel;
+use smc_steer::testing::ToyKernel;
 
 /// Whether this run is CI (`CI=true` or `CI=1`), where tests must not skip.
 pub fn under_ci() -> bool {

@@ -16,9 +16,9 @@ use std::any::Any;
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use crate::logspace::log_mul;
+use crate::core::logspace::log_mul;
 
-use crate::vocab::{complete_text, prefix_text, TokenId, Vocabulary};
+use crate::core::vocab::{complete_text, prefix_text, TokenId, Vocabulary};
 
 /// A read-only view of a particle's generated sequence.
 #[derive(Debug, Clone, Copy)]
@@ -33,13 +33,13 @@ pub struct SeqView<'a> {
 
 impl<'a> SeqView<'a> {
     /// The text of this sequence as a *prefix*: invalid bytes read as U+FFFD, and only an
-    /// incomplete character at the very end is held back (see [`crate::vocab::prefix_text`]).
+    /// incomplete character at the very end is held back (see [`crate::core::vocab::prefix_text`]).
     pub fn text(&self) -> Cow<'a, str> {
         prefix_text(self.bytes)
     }
 
     /// The text of this sequence as a *complete* sequence: every invalid byte, a trailing
-    /// incomplete character included, reads as U+FFFD (see [`crate::vocab::complete_text`]).
+    /// incomplete character included, reads as U+FFFD (see [`crate::core::vocab::complete_text`]).
     pub fn complete_text(&self) -> Cow<'a, str> {
         complete_text(self.bytes)
     }

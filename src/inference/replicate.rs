@@ -4,9 +4,9 @@ use rand::{RngCore, SeedableRng};
 use rand_pcg::Pcg64Mcg;
 use serde::Serialize;
 
-use crate::error::Result;
-use crate::logspace::log_sum_exp;
-use crate::result::SmcResult;
+use crate::core::error::Result;
+use crate::core::logspace::log_sum_exp;
+use crate::inference::result::SmcResult;
 
 /// A mean with its standard error over replicates.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -54,7 +54,7 @@ pub struct Replicates<P> {
 ///
 /// # Example
 /// ```
-/// use smc_steer::{potential::Trivial, replicate::run_replicates, toy::ToyKernel, FeynmanKac, Smc, SmcConfig};
+/// use smc_steer::{potential::Trivial, replicate::run_replicates, testing::ToyKernel, FeynmanKac, Smc, SmcConfig};
 /// let reps = run_replicates(42, 4, |seed| {
 ///     let k = ToyKernel::random_bigram(2, 0.4, 1)?;
 ///     Smc::new(k, FeynmanKac::new(Trivial), &[], SmcConfig { seed, ..Default::default() })?.run()
@@ -107,7 +107,10 @@ impl<P> Replicates<P> {
     /// `R = Σ a_r / Σ b_r` and its standard error
     /// `sqrt(Σ (a_r − R·b_r)² / (n(n−1))) / mean(b)`. Runs where every particle died count
     /// with `Ẑ_r = 0`. The mean is NaN when every run died.
-    pub fn expectation(&self, f: impl Fn(&crate::result::Completion<P>) -> f64) -> Estimate {
+    pub fn expectation(
+        &self,
+        f: impl Fn(&crate::inference::result::Completion<P>) -> f64,
+    ) -> Estimate {
         let n = self.runs.len();
         let log_mean_z = self.log_mean_z();
         if n == 0 || log_mean_z == f64::NEG_INFINITY || log_mean_z.is_nan() {
@@ -141,8 +144,8 @@ impl<P> Replicates<P> {
 
     /// The pooled posterior: every run's completions, each run weighted by its `Ẑ` (the
     /// standard way to combine independent SMC runs), merged by bytes
-    /// ([`crate::result::pool_runs`]).
-    pub fn pooled_posterior(&self) -> Vec<crate::result::Distinct> {
-        crate::result::pool_runs(&self.runs).1
+    /// ([`crate::inference::result::pool_runs`]).
+    pub fn pooled_posterior(&self) -> Vec<crate::inference::result::Distinct> {
+        crate::inference::result::pool_runs(&self.runs).1
     }
 }

@@ -12,12 +12,12 @@ use std::sync::Arc;
 use rand::Rng;
 use rand_pcg::Pcg64Mcg;
 
-use crate::error::{Result, SmcError};
-use crate::kernel::SeqId;
+use crate::core::error::{Result, SmcError};
+use crate::core::kernel::SeqId;
+use crate::core::sampling::sample_log_categorical;
+use crate::core::vocab::{TokenId, Vocabulary};
 use crate::potential::SeqView;
 use crate::proposal::Proposal;
-use crate::sampling::sample_log_categorical;
-use crate::vocab::{TokenId, Vocabulary};
 
 /// One language-model context of a particle (most particles have exactly one).
 #[derive(Debug, Clone)]
@@ -189,9 +189,9 @@ impl<'a> Particle<'a> {
     }
 
     /// Generated text of the first context, read as a prefix (see
-    /// [`crate::vocab::prefix_text`]).
+    /// [`crate::core::vocab::prefix_text`]).
     pub fn text(&self) -> std::borrow::Cow<'_, str> {
-        crate::vocab::prefix_text(&self.contexts[0].bytes)
+        crate::core::vocab::prefix_text(&self.contexts[0].bytes)
     }
 
     /// How many more tokens the first context may generate before the token limit.

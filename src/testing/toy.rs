@@ -10,9 +10,9 @@ use std::sync::Arc;
 use rand::SeedableRng;
 use rand_distr::{Distribution, Gamma};
 
-use crate::error::{Result, SmcError};
-use crate::kernel::{Extend, Extension, Kernel, SeqId};
-use crate::vocab::{TokenId, Vocabulary};
+use crate::core::error::{Result, SmcError};
+use crate::core::kernel::{Extend, Extension, Kernel, SeqId};
+use crate::core::vocab::{TokenId, Vocabulary};
 
 type DistFn = dyn Fn(&[TokenId]) -> Vec<f64> + Send + Sync;
 
@@ -81,7 +81,7 @@ impl ToyKernel {
     ///
     /// # Example
     /// ```
-    /// use smc_steer::{toy::ToyKernel, Vocabulary};
+    /// use smc_steer::{testing::ToyKernel, Vocabulary};
     /// let k = ToyKernel::unigram(Vocabulary::from_strs(&["a", "b"]).unwrap(), &[0.5, 0.3, 0.2]);
     /// assert!(k.is_ok());
     /// ```
@@ -251,7 +251,7 @@ impl Kernel for ToyKernel {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::logspace::log_sum_exp;
+    use crate::core::logspace::log_sum_exp;
 
     #[test]
     fn random_bigram_rows_are_normalised() {

@@ -44,8 +44,8 @@
 
 use std::sync::{Arc, Mutex};
 
+use crate::core::vocab::{TokenId, Vocabulary};
 use crate::potential::{Potential, SeqView};
-use crate::vocab::{TokenId, Vocabulary};
 
 /// A byte-level recognizer: a state machine over the output's bytes with optional scores.
 pub trait ByteRecognizer: Send + Sync {

@@ -6,12 +6,12 @@
 
 use std::collections::HashMap;
 
-use crate::error::{Result, SmcError};
-use crate::logspace::{log_div, log_mul, log_sum_exp};
+use crate::core::error::{Result, SmcError};
+use crate::core::logspace::{log_div, log_mul, log_sum_exp};
+use crate::core::vocab::TokenId;
+use crate::model::program::Truncation;
 use crate::potential::{Potential, SeqView};
-use crate::program::Truncation;
-use crate::toy::ToyKernel;
-use crate::vocab::TokenId;
+use crate::testing::toy::ToyKernel;
 
 /// One outcome of the generation with its unnormalised log-mass `log p(x)·φ(x)`.
 #[derive(Debug, Clone, PartialEq)]
@@ -62,7 +62,7 @@ impl Exact {
 ///
 /// # Example
 /// ```
-/// use smc_steer::{exact::enumerate, potential::Trivial, toy::ToyKernel, Truncation};
+/// use smc_steer::{testing::enumerate, potential::Trivial, testing::ToyKernel, Truncation};
 /// let k = ToyKernel::random_bigram(2, 0.5, 1).unwrap();
 /// // Without a potential, truncation keeps all the mass: Z = 1.
 /// let e = enumerate(&k, &Trivial, &[], 3, Truncation::Truncate).unwrap();

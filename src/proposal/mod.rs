@@ -7,15 +7,17 @@
 //! ([`crate::FeynmanKac`]) owns the population, appends the token, applies the potential and
 //! keeps `log Z`. The built-in samplers are listed in [`ProposalKind`].
 
+pub mod awrs;
+
 use std::sync::Arc;
 
 use rand_pcg::Pcg64Mcg;
 
-use crate::error::{Result, SmcError};
-use crate::logspace::{log_div, log_mul, log_sum_exp};
+use crate::core::error::{Result, SmcError};
+use crate::core::logspace::{log_div, log_mul, log_sum_exp};
+use crate::core::sampling::{restrict, sample_log_categorical};
+use crate::core::vocab::{TokenId, Vocabulary};
 use crate::potential::{AnyState, DynPotential, Potential, SeqView, SharedPotential};
-use crate::sampling::{restrict, sample_log_categorical};
-use crate::vocab::{TokenId, Vocabulary};
 
 /// A user proposal: a next-token distribution that may depend on the sequence and on the
 /// kernel's distribution.
@@ -286,17 +288,20 @@ fn allows_end(constraint: &SharedPotential, state: &AnyState, seq: &SeqView<'_>)
     Ok(w > f64::NEG_INFINITY)
 }
 
-/// Adaptive weighted rejection sampling ([`crate::awrs`]) under a Boolean potential,
+/// Adaptive weighted rejection sampling ([`crate::proposal::awrs`]) under a Boolean potential,
 /// evaluated one token at a time. The constraint is part of the target.
 #[derive(Clone)]
 pub struct AwrsSampler {
     constraint: SharedPotential,
-    options: crate::awrs::AwrsOptions,
+    options: crate::proposal::awrs::AwrsOptions,
 }
 
 impl AwrsSampler {
     /// AWRS under `constraint` with `options`.
-    pub fn new(constraint: Arc<dyn DynPotential>, options: crate::awrs::AwrsOptions) -> Self {
+    pub fn new(
+        constraint: Arc<dyn DynPotential>,
+        options: crate::proposal::awrs::AwrsOptions,
+    ) -> Self {
         Self {
             constraint: SharedPotential::from_arc(constraint),
             options,
@@ -319,7 +324,7 @@ impl TokenSampler for AwrsSampler {
         // A child RNG, so that the number of draws the walk makes does not shift the
         // particle's own stream.
         let mut rng = Pcg64Mcg::new(rand::Rng::random(input.rng));
-        let draw = crate::awrs::awrs(
+        let draw = crate::proposal::awrs::awrs(
             input.log_p,
             &input.seq,
             &self.constraint,
@@ -375,7 +380,7 @@ pub enum ProposalKind {
     Mask(Arc<dyn DynPotential>),
     /// Any user proposal, with the correction `log p(v) − log q(v)` and `G_t(v)`.
     Custom(Arc<dyn Proposal>),
-    /// Adaptive weighted rejection sampling ([`crate::awrs`]) under a Boolean potential
+    /// Adaptive weighted rejection sampling ([`crate::proposal::awrs`]) under a Boolean potential
     /// evaluated lazily, one token at a time: the token is an exact draw from `p` restricted
     /// to the constraint, the weight gains a properly weighted estimate of
     /// `P(next satisfies it)`, then `G_t`. As with [`ProposalKind::Mask`], the constraint
@@ -385,7 +390,7 @@ pub enum ProposalKind {
 
 impl ProposalKind {
     /// The sampler of this proposal (`awrs` configures [`ProposalKind::Awrs`]).
-    pub fn sampler(&self, awrs: crate::awrs::AwrsOptions) -> Arc<dyn TokenSampler> {
+    pub fn sampler(&self, awrs: crate::proposal::awrs::AwrsOptions) -> Arc<dyn TokenSampler> {
         match self {
             ProposalKind::Bootstrap => Arc::new(Bootstrap),
             ProposalKind::LocallyOptimal => Arc::new(LocallyOptimal),

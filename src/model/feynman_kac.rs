@@ -10,13 +10,13 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use unicode_segmentation::UnicodeSegmentation;
 
-use crate::error::{Result, SmcError};
-use crate::logspace::{log_div, log_mul, log_sum_exp};
-use crate::particle::Particle;
+use crate::core::error::{Result, SmcError};
+use crate::core::logspace::{log_div, log_mul, log_sum_exp};
+use crate::core::vocab::Vocabulary;
+use crate::model::particle::Particle;
+use crate::model::program::{Flow, Program, Truncation};
 use crate::potential::{AnyState, DynPotential, Potential, SharedPotential};
-use crate::program::{Flow, Program, Truncation};
 use crate::proposal::{PotentialIncrement, ProposalKind, SamplerInput, TokenSampler};
-use crate::vocab::Vocabulary;
 
 /// A Feynman-Kac model: kernel steps weighted by a potential.
 ///
@@ -27,7 +27,7 @@ use crate::vocab::Vocabulary;
 ///
 /// # Example
 /// ```
-/// use smc_steer::{potential::Hard, toy::ToyKernel, FeynmanKac, Smc, SmcConfig};
+/// use smc_steer::{potential::Hard, testing::ToyKernel, FeynmanKac, Smc, SmcConfig};
 /// let kernel = ToyKernel::random_bigram(3, 0.3, 1).unwrap();
 /// let model = FeynmanKac::new(Hard::on_text("no-c", |t: &str| !t.contains('c')));
 /// let config = SmcConfig { particles: 16, max_tokens: 4, ..SmcConfig::default() };
@@ -57,7 +57,7 @@ pub struct FeynmanKac {
     /// Word steps: tokens drawn in the current SMC step.
     step_tokens: usize,
     /// How the AWRS proposal's weight walk stops.
-    awrs_options: crate::awrs::AwrsOptions,
+    awrs_options: crate::proposal::awrs::AwrsOptions,
 }
 
 /// The most tokens one word step draws: a longer word ends the SMC step there and the next
@@ -124,7 +124,7 @@ impl FeynmanKac {
             phase: WordPhase::Draw(None),
             words: Arc::new(OnceLock::new()),
             step_tokens: 0,
-            awrs_options: crate::awrs::AwrsOptions::default(),
+            awrs_options: crate::proposal::awrs::AwrsOptions::default(),
         }
     }
 
@@ -135,8 +135,8 @@ impl FeynmanKac {
     }
 
     /// Options of the [`ProposalKind::Awrs`] weight (evaluations against variance; see
-    /// [`crate::awrs::AwrsOptions`]).
-    pub fn with_awrs_options(mut self, options: crate::awrs::AwrsOptions) -> Self {
+    /// [`crate::proposal::awrs::AwrsOptions`]).
+    pub fn with_awrs_options(mut self, options: crate::proposal::awrs::AwrsOptions) -> Self {
         self.awrs_options = options;
         if let Some(kind) = &self.proposal {
             self.sampler = kind.sampler(options);
@@ -466,13 +466,13 @@ impl WordBoundaries {
     /// `out[v]`: whether token `v` continues the word that `bytes` (the text so far) ends in.
     fn continuing(&self, bytes: &[u8]) -> Arc<Vec<bool>> {
         let n = self.group_of.len();
-        if crate::vocab::incomplete_tail_start(bytes) < bytes.len() {
+        if crate::core::vocab::incomplete_tail_start(bytes) < bytes.len() {
             // Inside an incomplete character: no boundary can fall here.
             let mut all = vec![true; n + 1];
             all[n] = false;
             return Arc::new(all);
         }
-        let text = crate::vocab::prefix_text(bytes);
+        let text = crate::core::vocab::prefix_text(bytes);
         let left: String = {
             let mut last: Vec<char> = text.chars().rev().take(2).collect();
             last.reverse();

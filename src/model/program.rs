@@ -2,9 +2,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::Result;
-use crate::particle::Particle;
-use crate::vocab::Vocabulary;
+use crate::core::error::Result;
+use crate::core::vocab::Vocabulary;
+use crate::model::particle::Particle;
 
 /// What a program's step asks the engine to do next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -9,9 +9,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::record::{log_value, StepRecord};
-use crate::result::{Distinct, SmcResult};
-use crate::smc::SmcConfig;
+use crate::inference::record::{log_value, StepRecord};
+use crate::inference::result::{Distinct, SmcResult};
+use crate::inference::smc::SmcConfig;
 
 /// Format version of [`RunRecord`].
 pub const RECORD_VERSION: u32 = 1;
@@ -338,7 +338,7 @@ pub fn render_html(r: &RunRecord) -> String {
 mod tests {
     use super::*;
     use crate::potential::Hard;
-    use crate::toy::ToyKernel;
+    use crate::testing::ToyKernel;
     use crate::{FeynmanKac, Smc};
 
     fn record(hard: Hard) -> RunRecord {

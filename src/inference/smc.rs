@@ -18,16 +18,16 @@ use rand_pcg::Pcg64Mcg;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Result, SmcError};
-use crate::kernel::{Extend, Kernel, SeqId};
-use crate::logspace::log_sum_exp;
-use crate::particle::{Context, Particle, ParticleState};
-use crate::program::{Flow, Program, Truncation};
-use crate::record::StepRecord;
-use crate::resampling::{fearnhead_clifford, Resampling};
-use crate::result::{Completion, SmcResult};
-use crate::vocab::{TokenId, Vocabulary};
-use crate::weights::Weights;
+use crate::core::error::{Result, SmcError};
+use crate::core::kernel::{Extend, Kernel, SeqId};
+use crate::core::logspace::log_sum_exp;
+use crate::core::vocab::{TokenId, Vocabulary};
+use crate::inference::record::StepRecord;
+use crate::inference::resampling::{fearnhead_clifford, Resampling};
+use crate::inference::result::{Completion, SmcResult};
+use crate::inference::weights::Weights;
+use crate::model::particle::{Context, Particle, ParticleState};
+use crate::model::program::{Flow, Program, Truncation};
 
 /// Which particle algorithm to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -122,7 +122,7 @@ impl SmcConfig {
 ///
 /// # Example
 /// ```
-/// use smc_steer::{potential::Soft, toy::ToyKernel, FeynmanKac, Smc, SmcConfig};
+/// use smc_steer::{potential::Soft, testing::ToyKernel, FeynmanKac, Smc, SmcConfig};
 /// let kernel = ToyKernel::random_bigram(3, 0.25, 7).unwrap();
 /// let model = FeynmanKac::new(Soft::on_text("likes-a", |t: &str| t.matches('a').count() as f64));
 /// let mut smc = Smc::new(kernel, model, &[], SmcConfig { particles: 32, ..Default::default() }).unwrap();
@@ -334,7 +334,7 @@ impl<K: Kernel, P: Program> Smc<K, P> {
                 ancestors: self.ancestors.clone(),
                 log_weights,
                 log_z,
-                log_z_increment: crate::logspace::log_div(log_z, log_z_before),
+                log_z_increment: crate::core::logspace::log_div(log_z, log_z_before),
                 texts,
             });
         }

@@ -6,7 +6,7 @@
 
 use std::borrow::Cow;
 
-use crate::error::{Result, SmcError};
+use crate::core::error::{Result, SmcError};
 
 /// A token id. Ordinary tokens are `0..vocab.len()`; EOS is `vocab.len()`.
 pub type TokenId = u32;

@@ -2,11 +2,11 @@
 
 use std::sync::Arc;
 
-use crate::error::{Result, SmcError};
-use crate::particle::Particle;
+use crate::core::error::{Result, SmcError};
+use crate::core::vocab::Vocabulary;
+use crate::model::particle::Particle;
+use crate::model::program::{Flow, Program, Truncation};
 use crate::potential::{AnyState, Potential, SharedPotential};
-use crate::program::{Flow, Program, Truncation};
-use crate::vocab::Vocabulary;
 
 use super::llg::{GrammarConstraint, GrammarMatcher};
 
@@ -28,7 +28,7 @@ use super::llg::{GrammarConstraint, GrammarMatcher};
 /// # Example
 /// ```
 /// use smc_steer::grammar::{Constrained, Grammar, GrammarConstraint};
-/// use smc_steer::{toy::ToyKernel, Smc, SmcConfig, Kernel};
+/// use smc_steer::{testing::ToyKernel, Smc, SmcConfig, Kernel};
 /// let kernel = ToyKernel::random_bigram(3, 0.2, 5).unwrap();
 /// let c = GrammarConstraint::new(kernel.vocab(), Grammar::regex("a(b|c)*a")).unwrap();
 /// let config = SmcConfig { particles: 16, max_tokens: 6, ..SmcConfig::default() };
@@ -109,7 +109,7 @@ impl Constrained {
         };
         if t == view.vocab.eos() {
             let end = nan(potential.complete(state, &view))?;
-            return Ok(crate::logspace::log_div(end, *prefix_score));
+            return Ok(crate::core::logspace::log_div(end, *prefix_score));
         }
         potential.advance(state, &view, t);
         let mut tokens = view.tokens.to_vec();
@@ -122,7 +122,7 @@ impl Constrained {
             vocab: view.vocab,
         };
         let score = nan(potential.prefix(state, &next))?;
-        let inc = crate::logspace::log_div(score, *prefix_score);
+        let inc = crate::core::logspace::log_div(score, *prefix_score);
         *prefix_score = score;
         Ok(inc)
     }

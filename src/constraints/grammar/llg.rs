@@ -8,9 +8,9 @@ use llguidance::toktrie::{
 };
 use llguidance::{Matcher, ParserFactory};
 
-use crate::error::SmcError;
+use crate::core::error::SmcError;
+use crate::core::vocab::{TokenId, Vocabulary};
 use crate::potential::{Potential, SeqView};
-use crate::vocab::{TokenId, Vocabulary};
 
 /// A grammar: the language a constrained generation must belong to.
 ///
@@ -254,7 +254,7 @@ impl Mask {
                 kept.push(*l);
             }
         });
-        let log_mass = crate::logspace::log_sum_exp(&kept);
+        let log_mass = crate::core::logspace::log_sum_exp(&kept);
         (out, log_mass)
     }
 }
@@ -434,7 +434,7 @@ fn is_no_extension(msg: &str) -> bool {
 /// language and `-inf` otherwise; `complete(x)` is 0 when they are in the language. Its
 /// per-particle state is a matcher that consumes each token once. An internal llguidance
 /// failure while computing a mask makes the next-token weights NaN, which the engine
-/// reports as [`SmcError::NanPotential`] naming it ([`crate::grammar::Constrained`]
+/// reports as [`SmcError::NanPotential`] naming it ([`crate::constraints::grammar::Constrained`]
 /// reports it with llguidance's message).
 ///
 /// # Example

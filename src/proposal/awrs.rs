@@ -38,9 +38,9 @@ use std::collections::HashMap;
 
 use rand::Rng;
 
-use crate::error::{Result, SmcError};
+use crate::core::error::{Result, SmcError};
+use crate::core::vocab::TokenId;
 use crate::potential::{Potential, SeqView};
-use crate::vocab::TokenId;
 
 /// Options of [`awrs`]: when the weight walk stops.
 #[derive(Debug, Clone, Copy, PartialEq)]

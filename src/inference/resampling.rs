@@ -13,8 +13,8 @@
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Result, SmcError};
-use crate::logspace::log_sum_exp;
+use crate::core::error::{Result, SmcError};
+use crate::core::logspace::log_sum_exp;
 
 /// The resampling schemes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

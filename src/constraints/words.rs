@@ -1,7 +1,7 @@
 //! Ready-made constraints with fast next-token weights.
 
+use crate::core::vocab::{complete_text, incomplete_tail_start, prefix_text, TokenId, Vocabulary};
 use crate::potential::{Potential, SeqView};
-use crate::vocab::{complete_text, incomplete_tail_start, prefix_text, TokenId, Vocabulary};
 
 /// Every word has at most `max` letters — the classic hard constraint of the SMC-steering
 /// literature.
@@ -12,8 +12,8 @@ use crate::vocab::{complete_text, incomplete_tail_start, prefix_text, TokenId, V
 /// Nothing but whitespace splits a word, so neither an invalid byte nor a symbol glued to
 /// letters lets a long word pass as two short ones: `domin\u{FFFD}te` has 8 letters and
 /// `wait—what` 8, while `don't`, `hello,` and `2024` have 4, 5 and 0. Text is read with the
-/// crate's one UTF-8 rule ([`crate::vocab::prefix_text`] for prefixes,
-/// [`crate::vocab::complete_text`] at EOS).
+/// crate's one UTF-8 rule ([`crate::core::vocab::prefix_text`] for prefixes,
+/// [`crate::core::vocab::complete_text`] at EOS).
 ///
 /// Its state is the trailing word's letter count (O(1) per token), and its
 /// [`Potential::log_weight_next`] walks each token's bytes once from there.

@@ -55,7 +55,7 @@ pub enum SmcError {
     InvalidDistribution(String),
 
     /// A kernel's next-token distribution does not sum to 1 (its log-sum-exp is not 0 within
-    /// [`crate::smc::NORMALISATION_TOLERANCE`]): proposals would disagree on its mass.
+    /// [`crate::inference::smc::NORMALISATION_TOLERANCE`]): proposals would disagree on its mass.
     #[error("kernel `{kernel}` returned a distribution that is not normalised: log Σ p = {log_mass:e} (expected 0; normalise the log-probabilities, e.g. with a log-softmax)")]
     UnnormalisedDistribution {
         /// The kernel's type name.

@@ -7,8 +7,8 @@
 //! fast one and a naive one, say) give the same scores. Both panic with the offending
 //! sequence: they are test assertions.
 
+use crate::core::vocab::{TokenId, Vocabulary};
 use crate::potential::{replay, Potential};
-use crate::vocab::{TokenId, Vocabulary};
 
 /// Sequences visited at most (the checks are exhaustive up to `max_len` below this).
 const MAX_SEQUENCES: usize = 200_000;

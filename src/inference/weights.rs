@@ -1,6 +1,6 @@
 //! Immutable log-weight vectors and their summaries (ESS, normalised weights, log mean).
 
-use crate::logspace::{log_sum_exp, normalise};
+use crate::core::logspace::{log_sum_exp, normalise};
 
 /// A vector of unnormalised log-weights with cached summaries.
 ///

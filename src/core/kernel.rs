@@ -8,8 +8,8 @@
 //!
 //! Distributions are log-probabilities over `vocab.len() + 1` symbols (EOS last).
 
-use crate::error::Result;
-use crate::vocab::{TokenId, Vocabulary};
+use crate::core::error::Result;
+use crate::core::vocab::{TokenId, Vocabulary};
 
 /// Opaque handle of a sequence held by a kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -37,7 +37,7 @@ pub struct Extension {
 
 /// A batched Markov kernel over token sequences.
 ///
-/// Implementations: [`crate::toy::ToyKernel`] (an exact table kernel for tests) and the
+/// Implementations: [`crate::testing::ToyKernel`] (an exact table kernel for tests) and the
 /// transformer kernel of the `lm` feature.
 ///
 /// # Contract

@@ -1,4 +1,5 @@
-//! Grammar and character-level constraints.
+//! Grammar constraints (feature `grammar`) and, for the public `grammar` namespace, the
+//! character-level potentials of [`crate::constraints::charlevel`].
 //!
 //! * **Grammars** (feature `grammar`, on by default): regular expressions, Lark grammars and
 //!   JSON Schemas compiled by [llguidance](https://crates.io/crates/llguidance) over the
@@ -15,8 +16,6 @@
 //!   weights with one walk over a trie of the vocabulary's byte strings.
 //!
 //! See `docs/constraints.md` for the maths and the exactness tests.
-
-pub mod charlevel;
 
 #[cfg(feature = "grammar")]
 mod llg;

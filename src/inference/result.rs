@@ -4,9 +4,9 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::logspace::{log_sum_exp, normalise};
-use crate::record::StepRecord;
-use crate::vocab::TokenId;
+use crate::core::logspace::{log_sum_exp, normalise};
+use crate::core::vocab::TokenId;
+use crate::inference::record::StepRecord;
 
 /// One final particle.
 #[derive(Debug, Clone, Serialize)]
@@ -22,7 +22,7 @@ pub struct Completion<P> {
     /// program, or died).
     pub eos: bool,
     /// Final unnormalised log-weight (`-inf` for a dead particle).
-    #[serde(with = "crate::record::log_value")]
+    #[serde(with = "crate::inference::record::log_value")]
     pub log_weight: f64,
     /// The program's final state.
     #[serde(skip)]
@@ -34,7 +34,7 @@ pub struct Completion<P> {
 /// [`pool_runs`]).
 ///
 /// The one posterior type of the crate: a run's posterior, pooled replicates
-/// ([`crate::replicate::Replicates::pooled_posterior`]), the record and HTML report
+/// ([`crate::inference::replicate::Replicates::pooled_posterior`]), the record and HTML report
 /// ([`crate::report::RunRecord`]) and the command line's output all list `Distinct`s.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Distinct {
@@ -51,7 +51,7 @@ pub struct Distinct {
     /// Posterior probability (normalised weights summed over the copies).
     pub probability: f64,
     /// `log Σ` of the copies' unnormalised weights.
-    #[serde(with = "crate::record::log_value")]
+    #[serde(with = "crate::inference::record::log_value")]
     pub log_weight: f64,
     /// How many particles held it.
     pub count: usize,
@@ -63,7 +63,7 @@ pub struct SmcResult<P> {
     /// Final particles with their weights (the weighted posterior sample).
     pub particles: Vec<Completion<P>>,
     /// Estimate of `log Z` (`-inf` when every particle died).
-    #[serde(with = "crate::record::log_value")]
+    #[serde(with = "crate::inference::record::log_value")]
     pub log_z: f64,
     /// Effective sample size of the final weights (0 when all died).
     pub ess: f64,
@@ -96,7 +96,7 @@ impl<P> SmcResult<P> {
     ///
     /// # Example
     /// ```
-    /// use smc_steer::{potential::Trivial, toy::ToyKernel, FeynmanKac, Smc, SmcConfig};
+    /// use smc_steer::{potential::Trivial, testing::ToyKernel, FeynmanKac, Smc, SmcConfig};
     /// let k = ToyKernel::random_bigram(2, 0.5, 3).unwrap();
     /// let r = Smc::new(k, FeynmanKac::new(Trivial), &[], SmcConfig::default()).unwrap().run().unwrap();
     /// let mean_len = r.expectation(|c| c.tokens.len() as f64).unwrap();
@@ -183,7 +183,7 @@ fn merge_by_bytes(items: Vec<Distinct>) -> Vec<Distinct> {
                 let x = &mut out[i];
                 x.probability += d.probability;
                 x.count += d.count;
-                x.log_weight = crate::logspace::log_add_exp(x.log_weight, d.log_weight);
+                x.log_weight = crate::core::logspace::log_add_exp(x.log_weight, d.log_weight);
             }
             None => {
                 index.insert((d.bytes.clone(), d.eos), out.len());
@@ -211,7 +211,7 @@ fn merge_by_bytes(items: Vec<Distinct>) -> Vec<Distinct> {
 ///
 /// # Example
 /// ```
-/// use smc_steer::{potential::Trivial, result::pool_runs, toy::ToyKernel, FeynmanKac, Smc, SmcConfig};
+/// use smc_steer::{potential::Trivial, result::pool_runs, testing::ToyKernel, FeynmanKac, Smc, SmcConfig};
 /// let runs: Vec<_> = (0..3).map(|seed| {
 ///     let k = ToyKernel::random_bigram(2, 0.4, 1).unwrap();
 ///     let config = SmcConfig { seed, ..SmcConfig::default() };
@@ -226,7 +226,7 @@ pub fn pool_runs<'a, P: 'a>(
 ) -> (f64, Vec<Distinct>) {
     let runs: Vec<&SmcResult<P>> = runs.into_iter().collect();
     let log_zs: Vec<f64> = runs.iter().map(|r| r.log_z).collect();
-    let log_mean_z = crate::logspace::log_mean_exp(&log_zs);
+    let log_mean_z = crate::core::logspace::log_mean_exp(&log_zs);
     if runs.is_empty() || log_mean_z == f64::NEG_INFINITY || log_mean_z.is_nan() {
         return (log_mean_z, Vec::new());
     }

@@ -57,7 +57,7 @@ pub fn restrict(log_p: &[f64], allowed: impl Fn(usize) -> bool) -> (Vec<f64>, f6
         .enumerate()
         .map(|(i, l)| if allowed(i) { *l } else { f64::NEG_INFINITY })
         .collect();
-    let log_mass = crate::logspace::log_sum_exp(&masked);
+    let log_mass = crate::core::logspace::log_sum_exp(&masked);
     (masked, log_mass)
 }
 
