@@ -9,8 +9,6 @@
 //! of fuzz cases.
 #![cfg(feature = "cli")]
 
-mod common;
-
 use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -1167,7 +1165,7 @@ fn record_is_written_whole_after_the_result() {
 /// The cases that need the real model (skipped, visibly, without it).
 #[test]
 fn real_model_requests_are_refused_before_running() {
-    let Some(model) = common::real_model() else {
+    let Some(model) = crate::common::real_model() else {
         return;
     };
     let m = model.display().to_string();

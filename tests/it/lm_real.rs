@@ -3,8 +3,7 @@
 //! unless `CI=true`, where a missing model is a failure.
 #![cfg(feature = "lm")]
 
-mod common;
-use common::real_model;
+use crate::common::real_model;
 
 use std::path::PathBuf;
 
@@ -36,7 +35,7 @@ fn tokenizer_matches_transformers_reference_ids() {
     let Some(path) = model_path() else { return };
     let gguf = GgufFile::open(&path).unwrap();
     let tok = Tokenizer::from_gguf(&gguf).unwrap();
-    let text = include_str!("fixtures/smollm2_tokenizer.json");
+    let text = include_str!("../fixtures/smollm2_tokenizer.json");
     let fixture: Fixture = serde_json::from_str(text).unwrap();
     assert!(fixture.cases.len() >= 20);
     for case in &fixture.cases {

@@ -3,11 +3,9 @@
 //! words, non-normalised kernels and pooled replicate expectations. Each test failed on
 //! the code before the fix.
 
-mod common;
-
 use std::sync::Arc;
 
-use common::*;
+use crate::common::*;
 use smc_steer::constraints::MaxWordLetters;
 use smc_steer::feynman_kac::{StepUnit, WORD_STEP_MAX_TOKENS};
 use smc_steer::potential::{DynPotential, Hard, Product, SeqView, Soft, Trivial};

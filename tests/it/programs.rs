@@ -1,8 +1,6 @@
 //! Particle programs: observe, multi-token steps, twists, multi-context particles, errors.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use smc_steer::logspace::{log_mul, log_sum_exp};
 use smc_steer::potential::{SeqPotential, SeqView, Soft, TokenWeights, Trivial};
 use smc_steer::replicate::run_replicates;

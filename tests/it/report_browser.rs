@@ -4,8 +4,6 @@
 //! Needs Debian's `chromium` (installed by .ci/run). Without it the tests skip with a
 //! message, except under CI (`CI=true`), where they fail.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -35,11 +33,11 @@ fn chromium() -> Option<PathBuf> {
 fn browser_or_skip() -> Option<PathBuf> {
     match chromium() {
         Some(b) => Some(b),
-        None if common::under_ci() => {
+        None if crate::common::under_ci() => {
             panic!("chromium is required under CI (apt-get install chromium)")
         }
         None => {
-            common::skip(
+            crate::common::skip(
                 "chromium not found (apt-get install chromium, or set SMC_STEER_CHROMIUM)",
             );
             None

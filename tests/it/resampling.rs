@@ -1,8 +1,6 @@
 //! Statistical invariants of the resampling schemes.
 
-mod common;
-
-use common::{rng, seeded};
+use crate::common::{rng, seeded};
 use rand::Rng;
 use smc_steer::resampling::{fearnhead_clifford, Resampling};
 

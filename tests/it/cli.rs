@@ -1,8 +1,7 @@
 //! The `smc-steer` binary: errors without a model, and short runs on SmolLM2.
 #![cfg(feature = "cli")]
 
-mod common;
-use common::real_model;
+use crate::common::real_model;
 
 use std::path::PathBuf;
 use std::process::{Command, Output};

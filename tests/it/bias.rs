@@ -6,12 +6,10 @@
 //! strongly prefers sequences starting with `b`. The numbers are written to stdout (run
 //! with `--nocapture`) and quoted in docs/bias.md.
 
-mod common;
-
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use common::*;
+use crate::common::*;
 use smc_steer::potential::{Hard, SeqPotential};
 use smc_steer::testing::enumerate;
 use smc_steer::testing::ToyKernel;

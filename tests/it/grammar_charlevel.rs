@@ -2,8 +2,7 @@
 //! (`Potential::log_weight_next`'s default, one prefix evaluation per token), on toy
 //! vocabularies and on SmolLM2's vocabulary.
 
-mod common;
-use common::{assert_unbiased, seeded};
+use crate::common::{assert_unbiased, seeded};
 use smc_steer::grammar::charlevel::{ByteRecognizer, CharPotential, TokenTrie};
 use smc_steer::potential::{SeqPotential, SeqView};
 use smc_steer::replicate::run_replicates;
@@ -161,7 +160,7 @@ fn locally_optimal_smc_with_a_char_potential_is_unbiased() {
 fn trie_walk_equals_naive_weights_on_the_smollm2_vocabulary() {
     use smc_steer::lm::{GgufFile, Tokenizer};
     use smc_steer::testing::assert_same_scores;
-    let Some(path) = common::real_model() else {
+    let Some(path) = crate::common::real_model() else {
         return;
     };
     let gguf = GgufFile::open(&path).unwrap();

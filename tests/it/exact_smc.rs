@@ -1,10 +1,8 @@
 //! SMC, importance sampling and SMC-steer against exact enumeration on toy kernels.
 
-mod common;
-
 use std::collections::HashMap;
 
-use common::*;
+use crate::common::*;
 use rand::Rng;
 use smc_steer::potential::{DynPotential, Hard, TokenWeights, Trivial};
 use smc_steer::replicate::run_replicates;

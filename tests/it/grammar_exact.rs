@@ -3,8 +3,7 @@
 //! typed errors.
 #![cfg(feature = "grammar")]
 
-mod common;
-use common::{assert_unbiased, seeded};
+use crate::common::{assert_unbiased, seeded};
 use smc_steer::grammar::{Constrained, Grammar, GrammarConstraint, GrammarError};
 use smc_steer::potential::{replay, Hard, Potential, Product, SeqPotential, SeqView};
 use smc_steer::replicate::run_replicates;

@@ -6,8 +6,7 @@
 //! The example binaries are built on demand (same profile as this test).
 #![cfg(all(feature = "lm", feature = "grammar"))]
 
-mod common;
-use common::real_model;
+use crate::common::real_model;
 
 use std::path::PathBuf;
 use std::process::Command;
