@@ -279,13 +279,7 @@ impl FeynmanKac {
 
 /// `x`, or [`SmcError::NanPotential`] naming `potential` when `x` is NaN.
 fn checked(potential: &SharedPotential, x: f64) -> Result<f64> {
-    if x.is_nan() {
-        Err(SmcError::NanPotential {
-            name: potential.name().to_string(),
-        })
-    } else {
-        Ok(x)
-    }
+    crate::potential::checked(potential.name(), x)
 }
 
 impl Program for FeynmanKac {

@@ -143,6 +143,21 @@ pub trait Potential: Send + Sync {
     }
 }
 
+/// `score`, or [`crate::SmcError::NanPotential`] naming the potential when it is NaN (the one
+/// check every caller of a potential applies).
+///
+/// # Errors
+/// [`crate::SmcError::NanPotential`].
+pub(crate) fn checked(name: &str, score: f64) -> crate::Result<f64> {
+    if score.is_nan() {
+        Err(crate::SmcError::NanPotential {
+            name: name.to_string(),
+        })
+    } else {
+        Ok(score)
+    }
+}
+
 /// The state of `potential` after `tokens` (from [`Potential::start`], advancing token by
 /// token), and the view of the sequence — for tests and for scoring a sequence at once.
 ///

@@ -88,15 +88,7 @@ pub fn enumerate<P: Potential + ?Sized>(
             "enumeration would visit {n_prefixes:.0} prefixes"
         )));
     }
-    let nan = |x: f64| {
-        if x.is_nan() {
-            Err(SmcError::NanPotential {
-                name: potential.name().to_string(),
-            })
-        } else {
-            Ok(x)
-        }
-    };
+    let nan = |x: f64| crate::potential::checked(potential.name(), x);
     let mut outcomes = Vec::new();
     // Depth-first over (generated tokens, log p(x), log φ(x)).
     // Each prefix carries the potential's state after its tokens.

@@ -156,7 +156,6 @@ impl smc_steer::Proposal for UniformProposal {
 /// Large-N posterior: draw from the weighted particles and compare with the exact posterior.
 #[test]
 fn posterior_passes_chi_square_for_every_scheme_and_algorithm() {
-    const DRAWS: usize = 1000;
     let exact = enumerate(
         &kernel(),
         &potential(),
@@ -166,8 +165,6 @@ fn posterior_passes_chi_square_for_every_scheme_and_algorithm() {
     )
     .unwrap();
     let target = exact.posterior();
-    let keys: Vec<(Vec<u32>, bool)> = target.keys().cloned().collect();
-    let probs: Vec<f64> = keys.iter().map(|k| target[k]).collect();
     for (name, config) in configurations() {
         let n = if matches!(config.algorithm, Algorithm::Steer { .. }) {
             6000
@@ -179,32 +176,46 @@ fn posterior_passes_chi_square_for_every_scheme_and_algorithm() {
             ..config
         };
         let result = run(&config, FeynmanKac::new(potential()), master_seed()).unwrap();
-        let weights = result.normalised_weights();
-        let ancestors = Resampling::Multinomial
-            .resample(&weights, DRAWS, &mut rng(master_seed()))
-            .unwrap();
-        let mut counts: HashMap<(Vec<u32>, bool), f64> = HashMap::new();
-        for a in ancestors {
-            let c = &result.particles[a];
-            *counts.entry((c.tokens.clone(), c.eos)).or_default() += 1.0;
-        }
-        for k in counts.keys() {
-            assert!(
-                target.contains_key(k),
-                "{name}: sampled an outcome outside the support: {k:?}"
-            );
-        }
-        let observed: Vec<f64> = keys
-            .iter()
-            .map(|k| counts.get(k).copied().unwrap_or(0.0))
-            .collect();
-        let (stat, df) = chi_square(&observed, &probs);
-        let p = chi_square_p(stat, df);
+        assert_posterior_fits(&result, &target, master_seed(), &name);
+    }
+}
+
+/// Draw 1,000 completions from the weighted particles of `result` and compare them with the
+/// exact posterior `target` (chi-square, p > 1e-3); every draw must be in its support.
+fn assert_posterior_fits(
+    result: &SmcResult<FeynmanKac>,
+    target: &HashMap<(Vec<u32>, bool), f64>,
+    seed: u64,
+    name: &str,
+) {
+    const DRAWS: usize = 1000;
+    let keys: Vec<(Vec<u32>, bool)> = target.keys().cloned().collect();
+    let probs: Vec<f64> = keys.iter().map(|k| target[k]).collect();
+    let weights = result.normalised_weights();
+    let ancestors = Resampling::Multinomial
+        .resample(&weights, DRAWS, &mut rng(seed))
+        .unwrap();
+    let mut counts: HashMap<(Vec<u32>, bool), f64> = HashMap::new();
+    for a in ancestors {
+        let c = &result.particles[a];
+        *counts.entry((c.tokens.clone(), c.eos)).or_default() += 1.0;
+    }
+    for k in counts.keys() {
         assert!(
-            p > 1e-3,
-            "{name}: chi-square {stat:.1} on {df} df, p = {p:.2e}"
+            target.contains_key(k),
+            "{name}: sampled an outcome outside the support: {k:?}"
         );
     }
+    let observed: Vec<f64> = keys
+        .iter()
+        .map(|k| counts.get(k).copied().unwrap_or(0.0))
+        .collect();
+    let (stat, df) = chi_square(&observed, &probs);
+    let p = chi_square_p(stat, df);
+    assert!(
+        p > 1e-3,
+        "{name}: chi-square {stat:.1} on {df} df, p = {p:.2e}"
+    );
 }
 
 #[test]
@@ -442,7 +453,6 @@ fn every_algorithm_family_detects_a_two_percent_bias() {
 /// scheme (N = 20,000 so that the particle error is small beside 1,000 draws' noise).
 #[test]
 fn locally_optimal_and_mask_posteriors_with_unequal_weights() {
-    const DRAWS: usize = 1000;
     let exact = enumerate(
         &kernel(),
         &potential(),
@@ -452,8 +462,6 @@ fn locally_optimal_and_mask_posteriors_with_unequal_weights() {
     )
     .unwrap();
     let target = exact.posterior();
-    let keys: Vec<(Vec<u32>, bool)> = target.keys().cloned().collect();
-    let probs: Vec<f64> = keys.iter().map(|k| target[k]).collect();
     for resampling in Resampling::ALL {
         for proposal in [
             ProposalKind::LocallyOptimal,
@@ -475,25 +483,11 @@ fn locally_optimal_and_mask_posteriors_with_unequal_weights() {
                 "{}: the weights should differ",
                 resampling.name()
             );
-            let ancestors = Resampling::Multinomial
-                .resample(&weights, DRAWS, &mut rng(master_seed() ^ 0x4))
-                .unwrap();
-            let mut counts: HashMap<(Vec<u32>, bool), f64> = HashMap::new();
-            for a in ancestors {
-                let c = &result.particles[a];
-                *counts.entry((c.tokens.clone(), c.eos)).or_default() += 1.0;
-            }
-            assert!(counts.keys().all(|k| target.contains_key(k)));
-            let observed: Vec<f64> = keys
-                .iter()
-                .map(|k| counts.get(k).copied().unwrap_or(0.0))
-                .collect();
-            let (stat, df) = chi_square(&observed, &probs);
-            let p = chi_square_p(stat, df);
-            assert!(
-                p > 1e-3,
-                "{} {proposal:?}: chi-square {stat:.1} on {df} df, p = {p:.2e}",
-                resampling.name()
+            assert_posterior_fits(
+                &result,
+                &target,
+                master_seed() ^ 0x4,
+                &format!("{} {proposal:?}", resampling.name()),
             );
         }
     }

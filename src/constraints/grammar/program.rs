@@ -98,15 +98,7 @@ impl Constrained {
         };
         let view = p.view();
         let state = state.get_or_insert_with(|| potential.start(view.vocab));
-        let nan = |x: f64| {
-            if x.is_nan() {
-                Err(SmcError::NanPotential {
-                    name: potential.name().to_string(),
-                })
-            } else {
-                Ok(x)
-            }
-        };
+        let nan = |x: f64| crate::potential::checked(potential.name(), x);
         if t == view.vocab.eos() {
             let end = nan(potential.complete(state, &view))?;
             return Ok(crate::core::logspace::log_div(end, *prefix_score));
