@@ -44,7 +44,7 @@ pub mod testing;
 #[cfg(feature = "lm")]
 pub mod lm;
 
-pub use crate::core::error::{Result, SmcError};
+pub use crate::core::error::{Result, SmcError, SourceError};
 pub use crate::core::kernel::{Extend, Extension, Kernel, SeqId};
 pub use crate::core::vocab::{TokenId, Vocabulary};
 pub use crate::inference::resampling::Resampling;

@@ -251,6 +251,7 @@ impl From<SmcError> for Failure {
             | SmcError::InvalidEssThreshold(_)
             | SmcError::ZeroBeam
             | SmcError::InvalidConfig(_) => exit::USAGE,
+            SmcError::InvalidConstraint { .. } => exit::CONSTRAINT,
             _ => exit::RUNTIME,
         };
         Self {

@@ -80,6 +80,61 @@ pub enum SmcError {
     /// A configuration value was invalid.
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),
+    /// A layer above the core failed at run time (the language model, a grammar matcher);
+    /// the original error is kept as the [`std::error::Error::source`].
+    #[error("{context}: {source}")]
+    Backend {
+        /// What failed, e.g. `kernel error` or `grammar matcher error`.
+        context: &'static str,
+        /// The original error.
+        #[source]
+        source: SourceError,
+    },
+    /// A grammar, schema or other constraint given by the user was invalid; the original
+    /// error is kept as the [`std::error::Error::source`].
+    #[error("invalid constraint: {source}")]
+    InvalidConstraint {
+        /// The original error.
+        #[source]
+        source: SourceError,
+    },
+}
+
+/// An error from another layer kept inside [`SmcError`] (shared, so `SmcError` stays
+/// `Clone`); it displays as the original, and [`SourceError::inner`] gives the original
+/// back (downcast it to the layer's own error type).
+#[derive(Debug, Clone)]
+pub struct SourceError(std::sync::Arc<dyn std::error::Error + Send + Sync + 'static>);
+
+impl SourceError {
+    /// Keep `error`.
+    pub fn new(error: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self(std::sync::Arc::new(error))
+    }
+
+    /// The original error.
+    pub fn inner(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        self.0.as_ref()
+    }
+}
+
+impl std::fmt::Display for SourceError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for SourceError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+/// Two kept errors are equal when they are the same error or read the same.
+impl PartialEq for SourceError {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0) || self.0.to_string() == other.0.to_string()
+    }
 }
 
 /// Shorthand for results of the SMC core.

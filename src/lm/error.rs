@@ -187,7 +187,10 @@ impl From<LmError> for SmcError {
                 SmcError::TokenOutOfRange { token, vocab_size }
             }
             e @ LmError::CacheExhausted { .. } => SmcError::CapacityExceeded(e.to_string()),
-            other => SmcError::Kernel(other.to_string()),
+            other => SmcError::Backend {
+                context: "kernel error",
+                source: crate::core::error::SourceError::new(other),
+            },
         }
     }
 }

@@ -165,8 +165,13 @@ pub enum GrammarError {
 impl From<GrammarError> for SmcError {
     fn from(e: GrammarError) -> Self {
         match e {
-            GrammarError::Matcher(m) => SmcError::Program(format!("grammar matcher error: {m}")),
-            other => SmcError::InvalidConfig(other.to_string()),
+            e @ GrammarError::Matcher(_) => SmcError::Backend {
+                context: "grammar constraint",
+                source: crate::core::error::SourceError::new(e),
+            },
+            other => SmcError::InvalidConstraint {
+                source: crate::core::error::SourceError::new(other),
+            },
         }
     }
 }
