@@ -44,7 +44,7 @@ pub enum LmError {
     #[error("model format error: {0}")]
     Format(String),
     /// The file holds an architecture this crate does not implement.
-    #[error("unsupported model architecture `{0}` (supported: GGUF `llama`/`mistral`; Hugging Face model_type llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3; see docs/models.md)")]
+    #[error("unsupported model architecture `{0}` (supported: GGUF llama, mistral, qwen2, qwen3, gemma2, gemma3, phi3; Hugging Face model_type llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3; see docs/models.md)")]
     UnsupportedArchitecture(String),
     /// The model's configuration asks for an option (or option value) the decoder does not
     /// implement; running without it would give a silently wrong model.

@@ -755,8 +755,9 @@ impl LlamaModel {
     /// As [`LlamaModel::from_gguf`].
     pub fn from_gguf_file(gguf: &mut GgufFile, opts: &LoadOptions) -> LmResult<Self> {
         let mut config = gguf_config(&gguf.content)?;
-        let arch = gguf_arch(&gguf.content, &config)?;
         config.max_seq_len = config.max_seq_len.min(limits::MAX_CONTEXT);
+        config.validate()?;
+        let arch = gguf_arch(gguf, &config)?;
         if let Some(m) = opts.max_seq_len {
             config.max_seq_len = config.max_seq_len.min(m.max(1));
         }
@@ -1423,19 +1424,33 @@ fn md_f64(ct: &gguf_file::Content, key: &str) -> Option<f64> {
     v.to_f32().map(f64::from).or_else(|_| v.to_f64()).ok()
 }
 
-/// Architectures whose GGUF tensors follow the llama layout handled here.
-const GGUF_LLAMA_ARCHS: &[&str] = &["llama", "mistral"];
+/// GGUF architectures and their families. `llama` and `mistral` files have their query and
+/// key rows permuted for interleaved RoPE; the others keep Hugging Face's rotate-half layout.
+const GGUF_ARCHS: &[(&str, ModelType)] = &[
+    ("llama", ModelType::Llama),
+    ("mistral", ModelType::Mistral),
+    ("qwen2", ModelType::Qwen2),
+    ("qwen3", ModelType::Qwen3),
+    ("gemma2", ModelType::Gemma2),
+    ("gemma3", ModelType::Gemma3),
+    ("phi3", ModelType::Phi3),
+];
 
-pub(crate) fn gguf_config(ct: &gguf_file::Content) -> LmResult<LlamaConfig> {
+fn gguf_arch_name(ct: &gguf_file::Content) -> LmResult<(String, ModelType)> {
     let arch = ct
         .metadata
         .get("general.architecture")
         .and_then(|v| v.to_string().ok())
         .ok_or_else(|| LmError::Format("missing metadata `general.architecture`".into()))?
         .clone();
-    if !GGUF_LLAMA_ARCHS.contains(&arch.as_str()) {
-        return Err(LmError::UnsupportedArchitecture(arch));
+    match GGUF_ARCHS.iter().find(|(name, _)| *name == arch) {
+        Some(&(_, mt)) => Ok((arch, mt)),
+        None => Err(LmError::UnsupportedArchitecture(arch)),
     }
+}
+
+pub(crate) fn gguf_config(ct: &gguf_file::Content) -> LmResult<LlamaConfig> {
+    let (arch, mt) = gguf_arch_name(ct)?;
     let p = |k: &str| format!("{arch}.{k}");
     let hidden = md_usize(ct, &p("embedding_length"))?;
     let n_heads = md_usize(ct, &p("attention.head_count"))?;
@@ -1471,16 +1486,137 @@ pub(crate) fn gguf_config(ct: &gguf_file::Content) -> LmResult<LlamaConfig> {
         n_kv_heads,
         head_dim,
         rope_theta: md_f64(ct, &p("rope.freq_base")).unwrap_or(10_000.0),
-        rope_style: RopeStyle::Interleaved,
+        rope_style: match mt {
+            ModelType::Llama | ModelType::Mistral => RopeStyle::Interleaved,
+            _ => RopeStyle::Half,
+        },
         rms_eps: md_f64(ct, &p("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
         max_seq_len: md_usize(ct, &p("context_length")).unwrap_or(4096),
         tie_embeddings: !ct.tensor_infos.contains_key("output.weight"),
     })
 }
 
-/// Family options of a GGUF file (llama and mistral architectures: the plain decoder).
-pub(crate) fn gguf_arch(_ct: &gguf_file::Content, c: &LlamaConfig) -> LmResult<ArchOptions> {
-    Ok(ArchOptions::llama(c))
+/// Family options of a GGUF file, from llama.cpp's metadata keys and tensors (see
+/// `tests/fixtures/families/README.md`): `rope_freqs.weight` (Llama 3 RoPE scaling),
+/// `rope_factors_{long,short}.weight` (Phi-3 LongRoPE), `<arch>.attention.sliding_window`,
+/// Gemma's soft-caps and scale, Gemma 3's `rope.freq_base_swa`. Where a key llama.cpp does not
+/// write is absent, llama.cpp's own rule applies.
+pub(crate) fn gguf_arch(g: &mut GgufFile, c: &LlamaConfig) -> LmResult<ArchOptions> {
+    let (arch, mt) = gguf_arch_name(&g.content)?;
+    let ct = &g.content;
+    let p = |k: &str| format!("{arch}.{k}");
+    let mut a = ArchOptions::llama(c);
+    a.model_type = mt;
+    let window = md_usize(ct, &p("attention.sliding_window"))
+        .ok()
+        .filter(|&w| w > 0);
+    match mt {
+        ModelType::Llama | ModelType::Mistral | ModelType::Phi3 => {
+            if window.is_some() {
+                a.sliding_window = window;
+                a.layers = vec![LayerKind::Sliding; c.n_layers];
+            }
+        }
+        ModelType::Qwen2 | ModelType::Qwen3 => {}
+        ModelType::Gemma2 | ModelType::Gemma3 => {
+            // Norms are stored as 1 + w already: nothing to add.
+            a.scale_embeddings = true;
+            a.post_norms = true;
+            a.activation = Activation::GeluTanh;
+            a.attn_scale = match md_f64(ct, &p("attention.scale")) {
+                Some(s) if s > 0.0 => s,
+                // llama.cpp: gemma-2-27b (46 layers) scales by (hidden/heads)^-1/2.
+                _ if mt == ModelType::Gemma2 && c.n_layers == 46 => {
+                    1.0 / ((c.hidden_size / c.n_heads) as f64).sqrt()
+                }
+                _ => 1.0 / (c.head_dim as f64).sqrt(),
+            };
+            if mt == ModelType::Gemma2 {
+                a.attn_softcap = md_f64(ct, &p("attn_logit_softcapping")).filter(|&x| x > 0.0);
+                a.final_softcap = md_f64(ct, &p("final_logit_softcapping")).filter(|&x| x > 0.0);
+            }
+            a.sliding_window = window;
+            if window.is_some() {
+                // Gemma 2: even layers slide; Gemma 3: all but every sixth (llama.cpp's
+                // fixed pattern; the GGUF does not record it).
+                a.layers = (0..c.n_layers)
+                    .map(|i| {
+                        let sliding = match mt {
+                            ModelType::Gemma2 => i % 2 == 0,
+                            _ => (i + 1) % 6 != 0,
+                        };
+                        if sliding {
+                            LayerKind::Sliding
+                        } else {
+                            LayerKind::Global
+                        }
+                    })
+                    .collect();
+            }
+            if mt == ModelType::Gemma3 {
+                a.rope_local_theta = Some(md_f64(ct, &p("rope.freq_base_swa")).unwrap_or(10_000.0));
+            }
+        }
+    }
+    let has = |name: &str| g.content.tensor_infos.contains_key(name);
+    a.qkv_bias = has("blk.0.attn_q.bias");
+    a.qk_norm = has("blk.0.attn_q_norm.weight");
+    let half = c.head_dim / 2;
+    let mut factors = |name: &str| -> LmResult<Option<Vec<f64>>> {
+        let Some(t) = g.qtensor(name)? else {
+            return Ok(None);
+        };
+        let v = t
+            .dequantize(&Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        if v.len() != half || v.iter().any(|&x| !(x > 0.0 && x.is_finite())) {
+            return Err(LmError::Format(format!(
+                "tensor `{name}` needs {half} positive factors"
+            )));
+        }
+        Ok(Some(v.into_iter().map(f64::from).collect()))
+    };
+    let freqs = factors("rope_freqs.weight")?;
+    let long = factors("rope_factors_long.weight")?;
+    let short = factors("rope_factors_short.weight")?;
+    a.rope_scaling = match (freqs, long, short) {
+        (Some(f), None, None) => RopeScaling::Factors(f),
+        (None, Some(long_factor), Some(short_factor)) => {
+            let ct = &g.content;
+            let original = md_usize(ct, &p("rope.scaling.original_context_length"))?;
+            if original == 0 {
+                return Err(LmError::Format(
+                    "rope.scaling.original_context_length is 0".into(),
+                ));
+            }
+            let attention_factor = match md_f64(ct, &p("rope.scaling.attn_factor")) {
+                Some(f) => f,
+                None => {
+                    let scale = c.max_seq_len as f64 / original as f64;
+                    if scale <= 1.0 {
+                        1.0
+                    } else {
+                        (1.0 + scale.ln() / (original as f64).ln()).sqrt()
+                    }
+                }
+            };
+            RopeScaling::LongRope {
+                short_factor,
+                long_factor,
+                original_max_position_embeddings: original,
+                attention_factor,
+            }
+        }
+        (None, None, None) => RopeScaling::None,
+        _ => {
+            return Err(LmError::UnsupportedOption {
+                model_type: arch.clone(),
+                option: "this combination of rope_freqs / rope_factors tensors".into(),
+            })
+        }
+    };
+    Ok(a)
 }
 
 /// Translate a GGUF tensor name (`blk.3.attn_q.weight`) into the Hugging Face llama name
