@@ -387,3 +387,81 @@ fn gguf_fixtures_match_transformers() {
         check(&format!("{family} (GGUF)"), &gguf(family));
     }
 }
+
+/// The toy tokenizers (`tokenizer.json` via the `tokenizers` crate): ids with and without
+/// special tokens as Python `tokenizers` gives them; stop ids from `generation_config.json`;
+/// chat templates from `tokenizer_config.json` rendered with minijinja as jinja2 renders them
+/// (errors where the template raises).
+#[test]
+fn hf_tokenizers_stop_tokens_and_chat_templates_match_transformers() {
+    use smc_steer::lm::{ChatMessage, KernelOptions, Tokenizer, TransformerKernel};
+    for family in [
+        "llama3",
+        "qwen2",
+        "qwen3",
+        "gemma2",
+        "gemma3",
+        "phi3",
+        "phi3_longrope",
+        "mistral",
+    ] {
+        let dir = fixture(family);
+        let text = std::fs::read_to_string(dir.join("reference.json")).unwrap();
+        let r: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let ids = |v: &serde_json::Value| -> Vec<u32> {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect()
+        };
+        let tok = Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
+        for case in r["tokenizer_cases"].as_array().unwrap() {
+            let s = case["text"].as_str().unwrap();
+            assert_eq!(tok.encode(s).unwrap(), ids(&case["ids"]), "{family}: {s:?}");
+            assert_eq!(
+                tok.encode_with_special(s).unwrap(),
+                ids(&case["ids_with_special"]),
+                "{family}: {s:?} with special tokens"
+            );
+        }
+        let gen: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("generation_config.json")).unwrap(),
+        )
+        .unwrap();
+        let eos = match &gen["eos_token_id"] {
+            serde_json::Value::Array(_) => ids(&gen["eos_token_id"]),
+            n => vec![n.as_u64().unwrap() as u32],
+        };
+        assert_eq!(tok.stop_ids(), eos.as_slice(), "{family}");
+        let kernel = TransformerKernel::load(Some(&dir), KernelOptions::default()).unwrap();
+        for id in &eos {
+            assert!(kernel.stop_tokens().contains(id), "{family}: stop id {id}");
+        }
+        for case in r["chat"].as_array().unwrap() {
+            let messages: Vec<ChatMessage> = case["messages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| {
+                    ChatMessage::new(m["role"].as_str().unwrap(), m["content"].as_str().unwrap())
+                })
+                .collect();
+            let agp = case["add_generation_prompt"].as_bool().unwrap();
+            let got = kernel.apply_chat_template(&messages, agp);
+            let name = case["name"].as_str().unwrap_or("?");
+            match case["text"].as_str() {
+                Some(want) => {
+                    let got = got.unwrap_or_else(|e| panic!("{family} {name}: {e}"));
+                    assert_eq!(got, want, "{family} {name}");
+                    assert_eq!(
+                        tok.encode(&got).unwrap(),
+                        ids(&case["ids"]),
+                        "{family} {name}: ids"
+                    );
+                }
+                None => assert!(got.is_err(), "{family} {name}: expected an error"),
+            }
+        }
+    }
+}

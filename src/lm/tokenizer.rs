@@ -33,6 +33,9 @@ pub struct Tokenizer {
     special: Vec<bool>,
     bos: Option<u32>,
     eos: Option<u32>,
+    /// End-of-generation ids declared next to `tokenizer.json` (`generation_config.json`, else
+    /// `config.json`): Llama 3 stops on three ids, Gemma on `<eos>` and `<end_of_turn>`.
+    stop_ids: Vec<u32>,
 }
 
 /// GPT-2's reversible map from bytes to printable characters; returns char -> byte.
@@ -193,11 +196,13 @@ impl Tokenizer {
             special,
             bos: id("tokenizer.ggml.bos_token_id"),
             eos: id("tokenizer.ggml.eos_token_id"),
+            stop_ids: Vec::new(),
         })
     }
 
     /// Load a Hugging Face `tokenizer.json`. BOS/EOS come from `tokenizer_config.json` in the
-    /// same directory when present.
+    /// same directory when present; the stop ids ([`Tokenizer::stop_ids`]) from
+    /// `generation_config.json`'s `eos_token_id` (a number or a list), else `config.json`'s.
     ///
     /// # Errors
     /// [`LmError::Io`], [`LmError::Tokenizer`].
@@ -255,12 +260,31 @@ impl Tokenizer {
             let s = v.as_str().or_else(|| v["content"].as_str())?;
             inner.token_to_id(s)
         };
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let stop_ids = ["generation_config.json", "config.json"]
+            .iter()
+            .find_map(|f| {
+                let text = std::fs::read_to_string(dir.join(f)).ok()?;
+                let v: Value = serde_json::from_str(&text).ok()?;
+                let raw: Vec<u64> = match &v["eos_token_id"] {
+                    Value::Number(n) => n.as_u64().into_iter().collect(),
+                    Value::Array(a) => a.iter().filter_map(Value::as_u64).collect(),
+                    _ => return None,
+                };
+                let ids: Vec<u32> = raw
+                    .into_iter()
+                    .filter_map(|i| u32::try_from(i).ok())
+                    .collect();
+                Some(ids)
+            })
+            .unwrap_or_default();
         Ok(Self {
             bos: named("bos_token"),
             eos: named("eos_token"),
             inner,
             token_bytes,
             special,
+            stop_ids,
         })
     }
 
@@ -289,6 +313,13 @@ impl Tokenizer {
         self.eos
     }
 
+    /// End-of-generation ids declared by the model directory (`generation_config.json` or
+    /// `config.json` `eos_token_id`); empty for GGUF files, whose single EOS is
+    /// [`Tokenizer::eos_id`].
+    pub fn stop_ids(&self) -> &[u32] {
+        &self.stop_ids
+    }
+
     /// The id of a token given its exact string (e.g. `"<|im_end|>"`).
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
@@ -301,6 +332,16 @@ impl Tokenizer {
     /// [`LmError::Tokenizer`].
     pub fn encode(&self, text: &str) -> LmResult<Vec<u32>> {
         let enc = self.inner.encode(text, false).map_err(tok_err)?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Tokenize text with the tokenizer's post-processor (`add_special_tokens`: the BOS that
+    /// Llama, Gemma and Phi-3 tokenizers prepend).
+    ///
+    /// # Errors
+    /// [`LmError::Tokenizer`].
+    pub fn encode_with_special(&self, text: &str) -> LmResult<Vec<u32>> {
+        let enc = self.inner.encode(text, true).map_err(tok_err)?;
         Ok(enc.get_ids().to_vec())
     }
 
