@@ -465,3 +465,68 @@ fn hf_tokenizers_stop_tokens_and_chat_templates_match_transformers() {
         }
     }
 }
+
+/// The byte-level BPE tokenizers stored in the fixture GGUFs (llama-bpe, qwen2 pre-tokenizers)
+/// give the ids of Python `tokenizers`, and the GGUF loads as a whole kernel.
+#[test]
+fn gguf_byte_level_tokenizers_match_and_kernels_load() {
+    use smc_steer::lm::{GgufFile, KernelOptions, Tokenizer, TransformerKernel};
+    for family in ["llama3", "qwen2", "qwen3"] {
+        let path = fixture(family).join("model.gguf");
+        let tok = Tokenizer::from_gguf(&GgufFile::open(&path).unwrap())
+            .unwrap_or_else(|e| panic!("{family}: {e}"));
+        let text = std::fs::read_to_string(fixture(family).join("reference.json")).unwrap();
+        let r: serde_json::Value = serde_json::from_str(&text).unwrap();
+        for case in r["tokenizer_cases"].as_array().unwrap() {
+            let s = case["text"].as_str().unwrap();
+            let want: Vec<u32> = case["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect();
+            assert_eq!(tok.encode(s).unwrap(), want, "{family} (GGUF): {s:?}");
+        }
+        let k = TransformerKernel::load(Some(&path), KernelOptions::default())
+            .unwrap_or_else(|e| panic!("{family} (GGUF): {e}"));
+        assert!(!k.stop_tokens().is_empty(), "{family} (GGUF)");
+    }
+}
+
+/// `smc-steer run --model DIR` picks the family from the directory; `inspect` names it.
+#[cfg(feature = "cli")]
+#[test]
+fn cli_runs_every_family_directory() {
+    for (family, model_type) in [
+        ("llama3", "llama"),
+        ("qwen2", "qwen2"),
+        ("qwen3", "qwen3"),
+        ("gemma2", "gemma2"),
+        ("gemma3", "gemma3_text"),
+        ("phi3", "phi3"),
+        ("phi3_longrope", "phi3"),
+        ("mistral", "mistral"),
+    ] {
+        let dir = fixture(family);
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_smc-steer"))
+            .args(["run", "--model"])
+            .arg(&dir)
+            .args(["--prompt", "Hello, world", "--chat", "--particles", "3"])
+            .args(["--max-tokens", "4", "--seed", "1", "--format", "json"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{family}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_smc-steer"))
+            .args(["inspect", "--format", "json", "--model"])
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{family}");
+        let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(info["architecture"], model_type, "{family}");
+    }
+}

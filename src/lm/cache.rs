@@ -16,7 +16,10 @@
 //! Attention ([`PagedKvCache::attend`]) reads keys and values through the block tables,
 //! directly from the pool: no gathered copy of a sequence's history is ever built. It runs
 //! in parallel over (query token, head) pairs with rayon, accumulates in f32, and handles
-//! grouped-query attention by mapping each query head to its key/value head.
+//! grouped-query attention by mapping each query head to its key/value head. Per layer,
+//! [`ScoreOptions`] sets the score scale, an optional soft-cap and an optional sliding window:
+//! blocks wholly before a query's window are skipped (not read) but never released early,
+//! since global layers, forks and truncation still need them.
 //!
 //! ```text
 //!  pool (one per layer, K and V)     block tables                 refs

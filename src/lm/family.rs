@@ -26,7 +26,7 @@ pub enum ModelType {
     Qwen3,
     /// `gemma2`: GeGLU, (1 + w) norms, sandwich norms, soft-caps, alternating windows.
     Gemma2,
-    /// `gemma3_text` (or `gemma3`): Gemma 2 without soft-caps, with query/key norms, a local
+    /// `gemma3_text` (GGUF `gemma3`): Gemma 2 without soft-caps, with query/key norms, a local
     /// RoPE base for sliding layers and a sliding-window pattern.
     Gemma3,
     /// `phi3`: fused `qkv_proj` and `gate_up_proj`, sliding window, LongRoPE.
@@ -55,7 +55,7 @@ impl ModelType {
             "qwen2" => ModelType::Qwen2,
             "qwen3" => ModelType::Qwen3,
             "gemma2" => ModelType::Gemma2,
-            "gemma3_text" | "gemma3" => ModelType::Gemma3,
+            "gemma3_text" => ModelType::Gemma3,
             "phi3" => ModelType::Phi3,
             _ => return None,
         })
@@ -211,12 +211,18 @@ pub fn parse_hf_config(text: &str) -> LmResult<(LlamaConfig, ArchOptions)> {
     let Some(o) = v.as_object() else {
         return Err(LmError::Format("config.json is not a JSON object".into()));
     };
-    // Multimodal wrappers (Gemma 3 4b+: `gemma3` with a `text_config`) carry the decoder's
-    // settings in `text_config`; the vision tower is not loaded.
-    let o = match o.get("text_config").and_then(Value::as_object) {
-        Some(t) => t,
-        None => o,
-    };
+    // Multimodal wrappers (Gemma 3 4b+: `gemma3` with a `text_config`) name their decoder
+    // weights `language_model.*` next to a vision tower: not loaded.
+    if o.get("text_config").is_some_and(|x| !x.is_null()) {
+        let mt = o
+            .get("model_type")
+            .and_then(Value::as_str)
+            .unwrap_or("unknown");
+        return Err(unsupported(
+            mt,
+            "multimodal checkpoint (`text_config`); use the text-only model",
+        ));
+    }
     let mt_name = o
         .get("model_type")
         .and_then(Value::as_str)

@@ -1,11 +1,15 @@
-//! A llama-family decoder-only transformer on candle, with the KV cache kept outside.
+//! A decoder-only transformer on candle for the llama, Mistral, Qwen2/3, Gemma 2/3 and Phi-3
+//! families, with the KV cache kept outside.
 //!
 //! Architecture: LLaMA (Touvron et al., 2023, "LLaMA: Open and Efficient Foundation Language
 //! Models", arXiv:2302.13971) — pre-norm decoder blocks with RMSNorm (Zhang & Sennrich, 2019),
 //! rotary position embeddings (RoPE; Su et al., 2021, arXiv:2104.09864), grouped-query
-//! attention (GQA; Ainslie et al., 2023, arXiv:2305.13245) and a SwiGLU feed-forward layer
-//! (Shazeer, 2020, arXiv:2002.05202), with tied or untied input/output embeddings. This covers
-//! Llama 2/3, SmolLM/SmolLM2, Mistral (without sliding windows) and similar models.
+//! attention (GQA; Ainslie et al., 2023, arXiv:2305.13245) and a gated feed-forward layer
+//! (SwiGLU or GeGLU; Shazeer, 2020, arXiv:2002.05202), with tied or untied input/output
+//! embeddings. What the families change (biases, query/key norms, Gemma's sandwich norms,
+//! soft-caps and scaled embeddings, sliding windows, RoPE scaling, fused projections) is data:
+//! [`ArchOptions`] from [`super::family`], read from `config.json` or GGUF metadata. See
+//! `docs/models.md` for what is supported and how it is verified.
 //!
 //! The weights ([`LlamaModel`]) are immutable; all per-sequence state lives in a
 //! [`PagedKvCache`] passed to [`LlamaModel::forward`], so one model serves a whole particle

@@ -25,6 +25,9 @@ use super::model::GgufFile;
 /// The Llama-3 pre-tokenizer regex (as used by `llama-bpe`).
 const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// Qwen2/2.5/3's split: Llama 3's with single digits.
+const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
 /// A tokenizer with byte strings for every token id.
 #[derive(Debug, Clone)]
 pub struct Tokenizer {
@@ -136,11 +139,21 @@ impl Tokenizer {
                 {"type": "Split", "pattern": {"Regex": LLAMA3_REGEX}, "behavior": "Isolated", "invert": false},
                 {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}
             ]}),
+            "qwen2" => json!({"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": QWEN2_REGEX}, "behavior": "Isolated", "invert": false},
+                {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}
+            ]}),
             other => {
                 return Err(LmError::Tokenizer(format!(
-                "unsupported pre-tokenizer `{other}` (supported: smollm, gpt2, default, llama-bpe)"
+                "unsupported pre-tokenizer `{other}` (supported: smollm, gpt2, default, llama-bpe, qwen2)"
             )))
             }
+        };
+        // Qwen's tokenizer.json normalises to NFC before splitting (llama.cpp does too).
+        let normalizer = if pre == "qwen2" {
+            json!({"type": "NFC"})
+        } else {
+            Value::Null
         };
         let mut vocab = serde_json::Map::with_capacity(tokens.len());
         let mut added = Vec::new();
@@ -167,7 +180,7 @@ impl Tokenizer {
             "truncation": null,
             "padding": null,
             "added_tokens": added,
-            "normalizer": null,
+            "normalizer": normalizer,
             "pre_tokenizer": pre_tokenizer,
             "post_processor": null,
             "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
