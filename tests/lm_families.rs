@@ -466,12 +466,21 @@ fn hf_tokenizers_stop_tokens_and_chat_templates_match_transformers() {
     }
 }
 
-/// The byte-level BPE tokenizers stored in the fixture GGUFs (llama-bpe, qwen2 pre-tokenizers)
-/// give the ids of Python `tokenizers`, and the GGUF loads as a whole kernel.
+/// The tokenizers stored in the fixture GGUFs — byte-level BPE (llama-bpe, qwen2
+/// pre-tokenizers) and SentencePiece-style BPE rebuilt from piece scores (Gemma, Phi-3) — give
+/// the ids of Python `tokenizers`, and every GGUF loads as a whole kernel.
 #[test]
-fn gguf_byte_level_tokenizers_match_and_kernels_load() {
+fn gguf_tokenizers_match_and_kernels_load() {
     use smc_steer::lm::{GgufFile, KernelOptions, Tokenizer, TransformerKernel};
-    for family in ["llama3", "qwen2", "qwen3"] {
+    for family in [
+        "llama3",
+        "qwen2",
+        "qwen3",
+        "gemma2",
+        "gemma3",
+        "phi3",
+        "phi3_longrope",
+    ] {
         let path = fixture(family).join("model.gguf");
         let tok = Tokenizer::from_gguf(&GgufFile::open(&path).unwrap())
             .unwrap_or_else(|e| panic!("{family}: {e}"));

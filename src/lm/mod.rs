@@ -5,7 +5,8 @@
 //! * [`family`]: the per-family options (Llama 3, Qwen2/3, Gemma 2/3, Phi-3, Mistral) as
 //!   data, read from `config.json`.
 //! * [`cache`]: the paged, reference-counted KV cache shared by a particle population.
-//! * [`tokenizer`]: byte-level BPE tokenizers from GGUF metadata or `tokenizer.json`.
+//! * [`tokenizer`]: BPE tokenizers (byte-level and SentencePiece-style) from GGUF metadata or
+//!   `tokenizer.json`.
 //! * [`chat`]: the model's own chat template, rendered with minijinja.
 //! * [`kernel`]: [`TransformerKernel`], the [`crate::Kernel`] implementation.
 
