@@ -515,7 +515,11 @@ fn catalogue(f: &Fixtures, out: &Path) -> Vec<Case> {
             model(&p("empty-dir")),
             fail(3, "config.json"),
         ),
-        c("device model", model("/dev/zero"), fail(3, "/dev/zero")),
+        c(
+            "device model",
+            model("/dev/zero"),
+            fail(3, "not a regular file"),
+        ),
         c(
             "context 2^32-1",
             model(&p("ctx-huge.gguf")),

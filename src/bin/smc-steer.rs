@@ -438,6 +438,43 @@ const MAX_PROMPT_BYTES: u64 = 16 << 20;
 const MAX_CONSTRAINT_BYTES: u64 = 16 << 20;
 /// Largest batch file read, in bytes.
 const MAX_BATCH_BYTES: u64 = 1 << 30;
+/// Largest batch line (a job: its prompt and options), in bytes.
+const MAX_BATCH_LINE_BYTES: u64 = MAX_PROMPT_BYTES + (1 << 20);
+
+/// Read a batch file: at most [`MAX_BATCH_BYTES`] in all and [`MAX_BATCH_LINE_BYTES`] per
+/// line, so an endless stream without newlines (`/dev/zero`) is refused after one line's
+/// worth of bytes.
+fn read_batch_file(path: &Path) -> Result<Vec<u8>, String> {
+    use std::io::{BufRead, Read};
+    if path.is_dir() {
+        return Err("is a directory".into());
+    }
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let mut reader = std::io::BufReader::new(file.take(MAX_BATCH_BYTES + 1));
+    let mut bytes = Vec::new();
+    let mut line_no = 0usize;
+    loop {
+        line_no += 1;
+        let start = bytes.len();
+        let n = (&mut reader)
+            .take(MAX_BATCH_LINE_BYTES + 1)
+            .read_until(b'\n', &mut bytes)
+            .map_err(|e| e.to_string())?;
+        if n == 0 {
+            break;
+        }
+        let line_len = bytes.len() - start - usize::from(bytes.last() == Some(&b'\n'));
+        if line_len as u64 > MAX_BATCH_LINE_BYTES {
+            return Err(format!(
+                "line {line_no} is larger than the limit of {MAX_BATCH_LINE_BYTES} bytes"
+            ));
+        }
+        if bytes.len() as u64 > MAX_BATCH_BYTES {
+            return Err(format!("larger than the limit of {MAX_BATCH_BYTES} bytes"));
+        }
+    }
+    Ok(bytes)
+}
 
 /// Read at most `max` bytes of a file; a longer file (or an endless one such as
 /// `/dev/zero`) is an error naming the bound, not an unbounded read.
@@ -1140,7 +1177,7 @@ fn batch_lines(bytes: &[u8]) -> Vec<&[u8]> {
 
 fn batch(a: BatchArgs) -> Result<(), Failure> {
     threads(a.model.threads)?;
-    let bytes = read_bounded(&a.jobs, MAX_BATCH_BYTES)
+    let bytes = read_batch_file(&a.jobs)
         .map_err(|e| Failure::usage(format!("cannot read {}: {e}", a.jobs.display())))?;
     let lines = batch_lines(&bytes);
     let (shard, shards) = match &a.shard {

@@ -1310,9 +1310,16 @@ impl GgufFile {
     /// # Errors
     /// [`LmError::ModelNotFound`], [`LmError::Io`], [`LmError::CorruptModel`].
     pub fn open(path: &Path) -> LmResult<Self> {
-        if !path.is_file() {
+        if !path.exists() {
             return Err(LmError::ModelNotFound {
                 path: path.to_path_buf(),
+            });
+        }
+        if !path.is_file() {
+            // A device such as /dev/zero would be read without end.
+            return Err(LmError::CorruptModel {
+                path: path.to_path_buf(),
+                reason: "not a regular file".into(),
             });
         }
         let mut file = File::open(path).map_err(|e| LmError::Io {
