@@ -1229,7 +1229,8 @@ fn inspect(a: InspectArgs) -> Result<(), Failure> {
         .ok();
     let info = serde_json::json!({
         "path": path.display().to_string(),
-        "architecture": "llama",
+        "architecture": kernel.model().arch().model_type.name(),
+        "sliding_window": kernel.model().arch().sliding_window,
         "vocab_size": c.vocab_size,
         "tokenizer_tokens": tok.map(|t| t.vocab_size()),
         "hidden_size": c.hidden_size,

@@ -16,7 +16,10 @@
 //! Attention ([`PagedKvCache::attend`]) reads keys and values through the block tables,
 //! directly from the pool: no gathered copy of a sequence's history is ever built. It runs
 //! in parallel over (query token, head) pairs with rayon, accumulates in f32, and handles
-//! grouped-query attention by mapping each query head to its key/value head.
+//! grouped-query attention by mapping each query head to its key/value head. Per layer,
+//! [`ScoreOptions`] sets the score scale, an optional soft-cap and an optional sliding window:
+//! blocks wholly before a query's window are skipped (not read) but never released early,
+//! since global layers, forks and truncation still need them.
 //!
 //! ```text
 //!  pool (one per layer, K and V)     block tables                 refs
@@ -145,6 +148,51 @@ pub struct QueryMeta<'a> {
     pub blocks: &'a [u32],
     /// The token's absolute position.
     pub pos: usize,
+}
+
+/// How one layer turns query-key products into attention weights.
+///
+/// Families differ here only by data: the score scale (`head_dim^-1/2`, or Gemma's
+/// `query_pre_attn_scalar^-1/2`), Gemma 2's soft-capping of the scores and the sliding window
+/// of Mistral, Phi-3 and Gemma's local layers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ScoreOptions {
+    /// Factor applied to every query-key dot product.
+    pub scale: f32,
+    /// Soft cap: scores become `cap * tanh(score / cap)` before the mask and softmax.
+    pub softcap: Option<f32>,
+    /// Sliding window: a query at position `i` sees keys `j` with `i - window < j <= i`
+    /// (the window counts the query's own token). `None`: the whole prefix.
+    pub window: Option<usize>,
+}
+
+impl ScoreOptions {
+    /// Plain causal attention with the given scale.
+    pub fn scaled(scale: f32) -> Self {
+        Self {
+            scale,
+            softcap: None,
+            window: None,
+        }
+    }
+
+    /// The first visible key position of a query at `pos`.
+    fn first_visible(&self, pos: usize) -> usize {
+        match self.window {
+            Some(w) => (pos + 1).saturating_sub(w),
+            None => 0,
+        }
+    }
+
+    /// Scale (and soft-cap) one raw dot product.
+    #[inline]
+    fn score(&self, dot: f32) -> f32 {
+        let s = dot * self.scale;
+        match self.softcap {
+            Some(cap) => cap * (s / cap).tanh(),
+            None => s,
+        }
+    }
 }
 
 /// The paged KV cache. See the [module documentation](self).
@@ -701,9 +749,10 @@ impl PagedKvCache {
         q: &[f32],
         queries: &[QueryMeta<'_>],
         n_heads: usize,
-        scale: f32,
+        scores: ScoreOptions,
         out: &mut [f32],
     ) -> LmResult<()> {
+        let opts = scores;
         let hd = self.layout.head_dim;
         let Pool::Host { keys, values } = &self.pool else {
             return Err(LmError::InvalidConfig(
@@ -730,7 +779,7 @@ impl PagedKvCache {
                 let (t, h) = (row / n_heads, row % n_heads);
                 let meta = queries[t];
                 let qv = &q[row * hd..(row + 1) * hd];
-                self.attend_one(keys, values, qv, meta, h / group, scale, scores, o);
+                self.attend_one(keys, values, qv, meta, h / group, opts, scores, o);
             });
         Ok(())
     }
@@ -754,7 +803,7 @@ impl PagedKvCache {
         q: &Tensor,
         queries: &[QueryMeta<'_>],
         n_heads: usize,
-        scale: f32,
+        opts: ScoreOptions,
     ) -> LmResult<Tensor> {
         let (bs, hd, nkv) = (
             self.layout.block_size,
@@ -815,13 +864,17 @@ impl PagedKvCache {
             }
             for t in 0..t_max {
                 // A padding query row sees key 0 only (finite softmax; discarded later).
-                let visible = if t < len { start + t + 1 } else { 1 };
+                let (lo, hi) = if t < len {
+                    (opts.first_visible(start + t), start + t + 1)
+                } else {
+                    (0, 1)
+                };
                 if t < len {
                     q_idx[r * t_max + t] = (first + t) as u32;
                 }
                 for g in 0..group {
                     let row = (r * group + g) * t_max + t;
-                    mask[row * l_max..row * l_max + visible].fill(0.0);
+                    mask[row * l_max + lo..row * l_max + hi].fill(0.0);
                 }
             }
         }
@@ -842,7 +895,10 @@ impl PagedKvCache {
             .permute((0, 2, 3, 1, 4))?
             .reshape((s, nkv, group * t_max, hd))?
             .contiguous()?;
-        let scores = (qb.matmul(&k.transpose(2, 3)?.contiguous()?)? * f64::from(scale))?;
+        let mut scores = (qb.matmul(&k.transpose(2, 3)?.contiguous()?)? * f64::from(opts.scale))?;
+        if let Some(cap) = opts.softcap {
+            scores = ((scores / f64::from(cap))?.tanh()? * f64::from(cap))?;
+        }
         let mask = Tensor::from_vec(mask, (s, 1, group * t_max, l_max), dev)?;
         let p = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
         let out = p
@@ -869,20 +925,35 @@ impl PagedKvCache {
         q: &[f32],
         meta: QueryMeta<'_>,
         kv_head: usize,
-        scale: f32,
+        opts: ScoreOptions,
         scores: &mut Vec<f32>,
         out: &mut [f32],
     ) {
         let (bs, hd) = (self.layout.block_size, self.layout.head_dim);
         let n = meta.pos + 1;
+        // With a sliding window, blocks wholly before the window are skipped (never read);
+        // they stay allocated because forks, truncation and global layers may need them.
+        let lo = opts.first_visible(meta.pos);
+        // (block, first slot, end slot) of every block overlapping the visible range.
+        let spans = || {
+            meta.blocks
+                .iter()
+                .enumerate()
+                .take(n.div_ceil(bs))
+                .skip(lo / bs)
+                .map(move |(bi, &block)| {
+                    let from = lo.saturating_sub(bi * bs);
+                    let to = (n - bi * bs).min(bs);
+                    (block, from, to)
+                })
+        };
         scores.clear();
-        scores.reserve(n);
+        scores.reserve(n - lo);
         let mut max = f32::NEG_INFINITY;
-        for (bi, &block) in meta.blocks.iter().enumerate().take(n.div_ceil(bs)) {
-            let slots = (n - bi * bs).min(bs);
+        for (block, from, to) in spans() {
             let base = self.offset(block, kv_head, 0);
-            for kv in keys[base..base + slots * hd].chunks_exact(hd) {
-                let s = dot(q, kv) * scale;
+            for kv in keys[base + from * hd..base + to * hd].chunks_exact(hd) {
+                let s = opts.score(dot(q, kv));
                 max = max.max(s);
                 scores.push(s);
             }
@@ -894,11 +965,13 @@ impl PagedKvCache {
         }
         out.fill(0.0);
         let inv = 1.0 / sum;
-        for (bi, &block) in meta.blocks.iter().enumerate().take(n.div_ceil(bs)) {
-            let slots = (n - bi * bs).min(bs);
+        let mut w = scores.iter();
+        for (block, from, to) in spans() {
             let base = self.offset(block, kv_head, 0);
-            let w = &scores[bi * bs..bi * bs + slots];
-            for (vv, &p) in values[base..base + slots * hd].chunks_exact(hd).zip(w) {
+            for (vv, &p) in values[base + from * hd..base + to * hd]
+                .chunks_exact(hd)
+                .zip(&mut w)
+            {
                 axpy(p * inv, vv, out);
             }
         }

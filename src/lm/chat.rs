@@ -112,7 +112,15 @@ impl ChatTemplate {
 
     fn env() -> Environment<'static> {
         let mut env = Environment::new();
-        env.set_keep_trailing_newline(true);
+        // transformers renders chat templates with jinja2 `trim_blocks` and `lstrip_blocks`
+        // on and the template's final newline dropped (jinja2's default); the same here, so
+        // prompts are byte-identical to `apply_chat_template`.
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_keep_trailing_newline(false);
+        // Qwen3's and other templates call Python string methods (`startswith`, `strip`,
+        // `split`, ...).
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function(
             "raise_exception",
             |msg: String| -> Result<String, minijinja::Error> {

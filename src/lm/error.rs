@@ -2,7 +2,7 @@
 //!
 //! [`LmError`] describes what went wrong while loading a model, tokenizing, or running the
 //! transformer; at the [`crate::Kernel`] boundary it converts into
-//! [`crate::SmcError::Kernel`] ([`crate::SmcError::TokenOutOfRange`] for bad token ids,
+//! [`crate::SmcError::Backend`] ([`crate::SmcError::TokenOutOfRange`] for bad token ids,
 //! [`crate::SmcError::CapacityExceeded`] when the KV cache is exhausted).
 
 use std::path::PathBuf;
@@ -44,8 +44,17 @@ pub enum LmError {
     #[error("model format error: {0}")]
     Format(String),
     /// The file holds an architecture this crate does not implement.
-    #[error("unsupported model architecture `{0}` (supported: GGUF `llama`/`mistral`, Hugging Face LlamaForCausalLM/MistralForCausalLM)")]
+    #[error("unsupported model architecture `{0}` (supported: GGUF llama, mistral, qwen2, qwen3, gemma2, gemma3, phi3; Hugging Face model_type llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3; see docs/models.md)")]
     UnsupportedArchitecture(String),
+    /// The model's configuration asks for an option (or option value) the decoder does not
+    /// implement; running without it would give a silently wrong model.
+    #[error("unsupported option for model_type `{model_type}`: {option} (see docs/models.md)")]
+    UnsupportedOption {
+        /// The family.
+        model_type: String,
+        /// The option and its value.
+        option: String,
+    },
     /// The tokenizer could not be built or failed on an input.
     #[error("tokenizer error: {0}")]
     Tokenizer(String),

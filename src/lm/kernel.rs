@@ -336,6 +336,7 @@ impl TransformerKernel {
                 let mut stop: Vec<u32> =
                     STOP_STRINGS.iter().filter_map(|s| t.token_id(s)).collect();
                 stop.extend(t.eos_id());
+                stop.extend_from_slice(t.stop_ids());
                 stop.retain(|&s| (s as usize) < n);
                 let stop: Vec<u32> = stop
                     .into_iter()

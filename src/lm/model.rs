@@ -1,11 +1,15 @@
-//! A llama-family decoder-only transformer on candle, with the KV cache kept outside.
+//! A decoder-only transformer on candle for the llama, Mistral, Qwen2/3, Gemma 2/3 and Phi-3
+//! families, with the KV cache kept outside.
 //!
 //! Architecture: LLaMA (Touvron et al., 2023, "LLaMA: Open and Efficient Foundation Language
 //! Models", arXiv:2302.13971) — pre-norm decoder blocks with RMSNorm (Zhang & Sennrich, 2019),
 //! rotary position embeddings (RoPE; Su et al., 2021, arXiv:2104.09864), grouped-query
-//! attention (GQA; Ainslie et al., 2023, arXiv:2305.13245) and a SwiGLU feed-forward layer
-//! (Shazeer, 2020, arXiv:2002.05202), with tied or untied input/output embeddings. This covers
-//! Llama 2/3, SmolLM/SmolLM2, Mistral (without sliding windows) and similar models.
+//! attention (GQA; Ainslie et al., 2023, arXiv:2305.13245) and a gated feed-forward layer
+//! (SwiGLU or GeGLU; Shazeer, 2020, arXiv:2002.05202), with tied or untied input/output
+//! embeddings. What the families change (biases, query/key norms, Gemma's sandwich norms,
+//! soft-caps and scaled embeddings, sliding windows, RoPE scaling, fused projections) is data:
+//! [`ArchOptions`] from [`super::family`], read from `config.json` or GGUF metadata. See
+//! `docs/models.md` for what is supported and how it is verified.
 //!
 //! The weights ([`LlamaModel`]) are immutable; all per-sequence state lives in a
 //! [`PagedKvCache`] passed to [`LlamaModel::forward`], so one model serves a whole particle
@@ -29,8 +33,12 @@ use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor, D};
 use rand::{Rng, SeedableRng};
 
+use super::cache::ScoreOptions;
 use super::cache::{AttentionPath, CacheLayout, CacheSeq, PagedKvCache, QueryMeta};
 use super::error::{LmError, LmResult};
+use super::family::{
+    parse_hf_config, Activation, ArchOptions, LayerKind, ModelType, RopeScaling, MAX_CONFIG_BYTES,
+};
 
 /// How rotary embeddings pair the dimensions of a head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -277,11 +285,124 @@ struct Layer {
     attn_norm: Tensor,
     /// Query, key and value projections.
     qkv: Proj,
+    /// Query, key and value biases (Qwen2).
+    qkv_bias: Option<[Tensor; 3]>,
+    /// Per-head RMSNorm weights of queries and keys (Qwen3, Gemma 3).
+    qk_norm: Option<[Tensor; 2]>,
     wo: Linear,
+    /// Norm of the attention output before the residual add (Gemma).
+    post_attn_norm: Option<Tensor>,
+    /// Norm before the feed-forward layer.
     ffn_norm: Tensor,
-    /// Gate and up projections of the SwiGLU layer.
+    /// Gate and up projections of the gated feed-forward layer.
     gate_up: Proj,
     w_down: Linear,
+    /// Norm of the feed-forward output before the residual add (Gemma).
+    post_ffw_norm: Option<Tensor>,
+    /// Attention scores: scale, soft-cap, sliding window.
+    scores: ScoreOptions,
+    /// Index into [`LlamaModel::ropes`].
+    rope: usize,
+}
+
+/// RoPE frequencies of one kind of layer.
+#[derive(Debug, Clone)]
+struct Rope {
+    /// `1 / (divisor_i * theta^(2i/d))` for `i < d/2`.
+    inv_freq: Vec<f64>,
+    /// LongRoPE: the frequencies for forward calls reaching past `original` positions.
+    long: Option<(Vec<f64>, usize)>,
+    /// Factor on cos and sin (LongRoPE's attention factor; 1 otherwise).
+    mscale: f64,
+}
+
+impl Rope {
+    fn new(theta: f64, head_dim: usize, scaling: &RopeScaling) -> Self {
+        let base: Vec<f64> = (0..head_dim / 2)
+            .map(|i| theta.powf(-((2 * i) as f64) / head_dim as f64))
+            .collect();
+        let divide = |f: &[f64]| base.iter().zip(f).map(|(b, d)| b / d).collect();
+        match scaling {
+            RopeScaling::None => Self::plain(base),
+            RopeScaling::Linear { factor } => {
+                Self::plain(base.iter().map(|b| b / factor).collect())
+            }
+            RopeScaling::Factors(f) => Self::plain(divide(f)),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                // Meta's reference: wavelengths shorter than original/high keep their
+                // frequency, longer than original/low are divided by `factor`, and the band in
+                // between interpolates linearly in original/wavelength.
+                let orig = *original_max_position_embeddings as f64;
+                let inv = base
+                    .iter()
+                    .map(|&f| {
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        if wavelen < orig / high_freq_factor {
+                            f
+                        } else if wavelen > orig / low_freq_factor {
+                            f / factor
+                        } else {
+                            let s = (orig / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
+                            (1.0 - s) * f / factor + s * f
+                        }
+                    })
+                    .collect();
+                Self::plain(inv)
+            }
+            RopeScaling::LongRope {
+                short_factor,
+                long_factor,
+                original_max_position_embeddings,
+                attention_factor,
+            } => Self {
+                inv_freq: divide(short_factor),
+                long: Some((divide(long_factor), *original_max_position_embeddings)),
+                mscale: *attention_factor,
+            },
+        }
+    }
+
+    fn plain(inv_freq: Vec<f64>) -> Self {
+        Self {
+            inv_freq,
+            long: None,
+            mscale: 1.0,
+        }
+    }
+
+    /// The frequencies for a forward call whose largest position is `max_pos`. LongRoPE
+    /// switches on the whole call, as transformers does: every token of a call that reaches
+    /// past the original window uses the long factors.
+    fn freqs(&self, max_pos: usize) -> &[f64] {
+        match &self.long {
+            Some((long, original)) if max_pos + 1 > *original => long,
+            _ => &self.inv_freq,
+        }
+    }
+
+    /// `cos` and `sin` of the angles of `positions`, `[positions, d/2]` each, row-major.
+    fn tables(
+        &self,
+        positions: impl Iterator<Item = usize>,
+        max_pos: usize,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let f = self.freqs(max_pos);
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        for pos in positions {
+            for &w in f {
+                let a = pos as f64 * w;
+                cos.push((a.cos() * self.mscale) as f32);
+                sin.push((a.sin() * self.mscale) as f32);
+            }
+        }
+        (cos, sin)
+    }
 }
 
 /// Which rows of logits [`LlamaModel::forward`] returns.
@@ -306,20 +427,24 @@ pub struct SeqTokens<'a> {
 #[derive(Debug, Clone)]
 pub struct LlamaModel {
     config: LlamaConfig,
+    arch: ArchOptions,
     embed: Tensor,
     layers: Vec<Layer>,
     norm: Tensor,
     lm_head: Linear,
-    /// RoPE frequencies `theta^(-2i/d)`. The angles of a position are computed when a token
-    /// at that position is processed (not tabulated for the whole context window, whose
-    /// declared size comes from the model file and may be huge).
-    inv_freq: Vec<f64>,
+    /// RoPE frequencies: global layers first, then (Gemma 3) sliding layers. The angles of
+    /// a position are computed when a token at that position is processed (not tabulated for
+    /// the whole context window, whose declared size comes from the model file and may be
+    /// huge).
+    ropes: Vec<Rope>,
 }
 
 /// A source of named tensors (GGUF names: `blk.{i}.attn_q.weight`, ...).
 trait WeightSource {
     /// A tensor as f32, or `None` when absent.
     fn dense(&mut self, name: &str) -> LmResult<Option<Tensor>>;
+    /// Whether the tensor exists.
+    fn has(&mut self, name: &str) -> bool;
     /// A matrix for a linear layer, or `None` when absent.
     fn linear(&mut self, name: &str) -> LmResult<Option<Linear>> {
         self.dense(name)?
@@ -352,38 +477,129 @@ fn linear_dims(l: &Linear) -> Vec<usize> {
 }
 
 impl LlamaModel {
-    fn build(config: LlamaConfig, src: &mut dyn WeightSource) -> LmResult<Self> {
+    fn build(config: LlamaConfig, arch: ArchOptions, src: &mut dyn WeightSource) -> LmResult<Self> {
         config.validate()?;
         let c = &config;
-        let (h, q_out, kv_out) = (
+        if arch.layers.len() != c.n_layers {
+            return Err(LmError::Format(format!(
+                "{} layer kinds for {} layers",
+                arch.layers.len(),
+                c.n_layers
+            )));
+        }
+        let (h, hd, q_out, kv_out, inter) = (
             c.hidden_size,
+            c.head_dim,
             c.n_heads * c.head_dim,
             c.n_kv_heads * c.head_dim,
+            c.intermediate_size,
         );
         let embed = require(src.dense("token_embd.weight")?, "token_embd.weight")?;
         check_shape(&embed, &[c.vocab_size, h], "token_embd.weight")?;
-        let mut lin = |name: String, dims: [usize; 2]| -> LmResult<Linear> {
-            let l = require(src.linear(&name)?, &name)?;
-            if linear_dims(&l) != dims {
-                return Err(LmError::Format(format!(
-                    "tensor `{name}` has shape {:?}, expected {dims:?}",
-                    linear_dims(&l)
-                )));
-            }
-            Ok(l)
+        let lin =
+            |src: &mut dyn WeightSource, name: String, dims: [usize; 2]| -> LmResult<Linear> {
+                let l = require(src.linear(&name)?, &name)?;
+                if linear_dims(&l) != dims {
+                    return Err(LmError::Format(format!(
+                        "tensor `{name}` has shape {:?}, expected {dims:?}",
+                        linear_dims(&l)
+                    )));
+                }
+                Ok(l)
+            };
+        let vector = |src: &mut dyn WeightSource, name: String, len: usize| -> LmResult<Tensor> {
+            let t = require(src.dense(&name)?, &name)?;
+            check_shape(&t, &[len], &name)?;
+            Ok(t)
         };
+        // Rows `[from, from + n)` of a fused `[out, in]` matrix as a dense layer.
+        let rows = |w: &Tensor, from: usize, n: usize| -> LmResult<Linear> {
+            Ok(Linear::dense(w.narrow(0, from, n)?.contiguous()?)?)
+        };
+        let has = |src: &mut dyn WeightSource, name: &str| src.has(name);
+        let sliding_rope = usize::from(arch.rope_local_theta.is_some());
         // No capacity from the header: a missing tensor ends the loop with an error first.
         let mut layers = Vec::new();
         for i in 0..c.n_layers {
             let p = format!("blk.{i}");
-            let wq = lin(format!("{p}.attn_q.weight"), [q_out, h])?;
-            let wk = lin(format!("{p}.attn_k.weight"), [kv_out, h])?;
-            let wv = lin(format!("{p}.attn_v.weight"), [kv_out, h])?;
-            let wo = lin(format!("{p}.attn_output.weight"), [h, q_out])?;
-            let w_gate = lin(format!("{p}.ffn_gate.weight"), [c.intermediate_size, h])?;
-            let w_up = lin(format!("{p}.ffn_up.weight"), [c.intermediate_size, h])?;
-            let w_down = lin(format!("{p}.ffn_down.weight"), [h, c.intermediate_size])?;
-            layers.push((wq, wk, wv, wo, w_gate, w_up, w_down));
+            // Phi-3 stores the three projections as one matrix, rows [q | k | v].
+            let fused_qkv = format!("{p}.attn_qkv.weight");
+            let qkv = if has(src, &fused_qkv) {
+                let w = require(src.dense(&fused_qkv)?, &fused_qkv)?;
+                check_shape(&w, &[q_out + 2 * kv_out, h], &fused_qkv)?;
+                vec![
+                    rows(&w, 0, q_out)?,
+                    rows(&w, q_out, kv_out)?,
+                    rows(&w, q_out + kv_out, kv_out)?,
+                ]
+            } else {
+                vec![
+                    lin(src, format!("{p}.attn_q.weight"), [q_out, h])?,
+                    lin(src, format!("{p}.attn_k.weight"), [kv_out, h])?,
+                    lin(src, format!("{p}.attn_v.weight"), [kv_out, h])?,
+                ]
+            };
+            let qkv_bias = if arch.qkv_bias {
+                Some([
+                    vector(src, format!("{p}.attn_q.bias"), q_out)?,
+                    vector(src, format!("{p}.attn_k.bias"), kv_out)?,
+                    vector(src, format!("{p}.attn_v.bias"), kv_out)?,
+                ])
+            } else {
+                None
+            };
+            let qk_norm = if arch.qk_norm {
+                Some([
+                    vector(src, format!("{p}.attn_q_norm.weight"), hd)?,
+                    vector(src, format!("{p}.attn_k_norm.weight"), hd)?,
+                ])
+            } else {
+                None
+            };
+            let wo = lin(src, format!("{p}.attn_output.weight"), [h, q_out])?;
+            // Phi-3 stores gate and up as one matrix, rows [gate | up], named `ffn_up`.
+            let gate = format!("{p}.ffn_gate.weight");
+            let gate_up = if has(src, &gate) {
+                vec![
+                    lin(src, gate, [inter, h])?,
+                    lin(src, format!("{p}.ffn_up.weight"), [inter, h])?,
+                ]
+            } else {
+                let name = format!("{p}.ffn_up.weight");
+                let w = require(src.dense(&name)?, &gate)?;
+                check_shape(&w, &[2 * inter, h], &name)?;
+                vec![rows(&w, 0, inter)?, rows(&w, inter, inter)?]
+            };
+            let w_down = lin(src, format!("{p}.ffn_down.weight"), [h, inter])?;
+            let attn_norm = vector(src, format!("{p}.attn_norm.weight"), h)?;
+            let ffn_norm = vector(src, format!("{p}.ffn_norm.weight"), h)?;
+            let (post_attn_norm, post_ffw_norm) = if arch.post_norms {
+                (
+                    Some(vector(src, format!("{p}.post_attention_norm.weight"), h)?),
+                    Some(vector(src, format!("{p}.post_ffw_norm.weight"), h)?),
+                )
+            } else {
+                (None, None)
+            };
+            let sliding = arch.layers[i] == LayerKind::Sliding;
+            layers.push(Layer {
+                attn_norm,
+                qkv: Proj::new(qkv)?,
+                qkv_bias,
+                qk_norm,
+                wo,
+                post_attn_norm,
+                ffn_norm,
+                gate_up: Proj::new(gate_up)?,
+                w_down,
+                post_ffw_norm,
+                scores: ScoreOptions {
+                    scale: arch.attn_scale as f32,
+                    softcap: arch.attn_softcap.map(|x| x as f32),
+                    window: arch.window(i),
+                },
+                rope: if sliding { sliding_rope } else { 0 },
+            });
         }
         let lm_head = if c.tie_embeddings {
             None
@@ -407,34 +623,21 @@ impl LlamaModel {
                 _ => Linear::dense(embed.clone())?,
             },
         };
-        let mut built = Vec::with_capacity(layers.len());
-        for (i, (wq, wk, wv, wo, w_gate, w_up, w_down)) in layers.into_iter().enumerate() {
-            let p = format!("blk.{i}");
-            let attn_norm = require(src.dense(&format!("{p}.attn_norm.weight"))?, "attn_norm")?;
-            check_shape(&attn_norm, &[h], &format!("{p}.attn_norm.weight"))?;
-            let ffn_norm = require(src.dense(&format!("{p}.ffn_norm.weight"))?, "ffn_norm")?;
-            check_shape(&ffn_norm, &[h], &format!("{p}.ffn_norm.weight"))?;
-            let qkv = Proj::new(vec![wq, wk, wv])?;
-            let gate_up = Proj::new(vec![w_gate, w_up])?;
-            built.push(Layer {
-                attn_norm,
-                qkv,
-                wo,
-                ffn_norm,
-                gate_up,
-                w_down,
-            });
-        }
         let norm = require(src.dense("output_norm.weight")?, "output_norm.weight")?;
         check_shape(&norm, &[h], "output_norm.weight")?;
-        let inv_freq = rope_frequencies(c);
+        let mut ropes = vec![Rope::new(c.rope_theta, hd, &arch.rope_scaling)];
+        if let Some(theta) = arch.rope_local_theta {
+            // Gemma 3's sliding layers: their own base, never rescaled.
+            ropes.push(Rope::new(theta, hd, &RopeScaling::None));
+        }
         Ok(Self {
             config,
+            arch,
             embed,
-            layers: built,
+            layers,
             norm,
             lm_head,
-            inv_freq,
+            ropes,
         })
     }
 
@@ -511,6 +714,20 @@ impl LlamaModel {
     /// # Errors
     /// [`LmError::Format`] for missing tensors or wrong shapes.
     pub fn from_tensors(config: LlamaConfig, tensors: HashMap<String, Tensor>) -> LmResult<Self> {
+        let arch = ArchOptions::llama(&config);
+        Self::from_tensors_with(config, arch, tensors)
+    }
+
+    /// As [`LlamaModel::from_tensors`], for any family: the tensors are named as in GGUF
+    /// files and stored as the decoder multiplies them (Gemma norms as `1 + w`).
+    ///
+    /// # Errors
+    /// [`LmError::Format`] for missing tensors or wrong shapes.
+    pub fn from_tensors_with(
+        config: LlamaConfig,
+        arch: ArchOptions,
+        tensors: HashMap<String, Tensor>,
+    ) -> LmResult<Self> {
         struct Map(HashMap<String, Tensor>);
         impl WeightSource for Map {
             fn dense(&mut self, name: &str) -> LmResult<Option<Tensor>> {
@@ -519,8 +736,11 @@ impl LlamaModel {
                     None => None,
                 })
             }
+            fn has(&mut self, name: &str) -> bool {
+                self.0.contains_key(name)
+            }
         }
-        Self::build(config, &mut Map(tensors))
+        Self::build(config, arch, &mut Map(tensors))
     }
 
     /// Load a GGUF file.
@@ -540,6 +760,8 @@ impl LlamaModel {
     pub fn from_gguf_file(gguf: &mut GgufFile, opts: &LoadOptions) -> LmResult<Self> {
         let mut config = gguf_config(&gguf.content)?;
         config.max_seq_len = config.max_seq_len.min(limits::MAX_CONTEXT);
+        config.validate()?;
+        let arch = gguf_arch(gguf, &config)?;
         if let Some(m) = opts.max_seq_len {
             config.max_seq_len = config.max_seq_len.min(m.max(1));
         }
@@ -555,6 +777,9 @@ impl LlamaModel {
                     None => Ok(None),
                 }
             }
+            fn has(&mut self, name: &str) -> bool {
+                self.g.content.tensor_infos.contains_key(name)
+            }
             fn linear(&mut self, name: &str) -> LmResult<Option<Linear>> {
                 let Some(q) = self.g.qtensor(name)? else {
                     return Ok(None);
@@ -568,7 +793,7 @@ impl LlamaModel {
             }
         }
         let quantized = opts.weights == WeightFormat::Quantized;
-        Self::build(config, &mut Src { g: gguf, quantized })
+        Self::build(config, arch, &mut Src { g: gguf, quantized })
     }
 
     /// Load a Hugging Face checkpoint directory (`config.json` and one or more
@@ -578,7 +803,7 @@ impl LlamaModel {
     /// [`LmError::ModelNotFound`], [`LmError::Io`], [`LmError::CorruptModel`],
     /// [`LmError::UnsupportedArchitecture`], [`LmError::Format`].
     pub fn from_safetensors(dir: &Path, opts: &LoadOptions) -> LmResult<Self> {
-        let mut config = hf_config(dir)?;
+        let (mut config, arch) = hf_config_full(dir)?;
         config.max_seq_len = config.max_seq_len.min(limits::MAX_CONTEXT);
         if let Some(m) = opts.max_seq_len {
             config.max_seq_len = config.max_seq_len.min(m.max(1));
@@ -610,22 +835,49 @@ impl LlamaModel {
         if !tensors.contains_key("lm_head.weight") {
             config.tie_embeddings = true;
         }
-        struct Hf(HashMap<String, Tensor>);
+        struct Hf {
+            tensors: HashMap<String, Tensor>,
+            model_type: ModelType,
+        }
         impl WeightSource for Hf {
             fn dense(&mut self, name: &str) -> LmResult<Option<Tensor>> {
-                let hf = hf_name(name);
-                Ok(match self.0.get(&hf) {
-                    Some(t) => Some(t.to_dtype(DType::F32)?),
-                    None => None,
-                })
+                let hf = hf_name_for(self.model_type, name);
+                let Some(t) = self.tensors.get(&hf) else {
+                    return Ok(None);
+                };
+                let t = t.to_dtype(DType::F32)?;
+                // Gemma checkpoints store w of the (1 + w) norm factor; the decoder
+                // multiplies by the factor (as GGUF stores it), computed here once in f32
+                // as transformers does.
+                if self.model_type.is_gemma() && name.ends_with("norm.weight") {
+                    return Ok(Some((t + 1.0)?));
+                }
+                Ok(Some(t))
+            }
+            fn has(&mut self, name: &str) -> bool {
+                self.tensors
+                    .contains_key(&hf_name_for(self.model_type, name))
             }
         }
-        Self::build(config, &mut Hf(tensors))
+        let model_type = arch.model_type;
+        Self::build(
+            config,
+            arch,
+            &mut Hf {
+                tensors,
+                model_type,
+            },
+        )
     }
 
     /// The model's hyper-parameters.
     pub fn config(&self) -> &LlamaConfig {
         &self.config
+    }
+
+    /// The model's family options.
+    pub fn arch(&self) -> &ArchOptions {
+        &self.arch
     }
 
     /// A cache for this model holding `capacity_tokens` tokens in blocks of `block_size`.
@@ -766,24 +1018,18 @@ impl LlamaModel {
             }
         };
         let half = hd / 2;
-        let (mut cos, mut sin) = (
-            Vec::with_capacity(n_tok * half),
-            Vec::with_capacity(n_tok * half),
-        );
-        for &(_, pos) in &meta {
-            self.rope_angles(pos, &mut cos, &mut sin);
-        }
+        let max_pos = meta.iter().map(|m| m.1).max().unwrap_or(0);
+        let angles: Vec<(Vec<f32>, Vec<f32>)> = self
+            .ropes
+            .iter()
+            .map(|r| r.tables(meta.iter().map(|m| m.1), max_pos))
+            .collect();
         let ids_t = Tensor::from_vec(ids, n_tok, &Device::Cpu)?;
-        let mut x = self.embed.index_select(&ids_t, 0)?;
-        let scale = 1.0 / (hd as f32).sqrt();
+        let mut x = self.embed_tokens(&ids_t)?;
         let mut attn = vec![0f32; n_tok * nh * hd];
         for (li, layer) in self.layers.iter().enumerate() {
-            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, c.rms_eps as f32)?;
-            let [q, k, v]: [Tensor; 3] = layer
-                .qkv
-                .forward(&h)?
-                .try_into()
-                .map_err(|_| LmError::Format("query/key/value projection".into()))?;
+            let (cos, sin) = &angles[layer.rope];
+            let [q, k, v] = self.qkv(layer, &x, true)?;
             let mut q = q.flatten_all()?.to_vec1::<f32>()?;
             let mut k = k.flatten_all()?.to_vec1::<f32>()?;
             let v = v.flatten_all()?.to_vec1::<f32>()?;
@@ -801,7 +1047,7 @@ impl LlamaModel {
                         let kv = t * nkv * hd..(t + 1) * nkv * hd;
                         cache.write(li, &tables[i], pos, &k[kv.clone()], &v[kv])?;
                     }
-                    cache.attend(li, &q, &queries, nh, scale, &mut attn)?;
+                    cache.attend(li, &q, &queries, nh, layer.scores, &mut attn)?;
                     Tensor::from_slice(&attn, (n_tok, nh * hd), &Device::Cpu)?
                 }
                 AttentionPath::Gather => {
@@ -811,14 +1057,11 @@ impl LlamaModel {
                     let qt = Tensor::from_vec(q, (n_tok, nh * hd), &dev)?;
                     cache.write_rows(li, &slots, &kt, &vt)?;
                     cache
-                        .attend_gather(li, &qt, &queries, nh, scale)?
+                        .attend_gather(li, &qt, &queries, nh, layer.scores)?
                         .to_device(x.device())?
                 }
             };
-            x = (x + layer.wo.forward(&a)?)?;
-            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, c.rms_eps as f32)?;
-            let gu = layer.gate_up.forward(&h)?;
-            x = (x + layer.w_down.forward(&(gu[0].silu()? * &gu[1])?)?)?;
+            x = self.finish_block(layer, x, &a, true)?;
         }
         let x = match rows {
             LogitRows::All => x,
@@ -833,21 +1076,107 @@ impl LlamaModel {
                 x.index_select(&Tensor::from_vec(last, n, &Device::Cpu)?, 0)?
             }
         };
-        let x = candle_nn::ops::rms_norm(&x, &self.norm, c.rms_eps as f32)?;
-        Ok(self.lm_head.forward(&x)?)
+        self.logits(&x)
     }
 
-    /// `cos` and `sin` of the RoPE angles of position `pos`, appended to `cos` and `sin`.
-    fn rope_angles(&self, pos: usize, cos: &mut Vec<f32>, sin: &mut Vec<f32>) {
-        for &f in &self.inv_freq {
-            let a = pos as f64 * f;
-            cos.push(a.cos() as f32);
-            sin.push(a.sin() as f32);
+    /// Embedding rows of `ids` (Gemma: times `sqrt(hidden_size)`, rounded to f32 first as
+    /// transformers does).
+    fn embed_tokens(&self, ids: &Tensor) -> LmResult<Tensor> {
+        let x = self.embed.index_select(ids, 0)?;
+        if self.arch.scale_embeddings {
+            let s = (self.config.hidden_size as f32).sqrt();
+            return Ok((x * f64::from(s))?);
         }
+        Ok(x)
+    }
+
+    /// Queries, keys and values of one block (`[tokens, heads * head_dim]` each, before
+    /// RoPE): input norm, projections (one fused product when `fused`), biases and per-head
+    /// query/key norms.
+    fn qkv(&self, layer: &Layer, x: &Tensor, fused: bool) -> LmResult<[Tensor; 3]> {
+        let c = &self.config;
+        let eps = c.rms_eps as f32;
+        let h = candle_nn::ops::rms_norm(x, &layer.attn_norm, eps)?;
+        let out = if fused {
+            layer.qkv.forward(&h)?
+        } else {
+            layer
+                .qkv
+                .parts()?
+                .iter()
+                .map(|l| l.forward(&h))
+                .collect::<candle_core::Result<Vec<_>>>()?
+        };
+        let [mut q, mut k, mut v]: [Tensor; 3] = out
+            .try_into()
+            .map_err(|_| LmError::Format("query/key/value projection".into()))?;
+        if let Some([bq, bk, bv]) = &layer.qkv_bias {
+            q = q.broadcast_add(bq)?;
+            k = k.broadcast_add(bk)?;
+            v = v.broadcast_add(bv)?;
+        }
+        if let Some([nq, nk]) = &layer.qk_norm {
+            // RMSNorm over each head's `head_dim` values.
+            let per_head = |t: &Tensor, w: &Tensor| -> LmResult<Tensor> {
+                let (n, width) = t.dims2()?;
+                let hd = c.head_dim;
+                let flat = t.contiguous()?.reshape((n * width / hd, hd))?;
+                Ok(candle_nn::ops::rms_norm(&flat, w, eps)?.reshape((n, width))?)
+            };
+            q = per_head(&q, nq)?;
+            k = per_head(&k, nk)?;
+        }
+        Ok([q, k, v])
+    }
+
+    /// The rest of a block after attention: output projection, (Gemma) post-attention norm,
+    /// residual; pre-feed-forward norm, gated feed-forward layer, (Gemma) post-feed-forward
+    /// norm, residual.
+    fn finish_block(&self, layer: &Layer, x: Tensor, a: &Tensor, fused: bool) -> LmResult<Tensor> {
+        let eps = self.config.rms_eps as f32;
+        let mut o = layer.wo.forward(a)?;
+        if let Some(w) = &layer.post_attn_norm {
+            o = candle_nn::ops::rms_norm(&o, w, eps)?;
+        }
+        let x = (x + o)?;
+        let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
+        let gu = if fused {
+            layer.gate_up.forward(&h)?
+        } else {
+            layer
+                .gate_up
+                .parts()?
+                .iter()
+                .map(|l| l.forward(&h))
+                .collect::<candle_core::Result<Vec<_>>>()?
+        };
+        let (Some(g), Some(u)) = (gu.first(), gu.get(1)) else {
+            return Err(LmError::Format("gate/up projection".into()));
+        };
+        let g = match self.arch.activation {
+            Activation::Silu => g.silu()?,
+            // candle's `gelu` is the tanh approximation (`gelu_pytorch_tanh`).
+            Activation::GeluTanh => g.gelu()?,
+        };
+        let mut m = layer.w_down.forward(&(g * u)?)?;
+        if let Some(w) = &layer.post_ffw_norm {
+            m = candle_nn::ops::rms_norm(&m, w, eps)?;
+        }
+        Ok((x + m)?)
+    }
+
+    /// Final norm, output layer and (Gemma 2) final soft-cap.
+    fn logits(&self, x: &Tensor) -> LmResult<Tensor> {
+        let x = candle_nn::ops::rms_norm(x, &self.norm, self.config.rms_eps as f32)?;
+        let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
+        Ok(match self.arch.final_softcap {
+            Some(cap) => ((logits / cap)?.tanh()? * cap)?,
+            None => logits,
+        })
     }
 
     /// Rotate every head of one token's query or key row in place (`cos`, `sin`: the
-    /// token's angles from [`LlamaModel::rope_angles`]).
+    /// token's angles from `Rope::tables`).
     fn rope_row(&self, row: &mut [f32], cos: &[f32], sin: &[f32]) {
         let hd = self.config.head_dim;
         let half = hd / 2;
@@ -896,67 +1225,66 @@ impl LlamaModel {
         let (nh, nkv, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
         let half = hd / 2;
         let dev = Device::Cpu;
-        let (mut cos, mut sin) = (Vec::with_capacity(n * half), Vec::with_capacity(n * half));
-        for pos in 0..n {
-            self.rope_angles(pos, &mut cos, &mut sin);
-        }
-        let cos = Tensor::from_vec(cos, (n, half), &dev)?;
-        let sin = Tensor::from_vec(sin, (n, half), &dev)?;
-        let rope = |t: &Tensor| match c.rope_style {
-            RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(t, &cos, &sin),
-            RopeStyle::Half => candle_nn::rotary_emb::rope(t, &cos, &sin),
-        };
-        let mask: Vec<f32> = (0..n * n)
-            .map(|i| {
-                if i % n > i / n {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
+        let ropes = self
+            .ropes
+            .iter()
+            .map(|r| {
+                let (cos, sin) = r.tables(0..n, n - 1);
+                Ok((
+                    Tensor::from_vec(cos, (n, half), &dev)?,
+                    Tensor::from_vec(sin, (n, half), &dev)?,
+                ))
             })
-            .collect();
-        let mask = Tensor::from_vec(mask, (1, n, n), &dev)?;
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let rope = |t: &Tensor, r: usize| {
+            let (cos, sin) = &ropes[r];
+            match c.rope_style {
+                RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(t, cos, sin),
+                RopeStyle::Half => candle_nn::rotary_emb::rope(t, cos, sin),
+            }
+        };
+        // Causal mask, restricted to the last `window` keys when the layer slides.
+        let mask = |window: Option<usize>| {
+            let w = window.unwrap_or(usize::MAX);
+            let m: Vec<f32> = (0..n * n)
+                .map(|i| {
+                    let (q, k) = (i / n, i % n);
+                    if k > q || q - k >= w {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            Tensor::from_vec(m, (1, n, n), &dev)
+        };
         // Key/value head of each query head (the reference materialises repeated heads).
         let kv_index: Vec<u32> = (0..nh).map(|h| (h / (nh / nkv)) as u32).collect();
         let kv_index = Tensor::from_vec(kv_index, nh, &dev)?;
         let ids = Tensor::from_slice(tokens, n, &dev)?;
-        let mut x = self.embed.index_select(&ids, 0)?;
+        let mut x = self.embed_tokens(&ids)?;
         for layer in &self.layers {
-            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, c.rms_eps as f32)?;
             let heads = |t: Tensor, k: usize| -> candle_core::Result<Tensor> {
                 t.reshape((1, n, k, hd))?.transpose(1, 2)?.contiguous()
             };
-            let qkv = layer.qkv.parts()?;
-            let q = rope(&heads(qkv[0].forward(&h)?, nh)?)?;
-            let k = rope(&heads(qkv[1].forward(&h)?, nkv)?)?;
-            let v = heads(qkv[2].forward(&h)?, nkv)?;
+            let [q, k, v] = self.qkv(layer, &x, false)?;
+            let q = rope(&heads(q, nh)?, layer.rope)?;
+            let k = rope(&heads(k, nkv)?, layer.rope)?;
+            let v = heads(v, nkv)?;
             let k = k.squeeze(0)?.index_select(&kv_index, 0)?;
             let v = v.squeeze(0)?.index_select(&kv_index, 0)?;
             let q = q.squeeze(0)?;
-            let scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
-            let p = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
+            let sc = layer.scores;
+            let mut scores = (q.matmul(&k.t()?)? * f64::from(sc.scale))?;
+            if let Some(cap) = sc.softcap {
+                scores = ((scores / f64::from(cap))?.tanh()? * f64::from(cap))?;
+            }
+            let p = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask(sc.window)?)?)?;
             let a = p.matmul(&v)?.transpose(0, 1)?.reshape((n, nh * hd))?;
-            x = (x + layer.wo.forward(&a)?)?;
-            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, c.rms_eps as f32)?;
-            let gate_up = layer.gate_up.parts()?;
-            let g = gate_up[0].forward(&h)?.silu()?;
-            let u = gate_up[1].forward(&h)?;
-            x = (x + layer.w_down.forward(&(g * u)?)?)?;
+            x = self.finish_block(layer, x, &a, false)?;
         }
-        let x = candle_nn::ops::rms_norm(&x, &self.norm, c.rms_eps as f32)?;
-        Ok(self
-            .lm_head
-            .forward(&x)?
-            .to_dtype(DType::F32)?
-            .contiguous()?)
+        Ok(self.logits(&x)?.contiguous()?)
     }
-}
-
-/// RoPE frequencies `theta^(-2i/d)` for `i < d/2`.
-fn rope_frequencies(c: &LlamaConfig) -> Vec<f64> {
-    (0..c.head_dim / 2)
-        .map(|i| c.rope_theta.powf(-((2 * i) as f64) / c.head_dim as f64))
-        .collect()
 }
 
 /// An opened GGUF file: parsed header and metadata, plus the reader for tensor data.
@@ -1107,19 +1435,33 @@ fn md_f64(ct: &gguf_file::Content, key: &str) -> Option<f64> {
     v.to_f32().map(f64::from).or_else(|_| v.to_f64()).ok()
 }
 
-/// Architectures whose GGUF tensors follow the llama layout handled here.
-const GGUF_LLAMA_ARCHS: &[&str] = &["llama", "mistral"];
+/// GGUF architectures and their families. `llama` and `mistral` files have their query and
+/// key rows permuted for interleaved RoPE; the others keep Hugging Face's rotate-half layout.
+const GGUF_ARCHS: &[(&str, ModelType)] = &[
+    ("llama", ModelType::Llama),
+    ("mistral", ModelType::Mistral),
+    ("qwen2", ModelType::Qwen2),
+    ("qwen3", ModelType::Qwen3),
+    ("gemma2", ModelType::Gemma2),
+    ("gemma3", ModelType::Gemma3),
+    ("phi3", ModelType::Phi3),
+];
 
-pub(crate) fn gguf_config(ct: &gguf_file::Content) -> LmResult<LlamaConfig> {
+fn gguf_arch_name(ct: &gguf_file::Content) -> LmResult<(String, ModelType)> {
     let arch = ct
         .metadata
         .get("general.architecture")
         .and_then(|v| v.to_string().ok())
         .ok_or_else(|| LmError::Format("missing metadata `general.architecture`".into()))?
         .clone();
-    if !GGUF_LLAMA_ARCHS.contains(&arch.as_str()) {
-        return Err(LmError::UnsupportedArchitecture(arch));
+    match GGUF_ARCHS.iter().find(|(name, _)| *name == arch) {
+        Some(&(_, mt)) => Ok((arch, mt)),
+        None => Err(LmError::UnsupportedArchitecture(arch)),
     }
+}
+
+pub(crate) fn gguf_config(ct: &gguf_file::Content) -> LmResult<LlamaConfig> {
+    let (arch, mt) = gguf_arch_name(ct)?;
     let p = |k: &str| format!("{arch}.{k}");
     let hidden = md_usize(ct, &p("embedding_length"))?;
     let n_heads = md_usize(ct, &p("attention.head_count"))?;
@@ -1155,11 +1497,137 @@ pub(crate) fn gguf_config(ct: &gguf_file::Content) -> LmResult<LlamaConfig> {
         n_kv_heads,
         head_dim,
         rope_theta: md_f64(ct, &p("rope.freq_base")).unwrap_or(10_000.0),
-        rope_style: RopeStyle::Interleaved,
+        rope_style: match mt {
+            ModelType::Llama | ModelType::Mistral => RopeStyle::Interleaved,
+            _ => RopeStyle::Half,
+        },
         rms_eps: md_f64(ct, &p("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
         max_seq_len: md_usize(ct, &p("context_length")).unwrap_or(4096),
         tie_embeddings: !ct.tensor_infos.contains_key("output.weight"),
     })
+}
+
+/// Family options of a GGUF file, from llama.cpp's metadata keys and tensors (see
+/// `tests/fixtures/families/README.md`): `rope_freqs.weight` (Llama 3 RoPE scaling),
+/// `rope_factors_{long,short}.weight` (Phi-3 LongRoPE), `<arch>.attention.sliding_window`,
+/// Gemma's soft-caps and scale, Gemma 3's `rope.freq_base_swa`. Where a key llama.cpp does not
+/// write is absent, llama.cpp's own rule applies.
+pub(crate) fn gguf_arch(g: &mut GgufFile, c: &LlamaConfig) -> LmResult<ArchOptions> {
+    let (arch, mt) = gguf_arch_name(&g.content)?;
+    let ct = &g.content;
+    let p = |k: &str| format!("{arch}.{k}");
+    let mut a = ArchOptions::llama(c);
+    a.model_type = mt;
+    let window = md_usize(ct, &p("attention.sliding_window"))
+        .ok()
+        .filter(|&w| w > 0);
+    match mt {
+        ModelType::Llama | ModelType::Mistral | ModelType::Phi3 => {
+            if window.is_some() {
+                a.sliding_window = window;
+                a.layers = vec![LayerKind::Sliding; c.n_layers];
+            }
+        }
+        ModelType::Qwen2 | ModelType::Qwen3 => {}
+        ModelType::Gemma2 | ModelType::Gemma3 => {
+            // Norms are stored as 1 + w already: nothing to add.
+            a.scale_embeddings = true;
+            a.post_norms = true;
+            a.activation = Activation::GeluTanh;
+            a.attn_scale = match md_f64(ct, &p("attention.scale")) {
+                Some(s) if s > 0.0 => s,
+                // llama.cpp: gemma-2-27b (46 layers) scales by (hidden/heads)^-1/2.
+                _ if mt == ModelType::Gemma2 && c.n_layers == 46 => {
+                    1.0 / ((c.hidden_size / c.n_heads) as f64).sqrt()
+                }
+                _ => 1.0 / (c.head_dim as f64).sqrt(),
+            };
+            if mt == ModelType::Gemma2 {
+                a.attn_softcap = md_f64(ct, &p("attn_logit_softcapping")).filter(|&x| x > 0.0);
+                a.final_softcap = md_f64(ct, &p("final_logit_softcapping")).filter(|&x| x > 0.0);
+            }
+            a.sliding_window = window;
+            if window.is_some() {
+                // Gemma 2: even layers slide; Gemma 3: all but every sixth (llama.cpp's
+                // fixed pattern; the GGUF does not record it).
+                a.layers = (0..c.n_layers)
+                    .map(|i| {
+                        let sliding = match mt {
+                            ModelType::Gemma2 => i % 2 == 0,
+                            _ => (i + 1) % 6 != 0,
+                        };
+                        if sliding {
+                            LayerKind::Sliding
+                        } else {
+                            LayerKind::Global
+                        }
+                    })
+                    .collect();
+            }
+            if mt == ModelType::Gemma3 {
+                a.rope_local_theta = Some(md_f64(ct, &p("rope.freq_base_swa")).unwrap_or(10_000.0));
+            }
+        }
+    }
+    let has = |name: &str| g.content.tensor_infos.contains_key(name);
+    a.qkv_bias = has("blk.0.attn_q.bias");
+    a.qk_norm = has("blk.0.attn_q_norm.weight");
+    let half = c.head_dim / 2;
+    let mut factors = |name: &str| -> LmResult<Option<Vec<f64>>> {
+        let Some(t) = g.qtensor(name)? else {
+            return Ok(None);
+        };
+        let v = t
+            .dequantize(&Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        if v.len() != half || v.iter().any(|&x| !(x > 0.0 && x.is_finite())) {
+            return Err(LmError::Format(format!(
+                "tensor `{name}` needs {half} positive factors"
+            )));
+        }
+        Ok(Some(v.into_iter().map(f64::from).collect()))
+    };
+    let freqs = factors("rope_freqs.weight")?;
+    let long = factors("rope_factors_long.weight")?;
+    let short = factors("rope_factors_short.weight")?;
+    a.rope_scaling = match (freqs, long, short) {
+        (Some(f), None, None) => RopeScaling::Factors(f),
+        (None, Some(long_factor), Some(short_factor)) => {
+            let ct = &g.content;
+            let original = md_usize(ct, &p("rope.scaling.original_context_length"))?;
+            if original == 0 {
+                return Err(LmError::Format(
+                    "rope.scaling.original_context_length is 0".into(),
+                ));
+            }
+            let attention_factor = match md_f64(ct, &p("rope.scaling.attn_factor")) {
+                Some(f) => f,
+                None => {
+                    let scale = c.max_seq_len as f64 / original as f64;
+                    if scale <= 1.0 {
+                        1.0
+                    } else {
+                        (1.0 + scale.ln() / (original as f64).ln()).sqrt()
+                    }
+                }
+            };
+            RopeScaling::LongRope {
+                short_factor,
+                long_factor,
+                original_max_position_embeddings: original,
+                attention_factor,
+            }
+        }
+        (None, None, None) => RopeScaling::None,
+        _ => {
+            return Err(LmError::UnsupportedOption {
+                model_type: arch.clone(),
+                option: "this combination of rope_freqs / rope_factors tensors".into(),
+            })
+        }
+    };
+    Ok(a)
 }
 
 /// Translate a GGUF tensor name (`blk.3.attn_q.weight`) into the Hugging Face llama name
@@ -1192,39 +1660,39 @@ pub fn hf_name(gguf: &str) -> String {
     format!("model.layers.{i}.{hf}")
 }
 
-#[derive(serde::Deserialize)]
-struct HfConfig {
-    #[serde(default)]
-    architectures: Vec<String>,
-    #[serde(default)]
-    model_type: Option<String>,
-    vocab_size: usize,
-    hidden_size: usize,
-    intermediate_size: usize,
-    num_hidden_layers: usize,
-    num_attention_heads: usize,
-    #[serde(default)]
-    num_key_value_heads: Option<usize>,
-    #[serde(default)]
-    head_dim: Option<usize>,
-    #[serde(default)]
-    rope_theta: Option<f64>,
-    #[serde(default)]
-    rms_norm_eps: Option<f64>,
-    #[serde(default)]
-    max_position_embeddings: Option<usize>,
-    #[serde(default)]
-    tie_word_embeddings: Option<bool>,
-    #[serde(default)]
-    attention_bias: Option<bool>,
-    #[serde(default)]
-    mlp_bias: Option<bool>,
+/// [`hf_name`] for a family: Gemma's four norms per block, Phi-3's fused projections and
+/// Qwen's biases and query/key norms.
+pub fn hf_name_for(model_type: ModelType, gguf: &str) -> String {
+    let Some((i, part)) = gguf
+        .strip_prefix("blk.")
+        .and_then(|rest| rest.split_once('.'))
+    else {
+        return hf_name(gguf);
+    };
+    let gemma = model_type.is_gemma();
+    let hf = match part {
+        "attn_q.bias" => "self_attn.q_proj.bias",
+        "attn_k.bias" => "self_attn.k_proj.bias",
+        "attn_v.bias" => "self_attn.v_proj.bias",
+        "attn_qkv.weight" => "self_attn.qkv_proj.weight",
+        "attn_q_norm.weight" => "self_attn.q_norm.weight",
+        "attn_k_norm.weight" => "self_attn.k_norm.weight",
+        "post_attention_norm.weight" if gemma => "post_attention_layernorm.weight",
+        "ffn_norm.weight" if gemma => "pre_feedforward_layernorm.weight",
+        "post_ffw_norm.weight" if gemma => "post_feedforward_layernorm.weight",
+        "ffn_up.weight" if model_type == ModelType::Phi3 => "mlp.gate_up_proj.weight",
+        _ => return hf_name(gguf),
+    };
+    format!("model.layers.{i}.{hf}")
 }
 
-/// Largest `config.json` read (bytes).
-const MAX_CONFIG_BYTES: u64 = 1 << 20;
-
 pub(crate) fn hf_config(dir: &Path) -> LmResult<LlamaConfig> {
+    hf_config_full(dir).map(|(c, _)| c)
+}
+
+/// Read a checkpoint directory's `config.json`: dimensions and family options
+/// ([`parse_hf_config`]).
+pub(crate) fn hf_config_full(dir: &Path) -> LmResult<(LlamaConfig, ArchOptions)> {
     let path = dir.join("config.json");
     if !path.is_file() {
         return Err(LmError::ModelNotFound { path });
@@ -1244,38 +1712,11 @@ pub(crate) fn hf_config(dir: &Path) -> LmResult<LlamaConfig> {
             reason: format!("larger than {MAX_CONFIG_BYTES} bytes"),
         });
     }
-    let c: HfConfig = serde_json::from_str(&text).map_err(|e| LmError::CorruptModel {
-        path: path.clone(),
-        reason: e.to_string(),
-    })?;
-    let arch = c
-        .architectures
-        .first()
-        .cloned()
-        .or(c.model_type.clone())
-        .unwrap_or_else(|| "unknown".into());
-    let llama_like = matches!(c.model_type.as_deref(), Some("llama" | "mistral"))
-        || arch == "LlamaForCausalLM"
-        || arch == "MistralForCausalLM";
-    if !llama_like || c.attention_bias == Some(true) || c.mlp_bias == Some(true) {
-        return Err(LmError::UnsupportedArchitecture(arch));
-    }
-    let head_dim = c
-        .head_dim
-        .unwrap_or(c.hidden_size / c.num_attention_heads.max(1));
-    Ok(LlamaConfig {
-        vocab_size: c.vocab_size,
-        hidden_size: c.hidden_size,
-        intermediate_size: c.intermediate_size,
-        n_layers: c.num_hidden_layers,
-        n_heads: c.num_attention_heads,
-        n_kv_heads: c.num_key_value_heads.unwrap_or(c.num_attention_heads),
-        head_dim,
-        rope_theta: c.rope_theta.unwrap_or(10_000.0),
-        rope_style: RopeStyle::Half,
-        rms_eps: c.rms_norm_eps.unwrap_or(1e-5),
-        max_seq_len: c.max_position_embeddings.unwrap_or(4096),
-        tie_embeddings: c.tie_word_embeddings.unwrap_or(false),
+    // Malformed or inconsistent values are a problem of this file; unknown families and
+    // options keep their own error types.
+    parse_hf_config(&text).map_err(|e| match e {
+        LmError::Format(reason) => LmError::CorruptModel { path, reason },
+        other => other,
     })
 }
 

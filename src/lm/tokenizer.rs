@@ -25,6 +25,9 @@ use super::model::GgufFile;
 /// The Llama-3 pre-tokenizer regex (as used by `llama-bpe`).
 const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// Qwen2/2.5/3's split: Llama 3's with single digits.
+const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
 /// A tokenizer with byte strings for every token id.
 #[derive(Debug, Clone)]
 pub struct Tokenizer {
@@ -33,6 +36,9 @@ pub struct Tokenizer {
     special: Vec<bool>,
     bos: Option<u32>,
     eos: Option<u32>,
+    /// End-of-generation ids declared next to `tokenizer.json` (`generation_config.json`, else
+    /// `config.json`): Llama 3 stops on three ids, Gemma on `<eos>` and `<end_of_turn>`.
+    stop_ids: Vec<u32>,
 }
 
 /// GPT-2's reversible map from bytes to printable characters; returns char -> byte.
@@ -84,9 +90,12 @@ impl Tokenizer {
     /// model or pre-tokenizer.
     pub fn from_gguf(g: &GgufFile) -> LmResult<Self> {
         let model = g.meta_str("tokenizer.ggml.model").unwrap_or("");
+        if model == "llama" {
+            return Self::from_gguf_spm(g);
+        }
         if model != "gpt2" {
             return Err(LmError::Tokenizer(format!(
-                "unsupported GGUF tokenizer model `{model}` (only byte-level BPE, `gpt2`, is implemented)"
+                "unsupported GGUF tokenizer model `{model}` (implemented: byte-level BPE `gpt2`, SentencePiece-style BPE `llama`)"
             )));
         }
         let strings = |key: &str| -> LmResult<Vec<String>> {
@@ -133,11 +142,21 @@ impl Tokenizer {
                 {"type": "Split", "pattern": {"Regex": LLAMA3_REGEX}, "behavior": "Isolated", "invert": false},
                 {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}
             ]}),
+            "qwen2" => json!({"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": QWEN2_REGEX}, "behavior": "Isolated", "invert": false},
+                {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}
+            ]}),
             other => {
                 return Err(LmError::Tokenizer(format!(
-                "unsupported pre-tokenizer `{other}` (supported: smollm, gpt2, default, llama-bpe)"
+                "unsupported pre-tokenizer `{other}` (supported: smollm, gpt2, default, llama-bpe, qwen2)"
             )))
             }
+        };
+        // Qwen's tokenizer.json normalises to NFC before splitting (llama.cpp does too).
+        let normalizer = if pre == "qwen2" {
+            json!({"type": "NFC"})
+        } else {
+            Value::Null
         };
         let mut vocab = serde_json::Map::with_capacity(tokens.len());
         let mut added = Vec::new();
@@ -164,7 +183,7 @@ impl Tokenizer {
             "truncation": null,
             "padding": null,
             "added_tokens": added,
-            "normalizer": null,
+            "normalizer": normalizer,
             "pre_tokenizer": pre_tokenizer,
             "post_processor": null,
             "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
@@ -193,11 +212,125 @@ impl Tokenizer {
             special,
             bos: id("tokenizer.ggml.bos_token_id"),
             eos: id("tokenizer.ggml.eos_token_id"),
+            stop_ids: Vec::new(),
         })
     }
 
+    /// A SentencePiece-style BPE tokenizer (`tokenizer.ggml.model = llama`: Llama 2, Mistral,
+    /// Gemma, Phi-3) from GGUF metadata: pieces with `▁` for spaces and byte fallback. GGUF
+    /// stores piece scores, not merges; the merges are rebuilt as transformers'
+    /// `SentencePieceExtractor` does (every split of a piece into two pieces, highest piece
+    /// score first). `tokenizer.ggml.add_space_prefix` (default true) prepends `▁`.
+    fn from_gguf_spm(g: &GgufFile) -> LmResult<Self> {
+        let tokens: Vec<String> = g
+            .meta("tokenizer.ggml.tokens")
+            .ok_or_else(|| tok_err("missing metadata `tokenizer.ggml.tokens`"))?
+            .to_vec()
+            .map_err(tok_err)?
+            .iter()
+            .map(|x| x.to_string().cloned().map_err(tok_err))
+            .collect::<LmResult<_>>()?;
+        let floats = |key: &str| -> LmResult<Vec<f32>> {
+            match g.meta(key) {
+                Some(v) => v
+                    .to_vec()
+                    .map_err(tok_err)?
+                    .iter()
+                    .map(|x| x.to_f32().map_err(tok_err))
+                    .collect(),
+                None => Ok(vec![0.0; tokens.len()]),
+            }
+        };
+        let scores = floats("tokenizer.ggml.scores")?;
+        let types: Vec<i32> = match g.meta("tokenizer.ggml.token_type") {
+            Some(v) => v
+                .to_vec()
+                .map_err(tok_err)?
+                .iter()
+                .map(|x| x.to_i32().map_err(tok_err))
+                .collect::<LmResult<_>>()?,
+            None => vec![1; tokens.len()],
+        };
+        if scores.len() != tokens.len() || types.len() != tokens.len() {
+            return Err(tok_err("token, score and type lists differ in length"));
+        }
+        let mut vocab = serde_json::Map::with_capacity(tokens.len());
+        let mut index: HashMap<&str, usize> = HashMap::with_capacity(tokens.len());
+        let mut added = Vec::new();
+        let mut unk = None;
+        for (i, t) in tokens.iter().enumerate() {
+            vocab.insert(t.clone(), json!(i));
+            index.insert(t.as_str(), i);
+            match types[i] {
+                // 3 = control, 4 = user-defined (llama.cpp's token types).
+                3 | 4 => added.push(
+                    json!({"id": i, "content": t, "single_word": false, "lstrip": false,
+                    "rstrip": false, "normalized": false, "special": types[i] == 3}),
+                ),
+                2 => unk = Some(t.clone()),
+                _ => {}
+            }
+        }
+        if vocab.len() != tokens.len() {
+            return Err(tok_err("`tokenizer.ggml.tokens` repeats a token"));
+        }
+        // (left, right, score of the merged piece, ids of left and right).
+        let mut merges: Vec<(&str, &str, f32, usize, usize)> = Vec::new();
+        for (i, piece) in tokens.iter().enumerate() {
+            if types[i] != 1 {
+                continue;
+            }
+            let mut local = Vec::new();
+            for (cut, _) in piece.char_indices().skip(1) {
+                let (l, r) = piece.split_at(cut);
+                if let (Some(&a), Some(&b)) = (index.get(l), index.get(r)) {
+                    local.push((l, r, scores[i], a, b));
+                }
+            }
+            local.sort_by_key(|m| (m.3, m.4));
+            merges.extend(local);
+        }
+        // Highest score first; ties: longer left, then longer right piece (stable).
+        merges.sort_by(|x, y| {
+            y.2.total_cmp(&x.2)
+                .then(y.0.len().cmp(&x.0.len()))
+                .then(y.1.len().cmp(&x.1.len()))
+        });
+        let merges: Vec<Value> = merges.iter().map(|m| json!([m.0, m.1])).collect();
+        let prefix = g
+            .meta("tokenizer.ggml.add_space_prefix")
+            .and_then(|v| v.to_bool().ok())
+            .unwrap_or(true);
+        let replace = json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"});
+        let normalizer = if prefix {
+            json!({"type": "Sequence", "normalizers": [
+                {"type": "Prepend", "prepend": "\u{2581}"}, replace]})
+        } else {
+            replace
+        };
+        let spec = json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": added,
+            "normalizer": normalizer,
+            "pre_tokenizer": null,
+            "post_processor": null,
+            "decoder": null,
+            "model": {"type": "BPE", "dropout": null, "unk_token": unk,
+                "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": true,
+                "byte_fallback": true, "ignore_merges": false, "vocab": vocab, "merges": merges}
+        });
+        let mut t = Self::from_json(&spec.to_string(), None)?;
+        let id = |key: &str| g.meta(key).and_then(|v| v.to_u32().ok());
+        t.bos = id("tokenizer.ggml.bos_token_id");
+        t.eos = id("tokenizer.ggml.eos_token_id");
+        Ok(t)
+    }
+
     /// Load a Hugging Face `tokenizer.json`. BOS/EOS come from `tokenizer_config.json` in the
-    /// same directory when present.
+    /// same directory when present; the stop ids ([`Tokenizer::stop_ids`]) from
+    /// `generation_config.json`'s `eos_token_id` (a number or a list), else `config.json`'s.
     ///
     /// # Errors
     /// [`LmError::Io`], [`LmError::Tokenizer`].
@@ -206,7 +339,13 @@ impl Tokenizer {
             path: path.to_path_buf(),
             source: e,
         })?;
-        let json: Value = serde_json::from_str(&text).map_err(tok_err)?;
+        Self::from_json(&text, Some(path))
+    }
+
+    /// A tokenizer from `tokenizer.json` text; `path` (the file's location) finds the
+    /// neighbouring `tokenizer_config.json` and `generation_config.json`.
+    fn from_json(text: &str, path: Option<&Path>) -> LmResult<Self> {
+        let json: Value = serde_json::from_str(text).map_err(tok_err)?;
         let inner = tokenizers::Tokenizer::from_bytes(text.as_bytes()).map_err(tok_err)?;
         let n = inner.get_vocab_size(true);
         let byte_level = json["decoder"]["type"] == "ByteLevel"
@@ -245,7 +384,7 @@ impl Tokenizer {
             });
         }
         let cfg: Value = path
-            .parent()
+            .and_then(Path::parent)
             .map(|d| d.join("tokenizer_config.json"))
             .and_then(|p| std::fs::read_to_string(p).ok())
             .and_then(|t| serde_json::from_str(&t).ok())
@@ -255,12 +394,31 @@ impl Tokenizer {
             let s = v.as_str().or_else(|| v["content"].as_str())?;
             inner.token_to_id(s)
         };
+        let dir = path.and_then(Path::parent);
+        let stop_ids = ["generation_config.json", "config.json"]
+            .iter()
+            .find_map(|f| {
+                let text = std::fs::read_to_string(dir?.join(f)).ok()?;
+                let v: Value = serde_json::from_str(&text).ok()?;
+                let raw: Vec<u64> = match &v["eos_token_id"] {
+                    Value::Number(n) => n.as_u64().into_iter().collect(),
+                    Value::Array(a) => a.iter().filter_map(Value::as_u64).collect(),
+                    _ => return None,
+                };
+                let ids: Vec<u32> = raw
+                    .into_iter()
+                    .filter_map(|i| u32::try_from(i).ok())
+                    .collect();
+                Some(ids)
+            })
+            .unwrap_or_default();
         Ok(Self {
             bos: named("bos_token"),
             eos: named("eos_token"),
             inner,
             token_bytes,
             special,
+            stop_ids,
         })
     }
 
@@ -289,6 +447,13 @@ impl Tokenizer {
         self.eos
     }
 
+    /// End-of-generation ids declared by the model directory (`generation_config.json` or
+    /// `config.json` `eos_token_id`); empty for GGUF files, whose single EOS is
+    /// [`Tokenizer::eos_id`].
+    pub fn stop_ids(&self) -> &[u32] {
+        &self.stop_ids
+    }
+
     /// The id of a token given its exact string (e.g. `"<|im_end|>"`).
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
@@ -301,6 +466,16 @@ impl Tokenizer {
     /// [`LmError::Tokenizer`].
     pub fn encode(&self, text: &str) -> LmResult<Vec<u32>> {
         let enc = self.inner.encode(text, false).map_err(tok_err)?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Tokenize text with the tokenizer's post-processor (`add_special_tokens`: the BOS that
+    /// Llama, Gemma and Phi-3 tokenizers prepend).
+    ///
+    /// # Errors
+    /// [`LmError::Tokenizer`].
+    pub fn encode_with_special(&self, text: &str) -> LmResult<Vec<u32>> {
+        let enc = self.inner.encode(text, true).map_err(tok_err)?;
         Ok(enc.get_ids().to_vec())
     }
 
