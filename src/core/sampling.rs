@@ -39,9 +39,9 @@ pub fn sample_log_categorical<R: Rng + ?Sized>(log_w: &[f64], rng: &mut R) -> Op
 /// `log_p` restricted to the symbols for which `allowed(i)` holds (`-inf` elsewhere), and
 /// the log of the mass kept, `log Σ_{i allowed} p(i)` (`-inf` when nothing is allowed).
 ///
-/// The one masking primitive of the crate: the mask and grammar proposals draw from the
-/// result (and gain its mass as weight), word steps condition on a word-boundary event with
-/// it.
+/// Word steps condition on a word-boundary event with it. (The mask proposal does the same
+/// in place on its constraint's weight buffer, to keep one vocabulary-sized buffer per draw;
+/// the grammar program's `Mask::restrict` visits only the allowed entries of a sparse mask.)
 ///
 /// # Example
 /// ```

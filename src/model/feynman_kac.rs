@@ -12,6 +12,7 @@ use unicode_segmentation::UnicodeSegmentation;
 
 use crate::core::error::{Result, SmcError};
 use crate::core::logspace::{log_div, log_mul, log_sum_exp};
+use crate::core::sampling::restrict;
 use crate::core::vocab::Vocabulary;
 use crate::model::particle::Particle;
 use crate::model::program::{Flow, Program, Truncation};
@@ -351,24 +352,17 @@ impl Program for FeynmanKac {
         let conditioned: Vec<f64> = match restriction {
             None => log_p.to_vec(),
             Some(want) => {
-                let masked: Vec<f64> = log_p
-                    .iter()
-                    .enumerate()
-                    .map(|(v, l)| {
-                        if in_word(v) == want {
-                            *l
-                        } else {
-                            f64::NEG_INFINITY
-                        }
-                    })
-                    .collect();
-                let mass = log_sum_exp(&masked);
+                let (mut masked, mass) = restrict(&log_p, |v| in_word(v) == want);
                 if mass == f64::NEG_INFINITY {
                     return Err(SmcError::Program(
                         "a word-boundary event of probability zero was drawn".into(),
                     ));
                 }
-                masked.iter().map(|l| log_div(*l, mass)).collect()
+                // Normalised in place: the conditional distribution p(v | event).
+                for l in &mut masked {
+                    *l = log_div(*l, mass);
+                }
+                masked
             }
         };
         let drawn = self.draw_token(p, &conditioned)?;

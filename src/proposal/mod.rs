@@ -15,7 +15,7 @@ use rand_pcg::Pcg64Mcg;
 
 use crate::core::error::{Result, SmcError};
 use crate::core::logspace::{log_div, log_mul, log_sum_exp};
-use crate::core::sampling::{restrict, sample_log_categorical};
+use crate::core::sampling::sample_log_categorical;
 use crate::core::vocab::{TokenId, Vocabulary};
 use crate::potential::{AnyState, DynPotential, Potential, SeqView, SharedPotential};
 
@@ -258,8 +258,17 @@ impl TokenSampler for MaskSampler {
     }
     fn sample(&self, input: &mut SamplerInput<'_>) -> Result<Option<Draw>> {
         let state = constraint_state(self.name(), input.state)?;
-        let allowed = weights_of(&self.constraint, state, &input.seq)?;
-        let (masked, log_mass) = restrict(input.log_p, |i| allowed[i] > f64::NEG_INFINITY);
+        // The constraint's weights become the masked kernel distribution in place: one
+        // vocabulary-sized buffer per draw.
+        let mut masked = weights_of(&self.constraint, state, &input.seq)?;
+        for (m, lp) in masked.iter_mut().zip(input.log_p) {
+            *m = if *m > f64::NEG_INFINITY {
+                *lp
+            } else {
+                f64::NEG_INFINITY
+            };
+        }
+        let log_mass = log_sum_exp(&masked);
         if log_mass == f64::NEG_INFINITY {
             return Ok(None);
         }
