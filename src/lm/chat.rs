@@ -10,7 +10,7 @@ use minijinja::{Environment, ErrorKind};
 use serde::Serialize;
 
 use super::error::{LmError, LmResult};
-use super::model::GgufFile;
+use super::gguf::GgufFile;
 
 /// One message of a conversation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -55,6 +55,14 @@ pub enum LmError {
         /// The option and its value.
         option: String,
     },
+    /// The requested device is unknown, not compiled into this build, or cannot be opened.
+    #[error("device `{device}` is not available: {reason}")]
+    DeviceUnavailable {
+        /// The name that was asked for.
+        device: String,
+        /// Why it cannot be used.
+        reason: String,
+    },
     /// The tokenizer could not be built or failed on an input.
     #[error("tokenizer error: {0}")]
     Tokenizer(String),

@@ -10,8 +10,8 @@
 
 use serde_json::{Map, Value};
 
+use super::config::{limits, LlamaConfig, RopeStyle};
 use super::error::{LmError, LmResult};
-use super::model::{limits, LlamaConfig, RopeStyle};
 
 /// The `model_type`s (Hugging Face `config.json`) the decoder implements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

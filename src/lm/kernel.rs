@@ -13,14 +13,15 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
+use candle_core::Device;
 use rayon::prelude::*;
 
 use super::cache::{AttentionPath, CacheSeq, PagedKvCache};
 use super::chat::{ChatMessage, ChatTemplate};
+use super::config::LlamaConfig;
 use super::error::{LmError, LmResult};
-use super::model::{
-    GgufFile, LlamaConfig, LlamaModel, LoadOptions, LogitRows, SeqTokens, WeightFormat,
-};
+use super::gguf::GgufFile;
+use super::model::{LlamaModel, LoadOptions, LogitRows, SeqTokens, WeightFormat};
 use super::tokenizer::Tokenizer;
 use crate::core::error::{Result, SmcError};
 use crate::core::kernel::{Extend, Extension, Kernel, SeqId};
@@ -62,9 +63,13 @@ pub struct KernelOptions {
     pub max_seq_len: Option<usize>,
     /// Softmax temperature (1 = the model's distribution).
     pub temperature: f64,
-    /// Attention implementation over the paged cache (CPU block-table kernel by default;
-    /// [`AttentionPath::Gather`] uses candle operations only, for any device).
+    /// Attention back-end over the paged cache (CPU block-table kernel by default;
+    /// [`AttentionPath::Gather`] uses candle operations only, for any device). On a device
+    /// other than the CPU the gather back-end is always used.
     pub attention: AttentionPath,
+    /// Where the weights, the KV cache and the forward pass live (default: the CPU). See
+    /// [`crate::lm::parse_device`].
+    pub device: Device,
     /// Refuse a request whose estimated memory ([`memory_estimate`]) exceeds
     /// [`KernelOptions::memory_limit`] or, without one, the memory the system reports as
     /// available ([`LmError::InsufficientMemory`]). On by default.
@@ -85,6 +90,7 @@ impl Default for KernelOptions {
             max_seq_len: None,
             temperature: 1.0,
             attention: AttentionPath::Cpu,
+            device: Device::Cpu,
             check_memory: true,
             memory_limit: None,
         }
@@ -197,11 +203,11 @@ pub fn resolve_model_path(explicit: Option<&Path>) -> LmResult<PathBuf> {
 pub fn read_config(path: Option<&Path>) -> LmResult<LlamaConfig> {
     let path = resolve_model_path(path)?;
     let mut c = if path.is_dir() {
-        super::model::hf_config(&path)?
+        super::checkpoint::hf_config(&path)?
     } else {
-        super::model::gguf_config(&GgufFile::open(&path)?.content)?
+        super::gguf::gguf_config(&GgufFile::open(&path)?.content)?
     };
-    c.max_seq_len = c.max_seq_len.min(super::model::limits::MAX_CONTEXT);
+    c.max_seq_len = c.max_seq_len.min(super::config::limits::MAX_CONTEXT);
     c.validate()?;
     Ok(c)
 }
@@ -266,6 +272,7 @@ impl TransformerKernel {
         let load = LoadOptions {
             weights: opts.weights,
             max_seq_len: opts.max_seq_len,
+            device: opts.device.clone(),
         };
         if path.is_dir() {
             let model = LlamaModel::from_safetensors(&path, &load)?;
@@ -380,7 +387,14 @@ impl TransformerKernel {
                 .ok_or_else(|| too_large(&opts))?
             }
         };
-        let cache = model.new_cache_with(opts.block_size, capacity.max(1), opts.attention)?;
+        // The host back-end keeps its pool in host memory; elsewhere the pool stays on the
+        // model's device.
+        let attention = if model.device().is_cpu() {
+            opts.attention
+        } else {
+            AttentionPath::Gather
+        };
+        let cache = model.new_cache_with(opts.block_size, capacity.max(1), attention)?;
         Ok(Self {
             model,
             tokenizer,

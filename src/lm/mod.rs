@@ -1,32 +1,40 @@
 //! The language-model kernel (feature `lm`): a llama-family transformer on candle.
 //!
-//! * [`model`]: the transformer ([`LlamaModel`]), loaded from GGUF or safetensors, with the
-//!   KV cache kept outside the weights.
-//! * [`family`]: the per-family options (Llama 3, Qwen2/3, Gemma 2/3, Phi-3, Mistral) as
-//!   data, read from `config.json`.
-//! * [`cache`]: the paged, reference-counted KV cache shared by a particle population.
-//! * [`tokenizer`]: BPE tokenizers (byte-level and SentencePiece-style) from GGUF metadata or
-//!   `tokenizer.json`.
-//! * [`chat`]: the model's own chat template, rendered with minijinja.
-//! * [`kernel`]: [`TransformerKernel`], the [`crate::Kernel`] implementation.
+//! | file | holds |
+//! |---|---|
+//! | `config.rs` | [`LlamaConfig`] and the header [`limits`] |
+//! | `family.rs` | per-family options ([`ArchOptions`]) as data, read from `config.json` |
+//! | `gguf.rs` | [`GgufFile`]: llama.cpp's format, dimensions and options from its metadata |
+//! | `checkpoint.rs` | Hugging Face checkpoints: tensor names, `config.json` |
+//! | `model/` | [`LlamaModel`]: weights loading behind one trait, layers, the batched forward pass, a reference pass |
+//! | `cache/` | [`PagedKvCache`]: block tables shared by a population, two attention back-ends behind one trait |
+//! | `tokenizer.rs`, `chat.rs` | [`Tokenizer`] and [`ChatTemplate`] |
+//! | `device.rs` | choosing a candle device by name ([`parse_device`]) |
+//! | `kernel.rs` | [`TransformerKernel`], the [`crate::Kernel`] implementation |
 
-pub mod cache;
-pub mod chat;
-pub mod error;
-pub mod family;
-pub mod kernel;
-pub mod model;
-pub mod tokenizer;
+mod cache;
+mod chat;
+mod checkpoint;
+mod config;
+mod device;
+mod error;
+mod family;
+mod gguf;
+mod kernel;
+mod model;
+mod tokenizer;
 
 pub use cache::{AttentionPath, CacheLayout, CacheSeq, PagedKvCache, QueryMeta, ScoreOptions};
-pub use chat::{ChatMessage, ChatTemplate};
+pub use chat::{ChatMessage, ChatTemplate, CHATML};
+pub use checkpoint::{hf_name, hf_name_for};
+pub use config::{limits, LlamaConfig, RopeStyle};
+pub use device::{device_name, parse_device, supported_devices};
 pub use error::{human_bytes, LmError, LmResult};
-pub use family::{Activation, ArchOptions, LayerKind, ModelType, RopeScaling};
+pub use family::{parse_hf_config, Activation, ArchOptions, LayerKind, ModelType, RopeScaling};
+pub use gguf::GgufFile;
 pub use kernel::{
     available_memory, memory_estimate, read_config, resolve_model_path, KernelOptions,
     TransformerKernel, DEFAULT_MODEL_FILE, MODEL_ENV,
 };
-pub use model::{
-    GgufFile, LlamaConfig, LlamaModel, LoadOptions, LogitRows, RopeStyle, SeqTokens, WeightFormat,
-};
+pub use model::{LlamaModel, LoadOptions, LogitRows, SeqTokens, WeightFormat};
 pub use tokenizer::Tokenizer;

@@ -20,7 +20,7 @@ use std::path::Path;
 use serde_json::{json, Value};
 
 use super::error::{LmError, LmResult};
-use super::model::GgufFile;
+use super::gguf::GgufFile;
 
 /// The Llama-3 pre-tokenizer regex (as used by `llama-bpe`).
 const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";

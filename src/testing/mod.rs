@@ -9,3 +9,8 @@ mod toy;
 pub use consistency::{assert_potential_consistent, assert_same_potential, assert_same_scores};
 pub use exact::{enumerate, Exact, Outcome};
 pub use toy::ToyKernel;
+
+#[cfg(feature = "lm")]
+mod tensors;
+#[cfg(feature = "lm")]
+pub use tensors::max_abs_diff;

@@ -21,7 +21,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Tensor;
 use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64Mcg;
-use smc_steer::lm::model::hf_name;
+use smc_steer::lm::hf_name;
 use smc_steer::lm::{KernelOptions, LlamaConfig, LlamaModel, LoadOptions, RopeStyle};
 
 /// Wall time allowed to one case.
@@ -1338,10 +1338,7 @@ fn huge_declared_context_windows_load_without_tables() {
     let m = LlamaModel::from_safetensors(&dir, &LoadOptions::default()).unwrap();
     // Capped, and no table sized by the declared window was built (this test runs in
     // the harness's memory).
-    assert_eq!(
-        m.config().max_seq_len,
-        smc_steer::lm::model::limits::MAX_CONTEXT
-    );
+    assert_eq!(m.config().max_seq_len, smc_steer::lm::limits::MAX_CONTEXT);
     assert!(m.forward_full(&[3, 9, 27]).is_ok());
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -10,11 +10,12 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Tensor;
-use smc_steer::lm::model::{hf_name, max_abs_diff};
+use smc_steer::lm::hf_name;
 use smc_steer::lm::{
     ChatMessage, KernelOptions, LlamaConfig, LlamaModel, LmError, LoadOptions, RopeStyle,
     TransformerKernel, WeightFormat,
 };
+use smc_steer::testing::max_abs_diff;
 use smc_steer::Kernel;
 
 const VOCAB: usize = 40;

@@ -8,11 +8,11 @@ use crate::common::real_model;
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
-use smc_steer::lm::model::max_abs_diff;
 use smc_steer::lm::{
     ChatMessage, GgufFile, KernelOptions, LlamaModel, LmError, LoadOptions, LogitRows, SeqTokens,
     Tokenizer, TransformerKernel, WeightFormat,
 };
+use smc_steer::testing::max_abs_diff;
 use smc_steer::{Extend, Kernel};
 
 fn model_path() -> Option<PathBuf> {

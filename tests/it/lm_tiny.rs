@@ -439,5 +439,5 @@ fn half_rope_cache_matches_full() {
         )
         .unwrap();
     let want = model.forward_full(&toks).unwrap();
-    assert!(smc_steer::lm::model::max_abs_diff(&got, &want).unwrap() < 1e-4);
+    assert!(smc_steer::testing::max_abs_diff(&got, &want).unwrap() < 1e-4);
 }

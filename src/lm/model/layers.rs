@@ -1,0 +1,277 @@
+//! The building blocks of a decoder: linear maps (dense or quantized), fused projections, one
+//! block's weights and the rotary-embedding frequencies of one kind of layer.
+
+use candle_core::quantized::QMatMul;
+use candle_core::{Device, Module, Tensor};
+
+use crate::lm::cache::ScoreOptions;
+use crate::lm::family::RopeScaling;
+
+/// A linear map `y = x W^T` with `W: [out, in]`.
+#[derive(Debug, Clone)]
+pub(super) enum Linear {
+    /// Stores `W^T` (`[in, out]`, contiguous): the row-major product `x W^T` then streams
+    /// the weights in order, which is markedly faster for small batches.
+    Dense(Tensor),
+    Quant(QMatMul),
+}
+
+impl Linear {
+    /// A dense layer from `W: [out, in]`.
+    pub(super) fn dense(w: Tensor) -> candle_core::Result<Self> {
+        Ok(Linear::Dense(w.t()?.contiguous()?))
+    }
+
+    /// The map on `device`; a quantized matrix leaves the CPU as dense f32.
+    pub(super) fn to_device(&self, device: &Device) -> candle_core::Result<Self> {
+        match self {
+            Linear::Dense(wt) => Ok(Linear::Dense(wt.to_device(device)?)),
+            Linear::Quant(_) if device.is_cpu() => Ok(self.clone()),
+            Linear::Quant(QMatMul::QTensor(q)) => {
+                Linear::dense(q.dequantize(&candle_core::Device::Cpu)?.to_device(device)?)
+            }
+            Linear::Quant(QMatMul::Tensor(w) | QMatMul::TensorF16(w)) => {
+                Linear::dense(w.to_dtype(candle_core::DType::F32)?.to_device(device)?)
+            }
+        }
+    }
+
+    pub(super) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Linear::Dense(wt) => x.matmul(wt),
+            Linear::Quant(q) => q.forward(x),
+        }
+    }
+}
+
+/// Several linear maps applied to the same input. Dense maps are fused into one matrix
+/// (`[in, Σ out]`) so that a single matrix product computes all of them.
+#[derive(Debug, Clone)]
+pub(super) enum Proj {
+    Fused { wt: Tensor, sizes: Vec<usize> },
+    Split(Vec<Linear>),
+}
+
+impl Proj {
+    pub(super) fn new(parts: Vec<Linear>) -> candle_core::Result<Self> {
+        let dense: Vec<&Tensor> = parts
+            .iter()
+            .filter_map(|l| match l {
+                Linear::Dense(wt) => Some(wt),
+                Linear::Quant(_) => None,
+            })
+            .collect();
+        if dense.len() < parts.len() {
+            return Ok(Proj::Split(parts));
+        }
+        let sizes = dense
+            .iter()
+            .map(|t| t.dim(1))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Proj::Fused {
+            wt: Tensor::cat(&dense, 1)?,
+            sizes,
+        })
+    }
+
+    /// The maps on `device`.
+    pub(super) fn to_device(&self, device: &Device) -> candle_core::Result<Self> {
+        match self {
+            Proj::Fused { wt, sizes } => Ok(Proj::Fused {
+                wt: wt.to_device(device)?,
+                sizes: sizes.clone(),
+            }),
+            Proj::Split(ls) => Ok(Proj::Split(
+                ls.iter()
+                    .map(|l| l.to_device(device))
+                    .collect::<candle_core::Result<_>>()?,
+            )),
+        }
+    }
+
+    /// All outputs (`[rows, out_i]` each; fused outputs are column views of one product).
+    pub(super) fn forward(&self, x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+        match self {
+            Proj::Fused { wt, sizes } => {
+                let y = x.matmul(wt)?;
+                let mut off = 0;
+                let mut out = Vec::with_capacity(sizes.len());
+                for &n in sizes {
+                    out.push(y.narrow(1, off, n)?);
+                    off += n;
+                }
+                Ok(out)
+            }
+            Proj::Split(ls) => ls.iter().map(|l| l.forward(x)).collect(),
+        }
+    }
+
+    /// The separate maps (views into the fused matrix), for the unfused reference path.
+    pub(super) fn parts(&self) -> candle_core::Result<Vec<Linear>> {
+        match self {
+            Proj::Fused { wt, sizes } => {
+                let mut off = 0;
+                let mut out = Vec::with_capacity(sizes.len());
+                for &n in sizes {
+                    out.push(Linear::Dense(wt.narrow(1, off, n)?));
+                    off += n;
+                }
+                Ok(out)
+            }
+            Proj::Split(ls) => Ok(ls.clone()),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(super) struct Layer {
+    pub(super) attn_norm: Tensor,
+    /// Query, key and value projections.
+    pub(super) qkv: Proj,
+    /// Query, key and value biases (Qwen2).
+    pub(super) qkv_bias: Option<[Tensor; 3]>,
+    /// Per-head RMSNorm weights of queries and keys (Qwen3, Gemma 3).
+    pub(super) qk_norm: Option<[Tensor; 2]>,
+    pub(super) wo: Linear,
+    /// Norm of the attention output before the residual add (Gemma).
+    pub(super) post_attn_norm: Option<Tensor>,
+    /// Norm before the feed-forward layer.
+    pub(super) ffn_norm: Tensor,
+    /// Gate and up projections of the gated feed-forward layer.
+    pub(super) gate_up: Proj,
+    pub(super) w_down: Linear,
+    /// Norm of the feed-forward output before the residual add (Gemma).
+    pub(super) post_ffw_norm: Option<Tensor>,
+    /// Attention scores: scale, soft-cap, sliding window.
+    pub(super) scores: ScoreOptions,
+    /// Index into [`LlamaModel::ropes`].
+    pub(super) rope: usize,
+}
+
+impl Layer {
+    /// The block's weights on `device`.
+    pub(super) fn to_device(&self, device: &Device) -> candle_core::Result<Self> {
+        let t = |x: &Tensor| x.to_device(device);
+        let opt = |x: &Option<Tensor>| x.as_ref().map(t).transpose();
+        Ok(Self {
+            attn_norm: t(&self.attn_norm)?,
+            qkv: self.qkv.to_device(device)?,
+            qkv_bias: match &self.qkv_bias {
+                Some([a, b, c]) => Some([t(a)?, t(b)?, t(c)?]),
+                None => None,
+            },
+            qk_norm: match &self.qk_norm {
+                Some([a, b]) => Some([t(a)?, t(b)?]),
+                None => None,
+            },
+            wo: self.wo.to_device(device)?,
+            post_attn_norm: opt(&self.post_attn_norm)?,
+            ffn_norm: t(&self.ffn_norm)?,
+            gate_up: self.gate_up.to_device(device)?,
+            w_down: self.w_down.to_device(device)?,
+            post_ffw_norm: opt(&self.post_ffw_norm)?,
+            scores: self.scores,
+            rope: self.rope,
+        })
+    }
+}
+
+/// RoPE frequencies of one kind of layer.
+#[derive(Debug, Clone)]
+pub(super) struct Rope {
+    /// `1 / (divisor_i * theta^(2i/d))` for `i < d/2`.
+    pub(super) inv_freq: Vec<f64>,
+    /// LongRoPE: the frequencies for forward calls reaching past `original` positions.
+    pub(super) long: Option<(Vec<f64>, usize)>,
+    /// Factor on cos and sin (LongRoPE's attention factor; 1 otherwise).
+    pub(super) mscale: f64,
+}
+
+impl Rope {
+    pub(super) fn new(theta: f64, head_dim: usize, scaling: &RopeScaling) -> Self {
+        let base: Vec<f64> = (0..head_dim / 2)
+            .map(|i| theta.powf(-((2 * i) as f64) / head_dim as f64))
+            .collect();
+        let divide = |f: &[f64]| base.iter().zip(f).map(|(b, d)| b / d).collect();
+        match scaling {
+            RopeScaling::None => Self::plain(base),
+            RopeScaling::Linear { factor } => {
+                Self::plain(base.iter().map(|b| b / factor).collect())
+            }
+            RopeScaling::Factors(f) => Self::plain(divide(f)),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                // Meta's reference: wavelengths shorter than original/high keep their
+                // frequency, longer than original/low are divided by `factor`, and the band in
+                // between interpolates linearly in original/wavelength.
+                let orig = *original_max_position_embeddings as f64;
+                let inv = base
+                    .iter()
+                    .map(|&f| {
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        if wavelen < orig / high_freq_factor {
+                            f
+                        } else if wavelen > orig / low_freq_factor {
+                            f / factor
+                        } else {
+                            let s = (orig / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
+                            (1.0 - s) * f / factor + s * f
+                        }
+                    })
+                    .collect();
+                Self::plain(inv)
+            }
+            RopeScaling::LongRope {
+                short_factor,
+                long_factor,
+                original_max_position_embeddings,
+                attention_factor,
+            } => Self {
+                inv_freq: divide(short_factor),
+                long: Some((divide(long_factor), *original_max_position_embeddings)),
+                mscale: *attention_factor,
+            },
+        }
+    }
+
+    pub(super) fn plain(inv_freq: Vec<f64>) -> Self {
+        Self {
+            inv_freq,
+            long: None,
+            mscale: 1.0,
+        }
+    }
+
+    /// The frequencies for a forward call whose largest position is `max_pos`. LongRoPE
+    /// switches on the whole call, as transformers does: every token of a call that reaches
+    /// past the original window uses the long factors.
+    pub(super) fn freqs(&self, max_pos: usize) -> &[f64] {
+        match &self.long {
+            Some((long, original)) if max_pos + 1 > *original => long,
+            _ => &self.inv_freq,
+        }
+    }
+
+    /// `cos` and `sin` of the angles of `positions`, `[positions, d/2]` each, row-major.
+    pub(super) fn tables(
+        &self,
+        positions: impl Iterator<Item = usize>,
+        max_pos: usize,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let f = self.freqs(max_pos);
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        for pos in positions {
+            for &w in f {
+                let a = pos as f64 * w;
+                cos.push((a.cos() * self.mscale) as f32);
+                sin.push((a.sin() * self.mscale) as f32);
+            }
+        }
+        (cos, sin)
+    }
+}

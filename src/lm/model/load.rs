@@ -1,0 +1,511 @@
+//! Loading weights: every source (GGUF file, Hugging Face safetensors, in-memory tensors,
+//! random weights) is a [`WeightSource`]; [`LlamaModel::build`] checks shapes and assembles
+//! the decoder from any of them.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QMatMul};
+use candle_core::{DType, Device, Tensor};
+use rand::{Rng, SeedableRng};
+
+use super::layers::{Layer, Linear, Proj, Rope};
+use super::LlamaModel;
+use crate::lm::cache::ScoreOptions;
+use crate::lm::checkpoint::{hf_config_full, hf_name_for};
+use crate::lm::config::{limits, LlamaConfig};
+use crate::lm::error::{LmError, LmResult};
+use crate::lm::family::{ArchOptions, LayerKind, ModelType, RopeScaling};
+use crate::lm::gguf::{gguf_arch, gguf_config, GgufFile};
+
+/// How weight matrices are stored and multiplied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightFormat {
+    /// Dequantize everything to f32 (default; fastest on CPU for batched decoding).
+    #[default]
+    F32,
+    /// Keep GGUF's quantized matrices and use candle's quantized matmul (smaller, slower at
+    /// large batches; greedy outputs may differ from f32 on near-ties). Ignored for
+    /// safetensors checkpoints.
+    Quantized,
+}
+
+/// Options for loading a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Weight storage.
+    pub weights: WeightFormat,
+    /// Cap on the context window (default: the model's own).
+    pub max_seq_len: Option<usize>,
+    /// Where the weights live and the forward pass runs (default: the CPU). On other
+    /// devices quantized matrices are dequantized to f32 (see [`LlamaModel::to_device`]).
+    pub device: Device,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            weights: WeightFormat::default(),
+            max_seq_len: None,
+            device: Device::Cpu,
+        }
+    }
+}
+
+/// A source of named tensors (GGUF names: `blk.{i}.attn_q.weight`, ...).
+pub(super) trait WeightSource {
+    /// A tensor as f32, or `None` when absent.
+    fn dense(&mut self, name: &str) -> LmResult<Option<Tensor>>;
+    /// Whether the tensor exists.
+    fn has(&mut self, name: &str) -> bool;
+    /// A matrix for a linear layer, or `None` when absent.
+    fn linear(&mut self, name: &str) -> LmResult<Option<Linear>> {
+        self.dense(name)?
+            .map(Linear::dense)
+            .transpose()
+            .map_err(LmError::from)
+    }
+}
+
+fn require<T>(t: Option<T>, name: &str) -> LmResult<T> {
+    t.ok_or_else(|| LmError::Format(format!("missing tensor `{name}`")))
+}
+
+fn check_shape(t: &Tensor, dims: &[usize], name: &str) -> LmResult<()> {
+    if t.dims() != dims {
+        return Err(LmError::Format(format!(
+            "tensor `{name}` has shape {:?}, expected {dims:?}",
+            t.dims()
+        )));
+    }
+    Ok(())
+}
+
+fn linear_dims(l: &Linear) -> Vec<usize> {
+    match l {
+        Linear::Dense(wt) => wt.dims().iter().rev().copied().collect(),
+        Linear::Quant(QMatMul::QTensor(q)) => q.shape().dims().to_vec(),
+        Linear::Quant(QMatMul::Tensor(w) | QMatMul::TensorF16(w)) => w.dims().to_vec(),
+    }
+}
+
+impl LlamaModel {
+    fn build(config: LlamaConfig, arch: ArchOptions, src: &mut dyn WeightSource) -> LmResult<Self> {
+        config.validate()?;
+        let c = &config;
+        if arch.layers.len() != c.n_layers {
+            return Err(LmError::Format(format!(
+                "{} layer kinds for {} layers",
+                arch.layers.len(),
+                c.n_layers
+            )));
+        }
+        let (h, hd, q_out, kv_out, inter) = (
+            c.hidden_size,
+            c.head_dim,
+            c.n_heads * c.head_dim,
+            c.n_kv_heads * c.head_dim,
+            c.intermediate_size,
+        );
+        let embed = require(src.dense("token_embd.weight")?, "token_embd.weight")?;
+        check_shape(&embed, &[c.vocab_size, h], "token_embd.weight")?;
+        let lin =
+            |src: &mut dyn WeightSource, name: String, dims: [usize; 2]| -> LmResult<Linear> {
+                let l = require(src.linear(&name)?, &name)?;
+                if linear_dims(&l) != dims {
+                    return Err(LmError::Format(format!(
+                        "tensor `{name}` has shape {:?}, expected {dims:?}",
+                        linear_dims(&l)
+                    )));
+                }
+                Ok(l)
+            };
+        let vector = |src: &mut dyn WeightSource, name: String, len: usize| -> LmResult<Tensor> {
+            let t = require(src.dense(&name)?, &name)?;
+            check_shape(&t, &[len], &name)?;
+            Ok(t)
+        };
+        // Rows `[from, from + n)` of a fused `[out, in]` matrix as a dense layer.
+        let rows = |w: &Tensor, from: usize, n: usize| -> LmResult<Linear> {
+            Ok(Linear::dense(w.narrow(0, from, n)?.contiguous()?)?)
+        };
+        let has = |src: &mut dyn WeightSource, name: &str| src.has(name);
+        let sliding_rope = usize::from(arch.rope_local_theta.is_some());
+        // No capacity from the header: a missing tensor ends the loop with an error first.
+        let mut layers = Vec::new();
+        for i in 0..c.n_layers {
+            let p = format!("blk.{i}");
+            // Phi-3 stores the three projections as one matrix, rows [q | k | v].
+            let fused_qkv = format!("{p}.attn_qkv.weight");
+            let qkv = if has(src, &fused_qkv) {
+                let w = require(src.dense(&fused_qkv)?, &fused_qkv)?;
+                check_shape(&w, &[q_out + 2 * kv_out, h], &fused_qkv)?;
+                vec![
+                    rows(&w, 0, q_out)?,
+                    rows(&w, q_out, kv_out)?,
+                    rows(&w, q_out + kv_out, kv_out)?,
+                ]
+            } else {
+                vec![
+                    lin(src, format!("{p}.attn_q.weight"), [q_out, h])?,
+                    lin(src, format!("{p}.attn_k.weight"), [kv_out, h])?,
+                    lin(src, format!("{p}.attn_v.weight"), [kv_out, h])?,
+                ]
+            };
+            let qkv_bias = if arch.qkv_bias {
+                Some([
+                    vector(src, format!("{p}.attn_q.bias"), q_out)?,
+                    vector(src, format!("{p}.attn_k.bias"), kv_out)?,
+                    vector(src, format!("{p}.attn_v.bias"), kv_out)?,
+                ])
+            } else {
+                None
+            };
+            let qk_norm = if arch.qk_norm {
+                Some([
+                    vector(src, format!("{p}.attn_q_norm.weight"), hd)?,
+                    vector(src, format!("{p}.attn_k_norm.weight"), hd)?,
+                ])
+            } else {
+                None
+            };
+            let wo = lin(src, format!("{p}.attn_output.weight"), [h, q_out])?;
+            // Phi-3 stores gate and up as one matrix, rows [gate | up], named `ffn_up`.
+            let gate = format!("{p}.ffn_gate.weight");
+            let gate_up = if has(src, &gate) {
+                vec![
+                    lin(src, gate, [inter, h])?,
+                    lin(src, format!("{p}.ffn_up.weight"), [inter, h])?,
+                ]
+            } else {
+                let name = format!("{p}.ffn_up.weight");
+                let w = require(src.dense(&name)?, &gate)?;
+                check_shape(&w, &[2 * inter, h], &name)?;
+                vec![rows(&w, 0, inter)?, rows(&w, inter, inter)?]
+            };
+            let w_down = lin(src, format!("{p}.ffn_down.weight"), [h, inter])?;
+            let attn_norm = vector(src, format!("{p}.attn_norm.weight"), h)?;
+            let ffn_norm = vector(src, format!("{p}.ffn_norm.weight"), h)?;
+            let (post_attn_norm, post_ffw_norm) = if arch.post_norms {
+                (
+                    Some(vector(src, format!("{p}.post_attention_norm.weight"), h)?),
+                    Some(vector(src, format!("{p}.post_ffw_norm.weight"), h)?),
+                )
+            } else {
+                (None, None)
+            };
+            let sliding = arch.layers[i] == LayerKind::Sliding;
+            layers.push(Layer {
+                attn_norm,
+                qkv: Proj::new(qkv)?,
+                qkv_bias,
+                qk_norm,
+                wo,
+                post_attn_norm,
+                ffn_norm,
+                gate_up: Proj::new(gate_up)?,
+                w_down,
+                post_ffw_norm,
+                scores: ScoreOptions {
+                    scale: arch.attn_scale as f32,
+                    softcap: arch.attn_softcap.map(|x| x as f32),
+                    window: arch.window(i),
+                },
+                rope: if sliding { sliding_rope } else { 0 },
+            });
+        }
+        let lm_head = if c.tie_embeddings {
+            None
+        } else {
+            src.linear("output.weight")?
+        };
+        let lm_head = match lm_head {
+            Some(l) => {
+                if linear_dims(&l) != [c.vocab_size, h] {
+                    return Err(LmError::Format(format!(
+                        "tensor `output.weight` has shape {:?}, expected {:?}",
+                        linear_dims(&l),
+                        [c.vocab_size, h]
+                    )));
+                }
+                l
+            }
+            // Tied embeddings (or no separate output matrix in the file).
+            None => match src.linear("token_embd.weight")? {
+                Some(Linear::Quant(q)) => Linear::Quant(q),
+                _ => Linear::dense(embed.clone())?,
+            },
+        };
+        let norm = require(src.dense("output_norm.weight")?, "output_norm.weight")?;
+        check_shape(&norm, &[h], "output_norm.weight")?;
+        let mut ropes = vec![Rope::new(c.rope_theta, hd, &arch.rope_scaling)];
+        if let Some(theta) = arch.rope_local_theta {
+            // Gemma 3's sliding layers: their own base, never rescaled.
+            ropes.push(Rope::new(theta, hd, &RopeScaling::None));
+        }
+        Ok(Self {
+            config,
+            arch,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            ropes,
+        })
+    }
+
+    /// A model with random weights (for tests and benchmarks): deterministic given `seed`.
+    ///
+    /// # Errors
+    /// [`LmError::Format`] for an inconsistent configuration.
+    pub fn random(config: LlamaConfig, seed: u64) -> LmResult<Self> {
+        let tensors = Self::random_tensors(&config, seed)?;
+        Self::from_tensors(config, tensors)
+    }
+
+    /// The random weights of [`LlamaModel::random`], named as in GGUF files (useful to write
+    /// test checkpoints).
+    ///
+    /// # Errors
+    /// [`LmError::Format`] for an inconsistent configuration.
+    pub fn random_tensors(config: &LlamaConfig, seed: u64) -> LmResult<HashMap<String, Tensor>> {
+        config.validate()?;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut tensors = HashMap::new();
+        let c = config;
+        let h = c.hidden_size;
+        let mat = |rows: usize, cols: usize, rng: &mut rand::rngs::StdRng| {
+            let scale = 1.5 / (cols as f32).sqrt();
+            let data: Vec<f32> = (0..rows * cols)
+                .map(|_| rng.random_range(-scale..scale))
+                .collect();
+            Tensor::from_vec(data, (rows, cols), &Device::Cpu)
+        };
+        let norm = |rng: &mut rand::rngs::StdRng| {
+            let data: Vec<f32> = (0..h)
+                .map(|_| 1.0 + rng.random_range(-0.2f32..0.2))
+                .collect();
+            Tensor::from_vec(data, h, &Device::Cpu)
+        };
+        tensors.insert(
+            "token_embd.weight".to_string(),
+            mat(c.vocab_size, h, &mut rng)?,
+        );
+        for i in 0..c.n_layers {
+            let p = format!("blk.{i}");
+            let qo = c.n_heads * c.head_dim;
+            let kvo = c.n_kv_heads * c.head_dim;
+            tensors.insert(format!("{p}.attn_q.weight"), mat(qo, h, &mut rng)?);
+            tensors.insert(format!("{p}.attn_k.weight"), mat(kvo, h, &mut rng)?);
+            tensors.insert(format!("{p}.attn_v.weight"), mat(kvo, h, &mut rng)?);
+            tensors.insert(format!("{p}.attn_output.weight"), mat(h, qo, &mut rng)?);
+            tensors.insert(
+                format!("{p}.ffn_gate.weight"),
+                mat(c.intermediate_size, h, &mut rng)?,
+            );
+            tensors.insert(
+                format!("{p}.ffn_up.weight"),
+                mat(c.intermediate_size, h, &mut rng)?,
+            );
+            tensors.insert(
+                format!("{p}.ffn_down.weight"),
+                mat(h, c.intermediate_size, &mut rng)?,
+            );
+            tensors.insert(format!("{p}.attn_norm.weight"), norm(&mut rng)?);
+            tensors.insert(format!("{p}.ffn_norm.weight"), norm(&mut rng)?);
+        }
+        tensors.insert("output_norm.weight".to_string(), norm(&mut rng)?);
+        if !c.tie_embeddings {
+            tensors.insert("output.weight".to_string(), mat(c.vocab_size, h, &mut rng)?);
+        }
+        Ok(tensors)
+    }
+
+    /// Build a model from f32 tensors named as in GGUF files (`token_embd.weight`,
+    /// `blk.{i}.attn_q.weight`, ..., `output_norm.weight`, optional `output.weight`).
+    ///
+    /// # Errors
+    /// [`LmError::Format`] for missing tensors or wrong shapes.
+    pub fn from_tensors(config: LlamaConfig, tensors: HashMap<String, Tensor>) -> LmResult<Self> {
+        let arch = ArchOptions::llama(&config);
+        Self::from_tensors_with(config, arch, tensors)
+    }
+
+    /// As [`LlamaModel::from_tensors`], for any family: the tensors are named as in GGUF
+    /// files and stored as the decoder multiplies them (Gemma norms as `1 + w`).
+    ///
+    /// # Errors
+    /// [`LmError::Format`] for missing tensors or wrong shapes.
+    pub fn from_tensors_with(
+        config: LlamaConfig,
+        arch: ArchOptions,
+        tensors: HashMap<String, Tensor>,
+    ) -> LmResult<Self> {
+        struct Map(HashMap<String, Tensor>);
+        impl WeightSource for Map {
+            fn dense(&mut self, name: &str) -> LmResult<Option<Tensor>> {
+                Ok(match self.0.get(name) {
+                    Some(t) => Some(t.to_dtype(DType::F32)?),
+                    None => None,
+                })
+            }
+            fn has(&mut self, name: &str) -> bool {
+                self.0.contains_key(name)
+            }
+        }
+        Self::build(config, arch, &mut Map(tensors))
+    }
+
+    /// Load a GGUF file.
+    ///
+    /// # Errors
+    /// [`LmError::ModelNotFound`], [`LmError::CorruptModel`] (truncated or invalid file),
+    /// [`LmError::UnsupportedArchitecture`], [`LmError::Format`].
+    pub fn from_gguf(path: &Path, opts: &LoadOptions) -> LmResult<Self> {
+        let mut gguf = GgufFile::open(path)?;
+        Self::from_gguf_file(&mut gguf, opts)
+    }
+
+    /// Load the model from an opened GGUF file (see [`GgufFile`]).
+    ///
+    /// # Errors
+    /// As [`LlamaModel::from_gguf`].
+    pub fn from_gguf_file(gguf: &mut GgufFile, opts: &LoadOptions) -> LmResult<Self> {
+        let mut config = gguf_config(&gguf.content)?;
+        config.max_seq_len = config.max_seq_len.min(limits::MAX_CONTEXT);
+        config.validate()?;
+        let arch = gguf_arch(gguf, &config)?;
+        if let Some(m) = opts.max_seq_len {
+            config.max_seq_len = config.max_seq_len.min(m.max(1));
+        }
+        config.tie_embeddings = !gguf.content.tensor_infos.contains_key("output.weight");
+        struct Src<'a> {
+            g: &'a mut GgufFile,
+            quantized: bool,
+        }
+        impl WeightSource for Src<'_> {
+            fn dense(&mut self, name: &str) -> LmResult<Option<Tensor>> {
+                match self.g.qtensor(name)? {
+                    Some(q) => Ok(Some(q.dequantize(&Device::Cpu)?)),
+                    None => Ok(None),
+                }
+            }
+            fn has(&mut self, name: &str) -> bool {
+                self.g.content.tensor_infos.contains_key(name)
+            }
+            fn linear(&mut self, name: &str) -> LmResult<Option<Linear>> {
+                let Some(q) = self.g.qtensor(name)? else {
+                    return Ok(None);
+                };
+                let float = matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+                if self.quantized && !float {
+                    Ok(Some(Linear::Quant(QMatMul::QTensor(Arc::new(q)))))
+                } else {
+                    Ok(Some(Linear::dense(q.dequantize(&Device::Cpu)?)?))
+                }
+            }
+        }
+        let quantized = opts.weights == WeightFormat::Quantized;
+        Self::build(config, arch, &mut Src { g: gguf, quantized })?.to_device(&opts.device)
+    }
+
+    /// Load a Hugging Face checkpoint directory (`config.json` and one or more
+    /// `*.safetensors` files). Weights are converted to f32.
+    ///
+    /// # Errors
+    /// [`LmError::ModelNotFound`], [`LmError::Io`], [`LmError::CorruptModel`],
+    /// [`LmError::UnsupportedArchitecture`], [`LmError::Format`].
+    pub fn from_safetensors(dir: &Path, opts: &LoadOptions) -> LmResult<Self> {
+        let (mut config, arch) = hf_config_full(dir)?;
+        config.max_seq_len = config.max_seq_len.min(limits::MAX_CONTEXT);
+        if let Some(m) = opts.max_seq_len {
+            config.max_seq_len = config.max_seq_len.min(m.max(1));
+        }
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| LmError::Io {
+                path: dir.to_path_buf(),
+                source: e,
+            })?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(LmError::ModelNotFound {
+                path: dir.join("model.safetensors"),
+            });
+        }
+        let mut tensors = HashMap::new();
+        for f in &files {
+            let t = candle_core::safetensors::load(f, &Device::Cpu).map_err(|e| {
+                LmError::CorruptModel {
+                    path: f.clone(),
+                    reason: e.to_string(),
+                }
+            })?;
+            tensors.extend(t);
+        }
+        if !tensors.contains_key("lm_head.weight") {
+            config.tie_embeddings = true;
+        }
+        struct Hf {
+            tensors: HashMap<String, Tensor>,
+            model_type: ModelType,
+        }
+        impl WeightSource for Hf {
+            fn dense(&mut self, name: &str) -> LmResult<Option<Tensor>> {
+                let hf = hf_name_for(self.model_type, name);
+                let Some(t) = self.tensors.get(&hf) else {
+                    return Ok(None);
+                };
+                let t = t.to_dtype(DType::F32)?;
+                // Gemma checkpoints store w of the (1 + w) norm factor; the decoder
+                // multiplies by the factor (as GGUF stores it), computed here once in f32
+                // as transformers does.
+                if self.model_type.is_gemma() && name.ends_with("norm.weight") {
+                    return Ok(Some((t + 1.0)?));
+                }
+                Ok(Some(t))
+            }
+            fn has(&mut self, name: &str) -> bool {
+                self.tensors
+                    .contains_key(&hf_name_for(self.model_type, name))
+            }
+        }
+        let model_type = arch.model_type;
+        Self::build(
+            config,
+            arch,
+            &mut Hf {
+                tensors,
+                model_type,
+            },
+        )?
+        .to_device(&opts.device)
+    }
+
+    /// The same model with its weights on `device` (a copy; the weights are moved once).
+    /// Quantized matrices become dense f32 on any device but the CPU, where candle's
+    /// quantized products run.
+    ///
+    /// # Errors
+    /// [`LmError::Candle`] when the device cannot hold the weights.
+    pub fn to_device(self, device: &Device) -> LmResult<Self> {
+        if device.same_device(self.embed.device()) {
+            return Ok(self);
+        }
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| l.to_device(device))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self {
+            embed: self.embed.to_device(device)?,
+            layers,
+            norm: self.norm.to_device(device)?,
+            lm_head: self.lm_head.to_device(device)?,
+            ..self
+        })
+    }
+}
