@@ -4,11 +4,17 @@
 //! ```text
 //! scripts/fetch-model.sh && cargo run --release --example bench -- [--json] [--ns 1,8,32,64]
 //!     [--steps 8] [--prompt-tokens 64] [--model PATH] [--skip-candle]
+//!     [--device cpu|cuda[:N]|metal[:N]] [--attention cpu|gather]
 //! ```
+//!
+//! `--device` runs the kernel on a GPU (builds with `--features cuda` or `metal`); every
+//! figure then carries the device's name, and the stock-candle baseline (CPU only) is
+//! skipped. `--attention gather` measures the device-generic path on the CPU.
 //!
 //! With `--json` every figure is one JSON object per line with `metric`, `impl`, `n` and
 //! `value` (plus `unit`); derived ratios come last. Timings are medians over `--steps` steps.
-//! `SMC_BENCH_ONLY=cache`, `constraints` or `potentials` runs one group of figures.
+//! `SMC_BENCH_ONLY=cache`, `constraints` or `potentials` runs one group of figures;
+//! `SMC_BENCH_ONLY=decode` stops after the decode, SMC-step and KV-cache figures.
 
 mod cache;
 mod constraints;
@@ -18,7 +24,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use smc_steer::lm::{KernelOptions, TransformerKernel};
+use smc_steer::lm::{device_name, parse_device, AttentionPath, KernelOptions, TransformerKernel};
 use smc_steer::potential::Trivial;
 use smc_steer::{Extend, FeynmanKac, Kernel, SeqId, Smc, SmcConfig, TokenId};
 
@@ -39,6 +45,8 @@ struct Args {
     prompt_tokens: usize,
     model: Option<PathBuf>,
     skip_candle: bool,
+    device: String,
+    attention: AttentionPath,
 }
 
 fn parse() -> Result<Args, String> {
@@ -49,6 +57,8 @@ fn parse() -> Result<Args, String> {
         prompt_tokens: 64,
         model: None,
         skip_candle: false,
+        device: "cpu".into(),
+        attention: AttentionPath::Cpu,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -73,6 +83,14 @@ fn parse() -> Result<Args, String> {
                     .map_err(|e| format!("--prompt-tokens: {e}"))?
             }
             "--model" => a.model = Some(PathBuf::from(value("--model")?)),
+            "--device" => a.device = value("--device")?,
+            "--attention" => {
+                a.attention = match value("--attention")?.as_str() {
+                    "cpu" => AttentionPath::Cpu,
+                    "gather" => AttentionPath::Gather,
+                    other => return Err(format!("--attention: unknown back-end `{other}`")),
+                }
+            }
             other => return Err(format!("unknown argument `{other}`")),
         }
     }
@@ -84,12 +102,14 @@ fn parse() -> Result<Args, String> {
 
 struct Report {
     json: bool,
+    /// Name of the device the kernel runs on, carried by every figure.
+    device: String,
     lines: Vec<serde_json::Value>,
 }
 
 impl Report {
     fn emit(&mut self, metric: &str, imp: &str, n: usize, value: f64, unit: &str) {
-        let line = serde_json::json!({ "metric": metric, "impl": imp, "n": n, "value": value, "unit": unit });
+        let line = serde_json::json!({ "metric": metric, "impl": imp, "n": n, "value": value, "unit": unit, "device": self.device });
         if self.json {
             println!("{line}");
         } else {
@@ -142,6 +162,8 @@ fn load(args: &Args, particles: usize, new_tokens: usize) -> Result<TransformerK
     let opts = KernelOptions {
         particles,
         max_new_tokens: new_tokens,
+        device: parse_device(&args.device).map_err(|e| e.to_string())?,
+        attention: args.attention,
         ..KernelOptions::default()
     };
     TransformerKernel::load(args.model.as_deref(), opts).map_err(|e| e.to_string())
@@ -254,8 +276,10 @@ fn decode_candle(
 
 fn run() -> Result<(), String> {
     let args = parse()?;
+    let device = parse_device(&args.device).map_err(|e| e.to_string())?;
     let mut report = Report {
         json: args.json,
+        device: device_name(&device),
         lines: Vec::new(),
     };
     if cache::only() {
@@ -280,8 +304,8 @@ fn run() -> Result<(), String> {
     let prompt: Vec<TokenId> = text_tokens[..args.prompt_tokens].to_vec();
     if !args.json {
         println!(
-            "SmolLM2-135M-Instruct, f32 weights, {}-token prompt, medians over {} steps",
-            args.prompt_tokens, args.steps
+            "SmolLM2-135M-Instruct, f32 weights, {}-token prompt, medians over {} steps, on {}",
+            args.prompt_tokens, args.steps, report.device
         );
     }
 
@@ -321,11 +345,19 @@ fn run() -> Result<(), String> {
 
     for &n in &args.ns {
         let (times, _) = decode_ours(&mut kernel, &prompt, n, args.steps)?;
-        report.emit("decode_step_ms", "smc-steer", n, median(times), "ms");
+        let step = median(times);
+        report.emit("decode_step_ms", "smc-steer", n, step, "ms");
+        report.emit(
+            "tokens_per_second",
+            "smc-steer",
+            n,
+            n as f64 / (step / 1e3),
+            "tokens/s",
+        );
         let smc_kernel = load(&args, n, args.steps + 4)?;
         let times = smc_steps(smc_kernel, &prompt, n, args.steps)?;
         report.emit("smc_step_ms", "smc-steer", n, median(times), "ms");
-        if !args.skip_candle {
+        if !args.skip_candle && device.is_cpu() {
             // Read by candle when it loads quantized tensors: dequantize every weight to f32.
             std::env::set_var("CANDLE_DEQUANTIZE_ALL", "1");
             let path = smc_steer::lm::resolve_model_path(args.model.as_deref())
@@ -370,6 +402,9 @@ fn run() -> Result<(), String> {
             (64.0 / (dec / 1e3)) / best_prefill,
             "ratio",
         );
+    }
+    if only == "decode" {
+        return Ok(());
     }
     constraints::run(&mut report, &args, kernel.vocab())?;
     let text = kernel.encode(&TEXT.repeat(8)).map_err(|e| e.to_string())?;

@@ -11,6 +11,7 @@ mod exact_smc;
 mod grammar_charlevel;
 mod grammar_exact;
 mod lm_cache;
+mod lm_device;
 mod lm_examples;
 mod lm_families;
 mod lm_files;
