@@ -25,10 +25,12 @@ if [ ! -x "$toolkit/bin/nvcc" ]; then
     echo "== downloading the CUDA $ver toolkit wheels from PyPI"
     wheels=$root/target/cuda-wheels
     mkdir -p "$wheels"
-    # nvcc (driver, front ends, ptxas, fatbinary, nvlink), the runtime and its headers,
-    # cuBLAS, cuRAND and NVRTC (candle links them), and CCCL (thrust headers for sort.cu).
+    # nvcc (driver, cudafe++, ptxas, fatbinary, nvlink), its device front end (nvvm: cicc,
+    # libdevice) and headers (crt), the runtime and its headers, cuBLAS, cuRAND and NVRTC
+    # (candle links them), and CCCL (thrust headers for sort.cu).
     python3 -m pip download --quiet --no-deps --only-binary=:all: -d "$wheels" \
-        "nvidia-cuda-nvcc==$ver" "nvidia-cuda-runtime==$major.0.*" "nvidia-cublas==$major.0.*" \
+        "nvidia-cuda-nvcc==$ver" "nvidia-cuda-crt==$ver" "nvidia-nvvm==$ver" \
+        "nvidia-cuda-runtime==$major.0.*" "nvidia-cublas==$major.0.*" \
         "nvidia-curand==10.4.0.*" "nvidia-cuda-nvrtc==$major.0.*" "nvidia-cuda-cccl==$major.0.*"
     rm -rf "$toolkit.tmp" && mkdir -p "$toolkit.tmp"
     for w in "$wheels"/*.whl; do

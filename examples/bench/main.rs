@@ -14,17 +14,21 @@
 //! With `--json` every figure is one JSON object per line with `metric`, `impl`, `n` and
 //! `value` (plus `unit`); derived ratios come last. Timings are medians over `--steps` steps.
 //! `SMC_BENCH_ONLY=cache`, `constraints` or `potentials` runs one group of figures;
+//! `SMC_BENCH_ONLY=formats` compares weight formats (`--formats f32,q8_0,...`);
 //! `SMC_BENCH_ONLY=decode` stops after the decode, SMC-step and KV-cache figures.
 
 mod cache;
 mod constraints;
+mod formats;
 mod potentials;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use smc_steer::lm::{device_name, parse_device, AttentionPath, KernelOptions, TransformerKernel};
+use smc_steer::lm::{
+    device_name, parse_device, AttentionPath, KernelOptions, TransformerKernel, WeightFormat,
+};
 use smc_steer::potential::Trivial;
 use smc_steer::{Extend, FeynmanKac, Kernel, SeqId, Smc, SmcConfig, TokenId};
 
@@ -47,6 +51,7 @@ struct Args {
     skip_candle: bool,
     device: String,
     attention: AttentionPath,
+    formats: Vec<WeightFormat>,
 }
 
 fn parse() -> Result<Args, String> {
@@ -59,6 +64,13 @@ fn parse() -> Result<Args, String> {
         skip_candle: false,
         device: "cpu".into(),
         attention: AttentionPath::Cpu,
+        formats: vec![
+            WeightFormat::F32,
+            WeightFormat::Q8_0,
+            WeightFormat::Q4_0,
+            WeightFormat::Q4_1,
+            WeightFormat::Native,
+        ],
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -84,6 +96,15 @@ fn parse() -> Result<Args, String> {
             }
             "--model" => a.model = Some(PathBuf::from(value("--model")?)),
             "--device" => a.device = value("--device")?,
+            "--formats" => {
+                a.formats = value("--formats")?
+                    .split(',')
+                    .map(|s| {
+                        WeightFormat::from_name(s.trim())
+                            .ok_or(format!("--formats: unknown format `{s}`"))
+                    })
+                    .collect::<Result<_, _>>()?
+            }
             "--attention" => {
                 a.attention = match value("--attention")?.as_str() {
                     "cpu" => AttentionPath::Cpu,
@@ -159,7 +180,22 @@ fn main() -> ExitCode {
 }
 
 fn load(args: &Args, particles: usize, new_tokens: usize) -> Result<TransformerKernel, String> {
+    load_with(args, particles, new_tokens, WeightFormat::F32)
+}
+
+/// The model file the bench runs on.
+fn model_path(args: &Args) -> Result<PathBuf, String> {
+    smc_steer::lm::resolve_model_path(args.model.as_deref()).map_err(|e| e.to_string())
+}
+
+fn load_with(
+    args: &Args,
+    particles: usize,
+    new_tokens: usize,
+    weights: WeightFormat,
+) -> Result<TransformerKernel, String> {
     let opts = KernelOptions {
+        weights,
         particles,
         max_new_tokens: new_tokens,
         device: parse_device(&args.device).map_err(|e| e.to_string())?,
@@ -289,6 +325,14 @@ fn run() -> Result<(), String> {
     if only == "constraints" {
         let kernel = load(&args, 32, 64)?;
         return constraints::run(&mut report, &args, kernel.vocab());
+    }
+    if only == "formats" {
+        let kernel = load(&args, 1, 64)?;
+        // Real text without repetition (a repeated passage would be predicted by copying):
+        // the passage above, then this project's README.
+        let text = format!("{TEXT}\n\n{}", include_str!("../../README.md"));
+        let text = kernel.encode(&text).map_err(|e| e.to_string())?;
+        return formats::run(&mut report, &args, &text);
     }
     if only == "potentials" {
         let kernel = load(&args, 1, 64)?;

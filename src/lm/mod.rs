@@ -7,6 +7,7 @@
 //! | `gguf.rs` | [`GgufFile`]: llama.cpp's format, dimensions and options from its metadata |
 //! | `checkpoint.rs` | Hugging Face checkpoints: tensor names, `config.json` |
 //! | `model/` | [`LlamaModel`]: weights loading behind one trait, layers, the batched forward pass, a reference pass |
+//! | `quant/` | quantized weights (Q8_0, Q4_0, Q4_1) multiplied with int8 dot products, kernels picked at run time |
 //! | `cache/` | [`PagedKvCache`]: block tables shared by a population, two attention back-ends behind one trait |
 //! | `tokenizer.rs`, `chat.rs` | [`Tokenizer`] and [`ChatTemplate`] |
 //! | `device.rs` | choosing a candle device by name ([`parse_device`]) |
@@ -22,6 +23,7 @@ mod family;
 mod gguf;
 mod kernel;
 mod model;
+mod quant;
 mod tokenizer;
 
 pub use cache::{AttentionPath, CacheLayout, CacheSeq, PagedKvCache, QueryMeta, ScoreOptions};
@@ -37,4 +39,5 @@ pub use kernel::{
     TransformerKernel, DEFAULT_MODEL_FILE, MODEL_ENV,
 };
 pub use model::{LlamaModel, LoadOptions, LogitRows, SeqTokens, WeightFormat};
+pub use quant::cpu_kernels;
 pub use tokenizer::Tokenizer;

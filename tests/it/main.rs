@@ -15,6 +15,7 @@ mod lm_device;
 mod lm_examples;
 mod lm_families;
 mod lm_files;
+mod lm_formats;
 mod lm_real;
 mod lm_timing;
 mod lm_tiny;

@@ -2,7 +2,11 @@
 //! block's weights and the rotary-embedding frequencies of one kind of layer.
 
 use candle_core::quantized::QMatMul;
+use std::sync::Arc;
+
 use candle_core::{Device, Module, Tensor};
+
+use crate::lm::quant::QMatrix;
 
 use crate::lm::cache::ScoreOptions;
 use crate::lm::family::RopeScaling;
@@ -13,7 +17,10 @@ pub(super) enum Linear {
     /// Stores `W^T` (`[in, out]`, contiguous): the row-major product `x W^T` then streams
     /// the weights in order, which is markedly faster for small batches.
     Dense(Tensor),
+    /// candle's quantized matmul ([`crate::lm::WeightFormat::Quantized`]).
     Quant(QMatMul),
+    /// Our block formats with int8 dot products ([`crate::lm::WeightFormat::Q8_0`], ...).
+    Int(Arc<QMatrix>),
 }
 
 impl Linear {
@@ -26,7 +33,12 @@ impl Linear {
     pub(super) fn to_device(&self, device: &Device) -> candle_core::Result<Self> {
         match self {
             Linear::Dense(wt) => Ok(Linear::Dense(wt.to_device(device)?)),
-            Linear::Quant(_) if device.is_cpu() => Ok(self.clone()),
+            Linear::Quant(_) | Linear::Int(_) if device.is_cpu() => Ok(self.clone()),
+            Linear::Int(q) => {
+                let [rows, cols] = q.dims();
+                let w = Tensor::from_vec(q.dequantize(), (rows, cols), &candle_core::Device::Cpu)?;
+                Linear::dense(w.to_device(device)?)
+            }
             Linear::Quant(QMatMul::QTensor(q)) => {
                 Linear::dense(q.dequantize(&candle_core::Device::Cpu)?.to_device(device)?)
             }
@@ -36,12 +48,35 @@ impl Linear {
         }
     }
 
+    /// Bytes the weights occupy.
+    pub(super) fn bytes(&self) -> usize {
+        match self {
+            Linear::Dense(wt) => wt.elem_count() * wt.dtype().size_in_bytes(),
+            Linear::Quant(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
+            Linear::Quant(QMatMul::Tensor(w) | QMatMul::TensorF16(w)) => {
+                w.elem_count() * w.dtype().size_in_bytes()
+            }
+            Linear::Int(q) => q.bytes(),
+        }
+    }
+
     pub(super) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Linear::Dense(wt) => x.matmul(wt),
             Linear::Quant(q) => q.forward(x),
+            Linear::Int(q) => int_forward(q, x),
         }
     }
+}
+
+/// `x Wᵀ` with a block-quantized `W` (on the CPU; `x: [n, in]`).
+fn int_forward(q: &QMatrix, x: &Tensor) -> candle_core::Result<Tensor> {
+    let (n, cols) = x.dims2()?;
+    if cols != q.dims()[1] {
+        candle_core::bail!("input width {cols} for a matrix of {:?}", q.dims());
+    }
+    let xs = x.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    Tensor::from_vec(q.matmul(&xs, n), (n, q.dims()[0]), x.device())
 }
 
 /// Several linear maps applied to the same input. Dense maps are fused into one matrix
@@ -49,16 +84,33 @@ impl Linear {
 #[derive(Debug, Clone)]
 pub(super) enum Proj {
     Fused { wt: Tensor, sizes: Vec<usize> },
+    /// Block-quantized maps stacked by rows: one activation quantization, one product.
+    FusedInt { q: Arc<QMatrix>, sizes: Vec<usize> },
     Split(Vec<Linear>),
 }
 
 impl Proj {
     pub(super) fn new(parts: Vec<Linear>) -> candle_core::Result<Self> {
+        let ints: Vec<&QMatrix> = parts
+            .iter()
+            .filter_map(|l| match l {
+                Linear::Int(q) => Some(q.as_ref()),
+                _ => None,
+            })
+            .collect();
+        if ints.len() == parts.len() {
+            if let Some(q) = QMatrix::stack(&ints) {
+                return Ok(Proj::FusedInt {
+                    sizes: ints.iter().map(|q| q.dims()[0]).collect(),
+                    q: Arc::new(q),
+                });
+            }
+        }
         let dense: Vec<&Tensor> = parts
             .iter()
             .filter_map(|l| match l {
                 Linear::Dense(wt) => Some(wt),
-                Linear::Quant(_) => None,
+                Linear::Quant(_) | Linear::Int(_) => None,
             })
             .collect();
         if dense.len() < parts.len() {
@@ -81,6 +133,14 @@ impl Proj {
                 wt: wt.to_device(device)?,
                 sizes: sizes.clone(),
             }),
+            Proj::FusedInt { .. } if device.is_cpu() => Ok(self.clone()),
+            // Elsewhere the parts become dense f32 matrices, fused again.
+            Proj::FusedInt { .. } => Proj::new(
+                self.parts()?
+                    .iter()
+                    .map(|l| l.to_device(device))
+                    .collect::<candle_core::Result<_>>()?,
+            ),
             Proj::Split(ls) => Ok(Proj::Split(
                 ls.iter()
                     .map(|l| l.to_device(device))
@@ -89,21 +149,29 @@ impl Proj {
         }
     }
 
+    /// Bytes the weights occupy.
+    pub(super) fn bytes(&self) -> usize {
+        match self {
+            Proj::Fused { wt, .. } => wt.elem_count() * wt.dtype().size_in_bytes(),
+            Proj::FusedInt { q, .. } => q.bytes(),
+            Proj::Split(ls) => ls.iter().map(Linear::bytes).sum(),
+        }
+    }
+
     /// All outputs (`[rows, out_i]` each; fused outputs are column views of one product).
     pub(super) fn forward(&self, x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
-        match self {
-            Proj::Fused { wt, sizes } => {
-                let y = x.matmul(wt)?;
-                let mut off = 0;
-                let mut out = Vec::with_capacity(sizes.len());
-                for &n in sizes {
-                    out.push(y.narrow(1, off, n)?);
-                    off += n;
-                }
-                Ok(out)
-            }
-            Proj::Split(ls) => ls.iter().map(|l| l.forward(x)).collect(),
+        let (y, sizes) = match self {
+            Proj::Fused { wt, sizes } => (x.matmul(wt)?, sizes),
+            Proj::FusedInt { q, sizes } => (int_forward(q, x)?, sizes),
+            Proj::Split(ls) => return ls.iter().map(|l| l.forward(x)).collect(),
+        };
+        let mut off = 0;
+        let mut out = Vec::with_capacity(sizes.len());
+        for &n in sizes {
+            out.push(y.narrow(1, off, n)?);
+            off += n;
         }
+        Ok(out)
     }
 
     /// The separate maps (views into the fused matrix), for the unfused reference path.
@@ -114,6 +182,18 @@ impl Proj {
                 let mut out = Vec::with_capacity(sizes.len());
                 for &n in sizes {
                     out.push(Linear::Dense(wt.narrow(1, off, n)?));
+                    off += n;
+                }
+                Ok(out)
+            }
+            Proj::FusedInt { q, sizes } => {
+                let mut off = 0;
+                let mut out = Vec::with_capacity(sizes.len());
+                for &n in sizes {
+                    let part = q
+                        .slice_rows(off, n)
+                        .ok_or_else(|| candle_core::Error::Msg("fused rows out of range".into()))?;
+                    out.push(Linear::Int(Arc::new(part)));
                     off += n;
                 }
                 Ok(out)

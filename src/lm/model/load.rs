@@ -18,9 +18,19 @@ use crate::lm::config::{limits, LlamaConfig};
 use crate::lm::error::{LmError, LmResult};
 use crate::lm::family::{ArchOptions, LayerKind, ModelType, RopeScaling};
 use crate::lm::gguf::{gguf_arch, gguf_config, GgufFile};
+use crate::lm::quant::{QFormat, QMatrix};
 
 /// How weight matrices are stored and multiplied.
+///
+/// The block formats (`Q8_0`, `Q4_0`, `Q4_1`, `Native`) keep 32 weights per block with
+/// their scale and multiply with integer dot products against activations quantized per
+/// block of 32 to int8, f32 accumulation (llama.cpp's approach; kernels chosen at run time
+/// from the CPU's features). A matrix stored in the file in the requested format is used as
+/// stored; any other is quantized at load. The embedding lookup stays f32. See
+/// `docs/benchmarks.md` for speed and the KL divergence of each format to f32.
+#[allow(non_camel_case_types)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum WeightFormat {
     /// Dequantize everything to f32 (default; fastest on CPU for batched decoding).
     #[default]
@@ -29,6 +39,69 @@ pub enum WeightFormat {
     /// large batches; greedy outputs may differ from f32 on near-ties). Ignored for
     /// safetensors checkpoints.
     Quantized,
+    /// 8-bit blocks: `w = d · q`.
+    Q8_0,
+    /// 4-bit blocks: `w = d · (q − 8)`.
+    Q4_0,
+    /// 4-bit blocks with a minimum: `w = d · q + m`.
+    Q4_1,
+    /// As stored in the GGUF file: `Q8_0`, `Q4_0` and `Q4_1` matrices as they are, float
+    /// matrices as f32, other block types (K-quants) requantized to `Q8_0`.
+    Native,
+}
+
+impl WeightFormat {
+    /// The format's name as the command line spells it (`f32`, `candle-quantized`, `q8_0`,
+    /// `q4_0`, `q4_1`, `native`).
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightFormat::F32 => "f32",
+            WeightFormat::Quantized => "candle-quantized",
+            WeightFormat::Q8_0 => "q8_0",
+            WeightFormat::Q4_0 => "q4_0",
+            WeightFormat::Q4_1 => "q4_1",
+            WeightFormat::Native => "native",
+        }
+    }
+
+    /// Every format, in the order of [`WeightFormat::name`].
+    pub const ALL: [WeightFormat; 6] = [
+        WeightFormat::F32,
+        WeightFormat::Quantized,
+        WeightFormat::Q8_0,
+        WeightFormat::Q4_0,
+        WeightFormat::Q4_1,
+        WeightFormat::Native,
+    ];
+
+    /// The format named `name` (see [`WeightFormat::name`]).
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|f| f.name() == name)
+    }
+
+    /// The block format every matrix is converted to, for the explicit block formats.
+    fn block_format(self) -> Option<QFormat> {
+        match self {
+            WeightFormat::Q8_0 => Some(QFormat::Q8_0),
+            WeightFormat::Q4_0 => Some(QFormat::Q4_0),
+            WeightFormat::Q4_1 => Some(QFormat::Q4_1),
+            _ => None,
+        }
+    }
+}
+
+/// A dense layer converted to a block format (`W` quantized from its f32 values); other
+/// layers as they are. Matrices whose width is not a multiple of 32 stay dense.
+fn to_block_format(l: Linear, format: Option<QFormat>) -> LmResult<Linear> {
+    let (Some(f), Linear::Dense(wt)) = (format, &l) else {
+        return Ok(l);
+    };
+    let (cols, rows) = wt.dims2()?;
+    let w = wt.t()?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+    Ok(match QMatrix::quantize(f, &w, rows, cols) {
+        Some(q) => Linear::Int(Arc::new(q)),
+        None => l,
+    })
 }
 
 /// Options for loading a model.
@@ -87,11 +160,18 @@ fn linear_dims(l: &Linear) -> Vec<usize> {
         Linear::Dense(wt) => wt.dims().iter().rev().copied().collect(),
         Linear::Quant(QMatMul::QTensor(q)) => q.shape().dims().to_vec(),
         Linear::Quant(QMatMul::Tensor(w) | QMatMul::TensorF16(w)) => w.dims().to_vec(),
+        Linear::Int(q) => q.dims().to_vec(),
     }
 }
 
 impl LlamaModel {
-    fn build(config: LlamaConfig, arch: ArchOptions, src: &mut dyn WeightSource) -> LmResult<Self> {
+    fn build(
+        config: LlamaConfig,
+        arch: ArchOptions,
+        weights: WeightFormat,
+        src: &mut dyn WeightSource,
+    ) -> LmResult<Self> {
+        let block = weights.block_format();
         config.validate()?;
         let c = &config;
         if arch.layers.len() != c.n_layers {
@@ -112,7 +192,7 @@ impl LlamaModel {
         check_shape(&embed, &[c.vocab_size, h], "token_embd.weight")?;
         let lin =
             |src: &mut dyn WeightSource, name: String, dims: [usize; 2]| -> LmResult<Linear> {
-                let l = require(src.linear(&name)?, &name)?;
+                let l = to_block_format(require(src.linear(&name)?, &name)?, block)?;
                 if linear_dims(&l) != dims {
                     return Err(LmError::Format(format!(
                         "tensor `{name}` has shape {:?}, expected {dims:?}",
@@ -128,7 +208,7 @@ impl LlamaModel {
         };
         // Rows `[from, from + n)` of a fused `[out, in]` matrix as a dense layer.
         let rows = |w: &Tensor, from: usize, n: usize| -> LmResult<Linear> {
-            Ok(Linear::dense(w.narrow(0, from, n)?.contiguous()?)?)
+            to_block_format(Linear::dense(w.narrow(0, from, n)?.contiguous()?)?, block)
         };
         let has = |src: &mut dyn WeightSource, name: &str| src.has(name);
         let sliding_rope = usize::from(arch.rope_local_theta.is_some());
@@ -229,12 +309,12 @@ impl LlamaModel {
                         [c.vocab_size, h]
                     )));
                 }
-                l
+                to_block_format(l, block)?
             }
             // Tied embeddings (or no separate output matrix in the file).
             None => match src.linear("token_embd.weight")? {
-                Some(Linear::Quant(q)) => Linear::Quant(q),
-                _ => Linear::dense(embed.clone())?,
+                Some(l @ (Linear::Quant(_) | Linear::Int(_))) => l,
+                _ => to_block_format(Linear::dense(embed.clone())?, block)?,
             },
         };
         let norm = require(src.dense("output_norm.weight")?, "output_norm.weight")?;
@@ -354,7 +434,7 @@ impl LlamaModel {
                 self.0.contains_key(name)
             }
         }
-        Self::build(config, arch, &mut Map(tensors))
+        Self::build(config, arch, WeightFormat::F32, &mut Map(tensors))
     }
 
     /// Load a GGUF file.
@@ -382,7 +462,7 @@ impl LlamaModel {
         config.tie_embeddings = !gguf.content.tensor_infos.contains_key("output.weight");
         struct Src<'a> {
             g: &'a mut GgufFile,
-            quantized: bool,
+            weights: WeightFormat,
         }
         impl WeightSource for Src<'_> {
             fn dense(&mut self, name: &str) -> LmResult<Option<Tensor>> {
@@ -399,15 +479,40 @@ impl LlamaModel {
                     return Ok(None);
                 };
                 let float = matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
-                if self.quantized && !float {
-                    Ok(Some(Linear::Quant(QMatMul::QTensor(Arc::new(q)))))
-                } else {
-                    Ok(Some(Linear::dense(q.dequantize(&Device::Cpu)?)?))
+                let stored = match q.dtype() {
+                    GgmlDType::Q8_0 => Some(QFormat::Q8_0),
+                    GgmlDType::Q4_0 => Some(QFormat::Q4_0),
+                    GgmlDType::Q4_1 => Some(QFormat::Q4_1),
+                    _ => None,
+                };
+                let wanted = match self.weights {
+                    WeightFormat::Quantized if !float => {
+                        return Ok(Some(Linear::Quant(QMatMul::QTensor(Arc::new(q)))))
+                    }
+                    WeightFormat::Native => stored,
+                    other => other.block_format(),
+                };
+                // Blocks as stored when the file holds the wanted format.
+                if let (Some(f), Some(s)) = (wanted, stored) {
+                    if f == s {
+                        if let [rows, cols] = *q.shape().dims() {
+                            if let Some(m) = QMatrix::from_gguf(f, &q.data()?, rows, cols) {
+                                return Ok(Some(Linear::Int(Arc::new(m))));
+                            }
+                        }
+                    }
                 }
+                let dense = Linear::dense(q.dequantize(&Device::Cpu)?)?;
+                // `native` for block types without a kernel of ours (K-quants): Q8_0.
+                if self.weights == WeightFormat::Native && !float && stored.is_none() {
+                    return Ok(Some(to_block_format(dense, Some(QFormat::Q8_0))?));
+                }
+                Ok(Some(dense))
             }
         }
-        let quantized = opts.weights == WeightFormat::Quantized;
-        Self::build(config, arch, &mut Src { g: gguf, quantized })?.to_device(&opts.device)
+        let weights = opts.weights;
+        let src = &mut Src { g: gguf, weights };
+        Self::build(config, arch, weights, src)?.to_device(&opts.device)
     }
 
     /// Load a Hugging Face checkpoint directory (`config.json` and one or more
@@ -477,6 +582,7 @@ impl LlamaModel {
         Self::build(
             config,
             arch,
+            opts.weights,
             &mut Hf {
                 tensors,
                 model_type,

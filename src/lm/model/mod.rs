@@ -78,6 +78,31 @@ impl LlamaModel {
         &self.config
     }
 
+    /// Bytes the weights occupy in memory: the embedding, every matrix and norm, and the
+    /// output layer (for tied embeddings a transposed or quantized copy of the embedding).
+    pub fn weight_bytes(&self) -> usize {
+        let t = |x: &Tensor| x.elem_count() * x.dtype().size_in_bytes();
+        let o = |x: &Option<Tensor>| x.as_ref().map_or(0, t);
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                t(&l.attn_norm)
+                    + t(&l.ffn_norm)
+                    + o(&l.post_attn_norm)
+                    + o(&l.post_ffw_norm)
+                    + l.qkv.bytes()
+                    + l.gate_up.bytes()
+                    + l.wo.bytes()
+                    + l.w_down.bytes()
+                    + l.qkv_bias.as_ref().map_or(0, |b| b.iter().map(t).sum())
+                    + l.qk_norm.as_ref().map_or(0, |b| b.iter().map(t).sum())
+            })
+            .sum();
+        // A tied output layer is a transposed copy (or a quantized one) of the embedding.
+        t(&self.embed) + t(&self.norm) + layers + self.lm_head.bytes()
+    }
+
     /// The device holding the weights (where the forward pass runs).
     pub fn device(&self) -> &Device {
         self.embed.device()

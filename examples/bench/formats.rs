@@ -1,0 +1,98 @@
+//! Weight formats side by side: load time, weight memory, decode step and model GFLOP/s per
+//! batch size, and the accuracy of each format as the KL divergence of its next-token
+//! distributions from f32's over 1,000 positions of real text (the bench passage followed by
+//! the README, no repetition).
+//!
+//! `SMC_BENCH_ONLY=formats cargo run --release --example bench -- --json [--formats f32,q8_0]`
+
+use std::time::Instant;
+
+use smc_steer::lm::{LlamaConfig, LlamaModel, LoadOptions, LogitRows, SeqTokens, WeightFormat};
+use smc_steer::TokenId;
+
+use super::{decode_ours, median, Args, Report};
+
+/// Positions of real text scored for the KL divergence.
+const KL_POSITIONS: usize = 1000;
+/// Tokens per forward call while scoring them.
+const KL_CHUNK: usize = 250;
+
+/// Multiply-adds of the matrix products of one token (projections, MLP, output layer).
+fn matmul_params(c: &LlamaConfig) -> f64 {
+    let (h, q, kv, i) = (
+        c.hidden_size as f64,
+        (c.n_heads * c.head_dim) as f64,
+        (c.n_kv_heads * c.head_dim) as f64,
+        c.intermediate_size as f64,
+    );
+    c.n_layers as f64 * (h * (q + 2.0 * kv) + q * h + 3.0 * h * i) + c.vocab_size as f64 * h
+}
+
+/// Next-token log-probabilities (f64) of every position of `tokens`.
+fn log_probs(model: &LlamaModel, tokens: &[TokenId]) -> Result<Vec<Vec<f64>>, String> {
+    let e = |e: smc_steer::lm::LmError| e.to_string();
+    let mut cache = model.new_cache(16, tokens.len() + 16).map_err(e)?;
+    let seq = cache.create();
+    let mut rows = Vec::with_capacity(tokens.len());
+    for chunk in tokens.chunks(KL_CHUNK) {
+        let logits = model
+            .forward(&[SeqTokens { seq, tokens: chunk }], &mut cache, LogitRows::All)
+            .map_err(e)?;
+        for r in logits.to_vec2::<f32>().map_err(|e| e.to_string())? {
+            let max = r.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+            let lse = max + r.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
+            rows.push(r.iter().map(|&v| v as f64 - lse).collect());
+        }
+    }
+    Ok(rows)
+}
+
+/// KL(p ‖ q) of two log-probability rows.
+fn kl(p: &[f64], q: &[f64]) -> f64 {
+    p.iter()
+        .zip(q)
+        .filter(|(a, _)| a.is_finite())
+        .map(|(&a, &b)| a.exp() * (a - b))
+        .sum()
+}
+
+pub fn run(report: &mut Report, args: &Args, text: &[TokenId]) -> Result<(), String> {
+    let path = super::model_path(args)?;
+    let text = &text[..KL_POSITIONS.min(text.len())];
+    let mut reference: Option<Vec<Vec<f64>>> = None;
+    for &format in &args.formats {
+        let imp = format!("smc-steer-{}", format.name());
+        let t0 = Instant::now();
+        let opts = LoadOptions {
+            weights: format,
+            ..LoadOptions::default()
+        };
+        let model = LlamaModel::from_gguf(&path, &opts).map_err(|e| e.to_string())?;
+        report.emit("load_s", &imp, 1, t0.elapsed().as_secs_f64(), "s");
+        report.emit("weight_bytes", &imp, 1, model.weight_bytes() as f64, "bytes");
+        let flops = 2.0 * matmul_params(model.config());
+        let lp = log_probs(&model, text)?;
+        match &reference {
+            None if format == WeightFormat::F32 => reference = Some(lp),
+            None => {}
+            Some(r) => {
+                let kls: Vec<f64> = r.iter().zip(&lp).map(|(p, q)| kl(p, q)).collect();
+                let mean = kls.iter().sum::<f64>() / kls.len() as f64;
+                let max = kls.iter().copied().fold(0.0, f64::max);
+                report.emit("kl_mean", &imp, kls.len(), mean, "nats");
+                report.emit("kl_max", &imp, kls.len(), max, "nats");
+            }
+        }
+        drop(model);
+        let max_n = *args.ns.iter().max().unwrap_or(&1);
+        let mut kernel = super::load_with(args, max_n, args.steps + 4, format)?;
+        let prompt = &text[..args.prompt_tokens];
+        for &n in &args.ns {
+            let (times, _) = decode_ours(&mut kernel, prompt, n, args.steps)?;
+            let step = median(times);
+            report.emit("decode_step_ms", &imp, n, step, "ms");
+            report.emit("gflops", &imp, n, flops * n as f64 / (step / 1e3) / 1e9, "GFLOP/s");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,147 @@
+//! Block formats: 32 weights per block with their scale (and, for Q4_1, minimum), as in
+//! llama.cpp's GGUF files, and activations quantized per block of 32 to int8.
+//!
+//! * `Q8_0`: `w = d · q`, `q` in −127..=127 (files may hold −128), 34 bytes per block on disk.
+//! * `Q4_0`: `w = d · (q − 8)`, `q` in 0..=15, two per byte (element `i` in the low nibble of
+//!   byte `i`, element `i + 16` in the high nibble), 18 bytes per block on disk.
+//! * `Q4_1`: `w = d · q + m`, same packing, 20 bytes per block on disk.
+//!
+//! In memory scales are f32 and a `Q4_0` block is stored as `Q4_1` with `m = −8 d`, so one
+//! kernel serves both.
+
+/// Weights per block.
+pub(crate) const BLOCK: usize = 32;
+
+/// A block of 32 int8 weights and their scale.
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+pub(crate) struct BlockQ8 {
+    pub(crate) d: f32,
+    pub(crate) qs: [i8; BLOCK],
+}
+
+/// A block of 32 4-bit weights (`w = d · q + m`).
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+pub(crate) struct BlockQ4 {
+    pub(crate) d: f32,
+    pub(crate) m: f32,
+    /// Element `i` in the low nibble of byte `i`, element `i + 16` in the high nibble.
+    pub(crate) qs: [u8; BLOCK / 2],
+}
+
+/// A block of 32 activations quantized to int8, with `sum = d · Σ q` (the term a block's
+/// minimum multiplies).
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+pub(crate) struct BlockX {
+    pub(crate) d: f32,
+    pub(crate) sum: f32,
+    pub(crate) qs: [i8; BLOCK],
+}
+
+/// Round-to-nearest int8 quantization of 32 values with scale `max |x| / 127`.
+fn quantize_i8(x: &[f32]) -> (f32, [i8; BLOCK]) {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let mut qs = [0i8; BLOCK];
+    for (q, v) in qs.iter_mut().zip(x) {
+        *q = (v * inv).round().clamp(-127.0, 127.0) as i8;
+    }
+    (d, qs)
+}
+
+impl BlockQ8 {
+    /// Quantize 32 weights.
+    pub(crate) fn quantize(x: &[f32]) -> Self {
+        let (d, qs) = quantize_i8(x);
+        Self { d, qs }
+    }
+
+    /// The 32 weights.
+    pub(crate) fn dequantize(&self, out: &mut [f32]) {
+        for (o, &q) in out.iter_mut().zip(&self.qs) {
+            *o = self.d * f32::from(q);
+        }
+    }
+
+    /// A GGUF `Q8_0` block: f16 scale, 32 int8.
+    pub(crate) fn from_gguf(b: &[u8]) -> Self {
+        let d = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+        let mut qs = [0i8; BLOCK];
+        for (q, &v) in qs.iter_mut().zip(&b[2..2 + BLOCK]) {
+            *q = v as i8;
+        }
+        Self { d, qs }
+    }
+}
+
+impl BlockQ4 {
+    /// Quantize 32 weights to `Q4_1` (`d = (max − min) / 15`, `m = min`).
+    pub(crate) fn quantize(x: &[f32]) -> Self {
+        let (lo, hi) = x
+            .iter()
+            .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
+        let d = (hi - lo) / 15.0;
+        let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+        let q = |v: f32| ((v - lo) * inv).round().clamp(0.0, 15.0) as u8;
+        let mut qs = [0u8; BLOCK / 2];
+        for (i, byte) in qs.iter_mut().enumerate() {
+            *byte = q(x[i]) | (q(x[i + BLOCK / 2]) << 4);
+        }
+        Self { d, m: lo, qs }
+    }
+
+    /// Quantize 32 weights to `Q4_0` as llama.cpp does: `d = −w* / 8` for the weight `w*` of
+    /// largest magnitude (so that it maps to level 0 exactly), `q = round(w / d) + 8`.
+    pub(crate) fn quantize_q4_0(x: &[f32]) -> Self {
+        let extreme = x.iter().fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+        let d = extreme / -8.0;
+        let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let q = |v: f32| (v * inv + 8.5).clamp(0.0, 15.0) as u8;
+        let mut qs = [0u8; BLOCK / 2];
+        for (i, byte) in qs.iter_mut().enumerate() {
+            *byte = q(x[i]) | (q(x[i + BLOCK / 2]) << 4);
+        }
+        Self { d, m: -8.0 * d, qs }
+    }
+
+    /// The 32 weights.
+    pub(crate) fn dequantize(&self, out: &mut [f32]) {
+        for (i, &b) in self.qs.iter().enumerate() {
+            out[i] = self.d * f32::from(b & 0x0F) + self.m;
+            out[i + BLOCK / 2] = self.d * f32::from(b >> 4) + self.m;
+        }
+    }
+
+    /// A GGUF `Q4_0` block: f16 scale, 16 bytes of nibbles (`w = d · (q − 8)`).
+    pub(crate) fn from_gguf_q4_0(b: &[u8]) -> Self {
+        let d = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+        let mut qs = [0u8; BLOCK / 2];
+        qs.copy_from_slice(&b[2..2 + BLOCK / 2]);
+        Self { d, m: -8.0 * d, qs }
+    }
+
+    /// A GGUF `Q4_1` block: f16 scale, f16 minimum, 16 bytes of nibbles.
+    pub(crate) fn from_gguf_q4_1(b: &[u8]) -> Self {
+        let d = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+        let m = half::f16::from_le_bytes([b[2], b[3]]).to_f32();
+        let mut qs = [0u8; BLOCK / 2];
+        qs.copy_from_slice(&b[4..4 + BLOCK / 2]);
+        Self { d, m, qs }
+    }
+}
+
+impl BlockX {
+    /// Quantize 32 activations.
+    pub(crate) fn quantize(x: &[f32]) -> Self {
+        let (d, qs) = quantize_i8(x);
+        let s: i32 = qs.iter().map(|&q| i32::from(q)).sum();
+        Self {
+            d,
+            sum: d * s as f32,
+            qs,
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! Block dot products: a quantized weight row against an int8-quantized activation row, with
+//! a portable scalar version and AVX2 versions chosen at run time.
+//!
+//! Per block the integer products are summed exactly in i32 and scaled once:
+//! `Q8`: `Σ_b d_w d_x Σ_i w_i x_i`; `Q4`: `Σ_b d_w d_x Σ_i q_i x_i + m_w · d_x Σ_i x_i`.
+//! The AVX2 kernels use `maddubs` (u8 × i8 → pairs of i16) and `madd` (→ i32), llama.cpp's
+//! approach: for `Q8`, the sign of each weight is moved onto the activation so that the
+//! unsigned operand is `|w|`; 4-bit weights are unsigned already. No i16 pair can saturate:
+//! `2 · 128 · 127 < 2^15`.
+
+use super::blocks::{BlockQ4, BlockQ8, BlockX};
+
+/// A dot product of a weight row with an activation row (same number of blocks).
+pub(crate) type DotQ8 = fn(&[BlockQ8], &[BlockX]) -> f32;
+/// As [`DotQ8`] for 4-bit weights.
+pub(crate) type DotQ4 = fn(&[BlockQ4], &[BlockX]) -> f32;
+
+/// The kernels of one instruction set.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Kernels {
+    /// Name for reports and tests (`scalar`, `avx2`).
+    pub(crate) name: &'static str,
+    pub(crate) q8: DotQ8,
+    pub(crate) q4: DotQ4,
+}
+
+pub(crate) const SCALAR: Kernels = Kernels {
+    name: "scalar",
+    q8: dot_q8_scalar,
+    q4: dot_q4_scalar,
+};
+
+/// Every kernel set this CPU can run, the portable one first.
+pub(crate) fn available() -> Vec<Kernels> {
+    #[allow(unused_mut)]
+    let mut v = vec![SCALAR];
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        v.push(Kernels {
+            name: "avx2",
+            q8: x86::dot_q8,
+            q4: x86::dot_q4,
+        });
+    }
+    v
+}
+
+/// The fastest kernel set of this CPU (decided once, at the first call).
+pub(crate) fn best() -> Kernels {
+    static BEST: std::sync::OnceLock<Kernels> = std::sync::OnceLock::new();
+    *BEST.get_or_init(|| available().pop().unwrap_or(SCALAR))
+}
+
+fn dot_q8_scalar(w: &[BlockQ8], x: &[BlockX]) -> f32 {
+    let mut acc = 0f32;
+    for (a, b) in w.iter().zip(x) {
+        let s: i32 = a
+            .qs
+            .iter()
+            .zip(&b.qs)
+            .map(|(&p, &q)| i32::from(p) * i32::from(q))
+            .sum();
+        acc += a.d * b.d * s as f32;
+    }
+    acc
+}
+
+fn dot_q4_scalar(w: &[BlockQ4], x: &[BlockX]) -> f32 {
+    let mut acc = 0f32;
+    for (a, b) in w.iter().zip(x) {
+        let mut s = 0i32;
+        for (i, &byte) in a.qs.iter().enumerate() {
+            s += i32::from(byte & 0x0F) * i32::from(b.qs[i]);
+            s += i32::from(byte >> 4) * i32::from(b.qs[i + 16]);
+        }
+        acc += a.d * b.d * s as f32 + a.m * b.sum;
+    }
+    acc
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::super::blocks::{BlockQ4, BlockQ8, BlockX};
+
+    /// Horizontal sum of eight f32 lanes.
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps::<1>(v);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// Σ u_i · s_i over 32 bytes as eight i32 lanes (u unsigned, s signed).
+    #[target_feature(enable = "avx2,fma")]
+    fn dot_bytes(u: __m256i, s: __m256i) -> __m256i {
+        let pairs = _mm256_maddubs_epi16(u, s);
+        _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
+    }
+
+    pub(super) fn dot_q8(w: &[BlockQ8], x: &[BlockX]) -> f32 {
+        // SAFETY: only handed out by `available()` after checking AVX2 and FMA.
+        unsafe { dot_q8_avx2(w, x) }
+    }
+
+    pub(super) fn dot_q4(w: &[BlockQ4], x: &[BlockX]) -> f32 {
+        // SAFETY: as above.
+        unsafe { dot_q4_avx2(w, x) }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dot_q8_avx2(w: &[BlockQ8], x: &[BlockX]) -> f32 {
+        let mut acc = _mm256_setzero_ps();
+        for (a, b) in w.iter().zip(x) {
+            // SAFETY: `qs` are 32 bytes; unaligned loads.
+            let (wv, xv) = unsafe {
+                (
+                    _mm256_loadu_si256(a.qs.as_ptr().cast()),
+                    _mm256_loadu_si256(b.qs.as_ptr().cast()),
+                )
+            };
+            let sum = dot_bytes(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+            let scale = _mm256_set1_ps(a.d * b.d);
+            acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sum), acc);
+        }
+        hsum(acc)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dot_q4_avx2(w: &[BlockQ4], x: &[BlockX]) -> f32 {
+        let mut acc = _mm256_setzero_ps();
+        let mut mins = 0f32;
+        let low = _mm256_set1_epi8(0x0F);
+        for (a, b) in w.iter().zip(x) {
+            // SAFETY: `qs` are 16 and 32 bytes; unaligned loads.
+            let (packed, xv) = unsafe {
+                (
+                    _mm_loadu_si128(a.qs.as_ptr().cast()),
+                    _mm256_loadu_si256(b.qs.as_ptr().cast()),
+                )
+            };
+            // Low nibbles are elements 0..16, high nibbles 16..32.
+            let both = _mm256_set_m128i(_mm_srli_epi16::<4>(packed), packed);
+            let q = _mm256_and_si256(both, low);
+            let sum = dot_bytes(q, xv);
+            let scale = _mm256_set1_ps(a.d * b.d);
+            acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sum), acc);
+            mins += a.m * b.sum;
+        }
+        hsum(acc) + mins
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::{Rng, SeedableRng};
+    use rand_pcg::Pcg64;
+
+    use super::*;
+    use crate::lm::quant::blocks::BLOCK;
+
+    /// Seed of the random blocks.
+    const SEED: u64 = 0x51_0C;
+
+    /// Every kernel set gives the scalar result, on random blocks including the extreme
+    /// values (−128 weights from files, ±127 activations). Integer sums are exact, so the
+    /// only difference is the order of the f32 block accumulation.
+    #[test]
+    fn kernels_agree_with_the_scalar_kernels() {
+        let mut rng = Pcg64::seed_from_u64(SEED);
+        for blocks in [1, 3, 18, 48] {
+            let w8: Vec<BlockQ8> = (0..blocks)
+                .map(|_| BlockQ8 {
+                    d: rng.random_range(0.001..0.1),
+                    qs: std::array::from_fn(|_| rng.random_range(-128..=127)),
+                })
+                .collect();
+            let w4: Vec<BlockQ4> = (0..blocks)
+                .map(|_| BlockQ4 {
+                    d: rng.random_range(0.001..0.1),
+                    m: rng.random_range(-0.5..0.5),
+                    qs: std::array::from_fn(|_| rng.random()),
+                })
+                .collect();
+            let x: Vec<BlockX> = (0..blocks)
+                .map(|_| {
+                    let v: Vec<f32> = (0..BLOCK).map(|_| rng.random_range(-3.0..3.0)).collect();
+                    BlockX::quantize(&v)
+                })
+                .collect();
+            let (r8, r4) = ((SCALAR.q8)(&w8, &x), (SCALAR.q4)(&w4, &x));
+            for k in available() {
+                let (a8, a4) = ((k.q8)(&w8, &x), (k.q4)(&w4, &x));
+                let tol = |r: f32| 1e-5 * (1.0 + r.abs()) * blocks as f32;
+                assert!((a8 - r8).abs() <= tol(r8), "{} q8: {a8} vs {r8}", k.name);
+                assert!((a4 - r4).abs() <= tol(r4), "{} q4: {a4} vs {r4}", k.name);
+            }
+        }
+    }
+}

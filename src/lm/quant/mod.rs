@@ -1,0 +1,309 @@
+//! Quantized weight matrices multiplied without dequantizing: 8- and 4-bit blocks of 32
+//! weights (llama.cpp's `Q8_0`, `Q4_0`, `Q4_1`), activations quantized per block of 32 to
+//! int8, integer dot products with f32 accumulation. The kernel is chosen at run time from
+//! the CPU's features (`dot.rs`): AVX2 where present, a portable scalar kernel elsewhere.
+
+mod blocks;
+mod dot;
+
+use rayon::prelude::*;
+
+pub(crate) use blocks::BLOCK;
+use blocks::{BlockQ4, BlockQ8, BlockX};
+
+/// The block format of a [`QMatrix`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum QFormat {
+    /// 8-bit weights, one scale per block.
+    Q8_0,
+    /// 4-bit weights, one scale per block (stored as `Q4_1` with `m = −8 d`).
+    Q4_0,
+    /// 4-bit weights, scale and minimum per block.
+    Q4_1,
+}
+
+#[derive(Debug, Clone)]
+enum Rows {
+    Q8(Vec<BlockQ8>),
+    Q4(Vec<BlockQ4>),
+}
+
+/// A weight matrix `W: [rows, cols]` (`rows` outputs, `cols` inputs, `cols` a multiple of
+/// 32) in a block format, each row's blocks contiguous.
+#[derive(Debug, Clone)]
+pub(crate) struct QMatrix {
+    format: QFormat,
+    rows: usize,
+    cols: usize,
+    data: Rows,
+}
+
+/// Output rows per parallel task: enough work per task to amortise scheduling, small enough
+/// to spread a 576-row matrix over every core.
+const ROWS_PER_TASK: usize = 16;
+
+impl QMatrix {
+    /// Quantize a row-major f32 matrix. `None` when `cols` is not a multiple of 32 or the
+    /// data has the wrong length.
+    pub(crate) fn quantize(format: QFormat, w: &[f32], rows: usize, cols: usize) -> Option<Self> {
+        if !cols.is_multiple_of(BLOCK) || w.len() != rows * cols {
+            return None;
+        }
+        let chunks = w.par_chunks_exact(BLOCK);
+        let data = match format {
+            QFormat::Q8_0 => Rows::Q8(chunks.map(BlockQ8::quantize).collect()),
+            QFormat::Q4_0 => Rows::Q4(chunks.map(BlockQ4::quantize_q4_0).collect()),
+            QFormat::Q4_1 => Rows::Q4(chunks.map(BlockQ4::quantize).collect()),
+        };
+        Some(Self {
+            format,
+            rows,
+            cols,
+            data,
+        })
+    }
+
+    /// A matrix from GGUF block data (`Q8_0`, `Q4_0` or `Q4_1`). `None` when the length does
+    /// not match.
+    pub(crate) fn from_gguf(format: QFormat, bytes: &[u8], rows: usize, cols: usize) -> Option<Self> {
+        if !cols.is_multiple_of(BLOCK) {
+            return None;
+        }
+        let n = rows * cols / BLOCK;
+        let size = match format {
+            QFormat::Q8_0 => 34,
+            QFormat::Q4_0 => 18,
+            QFormat::Q4_1 => 20,
+        };
+        if bytes.len() != n * size {
+            return None;
+        }
+        let blocks = bytes.chunks_exact(size);
+        let data = match format {
+            QFormat::Q8_0 => Rows::Q8(blocks.map(BlockQ8::from_gguf).collect()),
+            QFormat::Q4_0 => Rows::Q4(blocks.map(BlockQ4::from_gguf_q4_0).collect()),
+            QFormat::Q4_1 => Rows::Q4(blocks.map(BlockQ4::from_gguf_q4_1).collect()),
+        };
+        Some(Self {
+            format,
+            rows,
+            cols,
+            data,
+        })
+    }
+
+    /// `[rows, cols]`.
+    pub(crate) fn dims(&self) -> [usize; 2] {
+        [self.rows, self.cols]
+    }
+
+    /// Bytes held in memory.
+    pub(crate) fn bytes(&self) -> usize {
+        match &self.data {
+            Rows::Q8(b) => std::mem::size_of_val(b.as_slice()),
+            Rows::Q4(b) => std::mem::size_of_val(b.as_slice()),
+        }
+    }
+
+    /// The matrix as row-major f32 (for tests and accuracy reports).
+    pub(crate) fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        let chunks = out.chunks_exact_mut(BLOCK);
+        match &self.data {
+            Rows::Q8(b) => chunks.zip(b).for_each(|(o, b)| b.dequantize(o)),
+            Rows::Q4(b) => chunks.zip(b).for_each(|(o, b)| b.dequantize(o)),
+        }
+        out
+    }
+
+    /// Several matrices with the same `cols` and format stacked by rows (fused projections).
+    pub(crate) fn stack(parts: &[&QMatrix]) -> Option<Self> {
+        let first = parts.first()?;
+        if parts
+            .iter()
+            .any(|p| p.cols != first.cols || p.format != first.format)
+        {
+            return None;
+        }
+        let rows = parts.iter().map(|p| p.rows).sum();
+        let data = match &first.data {
+            Rows::Q8(_) => Rows::Q8(
+                parts
+                    .iter()
+                    .flat_map(|p| match &p.data {
+                        Rows::Q8(b) => b.clone(),
+                        Rows::Q4(_) => Vec::new(),
+                    })
+                    .collect(),
+            ),
+            Rows::Q4(_) => Rows::Q4(
+                parts
+                    .iter()
+                    .flat_map(|p| match &p.data {
+                        Rows::Q4(b) => b.clone(),
+                        Rows::Q8(_) => Vec::new(),
+                    })
+                    .collect(),
+            ),
+        };
+        Some(Self {
+            format: first.format,
+            rows,
+            cols: first.cols,
+            data,
+        })
+    }
+
+    /// Rows `[from, from + n)` as a matrix of their own. `None` when out of range.
+    pub(crate) fn slice_rows(&self, from: usize, n: usize) -> Option<Self> {
+        if from + n > self.rows {
+            return None;
+        }
+        let nb = self.cols / BLOCK;
+        let range = from * nb..(from + n) * nb;
+        let data = match &self.data {
+            Rows::Q8(b) => Rows::Q8(b[range].to_vec()),
+            Rows::Q4(b) => Rows::Q4(b[range].to_vec()),
+        };
+        Some(Self {
+            format: self.format,
+            rows: n,
+            cols: self.cols,
+            data,
+        })
+    }
+
+    /// `y = x Wᵀ` for `x: [n, cols]` row-major; returns `[n, rows]` row-major.
+    pub(crate) fn matmul(&self, x: &[f32], n: usize) -> Vec<f32> {
+        self.matmul_with(dot::best(), x, n)
+    }
+
+    fn matmul_with(&self, k: dot::Kernels, x: &[f32], n: usize) -> Vec<f32> {
+        let nb = self.cols / BLOCK;
+        debug_assert_eq!(x.len(), n * self.cols);
+        let xq: Vec<BlockX> = x.par_chunks_exact(BLOCK).map(BlockX::quantize).collect();
+        // Output transposed, `[rows, n]`: each task owns a run of weight rows, which stay in
+        // cache while every activation row passes over them.
+        let mut yt = vec![0f32; self.rows * n];
+        yt.par_chunks_mut(ROWS_PER_TASK * n)
+            .enumerate()
+            .for_each(|(task, out)| {
+                let first = task * ROWS_PER_TASK;
+                for (r, row_out) in out.chunks_exact_mut(n).enumerate() {
+                    let j = first + r;
+                    for (i, y) in row_out.iter_mut().enumerate() {
+                        let xs = &xq[i * nb..(i + 1) * nb];
+                        *y = match &self.data {
+                            Rows::Q8(b) => (k.q8)(&b[j * nb..(j + 1) * nb], xs),
+                            Rows::Q4(b) => (k.q4)(&b[j * nb..(j + 1) * nb], xs),
+                        };
+                    }
+                }
+            });
+        if n == 1 {
+            return yt;
+        }
+        let mut y = vec![0f32; n * self.rows];
+        y.par_chunks_mut(self.rows).enumerate().for_each(|(i, row)| {
+            for (j, v) in row.iter_mut().enumerate() {
+                *v = yt[j * n + i];
+            }
+        });
+        y
+    }
+}
+
+/// Names of the dot-product kernels this CPU runs, the one in use last (for reports).
+pub fn cpu_kernels() -> Vec<&'static str> {
+    dot::available().iter().map(|k| k.name).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::{Rng, SeedableRng};
+    use rand_pcg::Pcg64;
+
+    use super::*;
+
+    /// Seed of the random matrices.
+    const SEED: u64 = 0xB10C;
+
+    fn random(rng: &mut Pcg64, len: usize) -> Vec<f32> {
+        (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+    }
+
+    /// The quantized product equals the f32 product of the dequantized weights with the
+    /// dequantized activations (exactly up to f32 rounding: the integer sums are exact), for
+    /// every kernel; and it is close to the f32 product of the original matrices, within
+    /// the format's rounding: per weight at most `d/2` (`d = max|w|/127` for Q8_0,
+    /// `(max − min)/15` for Q4), per activation at most `max|x|/254`.
+    #[test]
+    fn quantized_products_match_their_definition() {
+        let mut rng = Pcg64::seed_from_u64(SEED);
+        let (rows, cols, n) = (37, 96, 5);
+        let w = random(&mut rng, rows * cols);
+        let x = random(&mut rng, n * cols);
+        for format in [QFormat::Q8_0, QFormat::Q4_0, QFormat::Q4_1] {
+            let q = QMatrix::quantize(format, &w, rows, cols).unwrap();
+            let wd = q.dequantize();
+            let xd: Vec<f32> = x
+                .chunks_exact(BLOCK)
+                .flat_map(|c| {
+                    let b = BlockX::quantize(c);
+                    b.qs.map(|v| b.d * f32::from(v))
+                })
+                .collect();
+            for k in dot::available() {
+                let y = q.matmul_with(k, &x, n);
+                for i in 0..n {
+                    for j in 0..rows {
+                        let exact: f32 = (0..cols)
+                            .map(|c| wd[j * cols + c] * xd[i * cols + c])
+                            .sum();
+                        let full: f32 = (0..cols).map(|c| w[j * cols + c] * x[i * cols + c]).sum();
+                        let got = y[i * rows + j];
+                        assert!((got - exact).abs() < 1e-4, "{format:?} {}: {got} vs {exact}", k.name);
+                        // Rounding bound: Σ |Δw x| + |w Δx| + |Δw Δx| with the bounds above.
+                        // Weights in [-1, 1): Q8_0 step max|w|/127, Q4_1 (max − min)/15,
+                        // error half a step; Q4_0 step max|w|/8, and a full step where the
+                        // top level (+7 steps) clamps a weight of the opposite sign.
+                        let dw = match format {
+                            QFormat::Q8_0 => 1.0 / 127.0,
+                            QFormat::Q4_0 => 2.0 / 8.0,
+                            QFormat::Q4_1 => 2.0 / 15.0,
+                        } / 2.0;
+                        let dx = 1.0 / 254.0;
+                        let bound = cols as f32 * (dw + dx + dw * dx);
+                        assert!((got - full).abs() <= bound, "{format:?}: {got} vs {full}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// GGUF blocks decode as llama.cpp defines them.
+    #[test]
+    fn gguf_blocks_decode() {
+        let mut q8 = vec![0u8; 34];
+        q8[..2].copy_from_slice(&half::f16::from_f32(0.5).to_le_bytes());
+        q8[2] = (-3i8) as u8;
+        q8[3] = 7;
+        let m = QMatrix::from_gguf(QFormat::Q8_0, &q8, 1, 32).unwrap();
+        assert_eq!(&m.dequantize()[..3], &[-1.5, 3.5, 0.0]);
+        let mut q4 = vec![0u8; 18];
+        q4[..2].copy_from_slice(&half::f16::from_f32(2.0).to_le_bytes());
+        q4[2] = 0x3A; // element 0: 10, element 16: 3
+        let m = QMatrix::from_gguf(QFormat::Q4_0, &q4, 1, 32).unwrap();
+        let d = m.dequantize();
+        assert_eq!((d[0], d[16], d[1]), (4.0, -10.0, -16.0));
+        let mut q41 = vec![0u8; 20];
+        q41[..2].copy_from_slice(&half::f16::from_f32(0.25).to_le_bytes());
+        q41[2..4].copy_from_slice(&half::f16::from_f32(-1.0).to_le_bytes());
+        q41[4] = 0xF1;
+        let m = QMatrix::from_gguf(QFormat::Q4_1, &q41, 1, 32).unwrap();
+        let d = m.dequantize();
+        assert_eq!((d[0], d[16], d[1]), (-0.75, 2.75, -1.0));
+        assert!(QMatrix::from_gguf(QFormat::Q4_1, &q41[..19], 1, 32).is_none());
+        assert!(QMatrix::quantize(QFormat::Q8_0, &[0.0; 40], 1, 40).is_none());
+    }
+}
