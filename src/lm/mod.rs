@@ -23,8 +23,7 @@ pub use chat::{ChatMessage, ChatTemplate};
 pub use error::{human_bytes, LmError, LmResult};
 pub use family::{Activation, ArchOptions, LayerKind, ModelType, RopeScaling};
 pub use kernel::{
-    available_memory, memory_estimate, read_config, resolve_model_path, KernelOptions,
-    TransformerKernel, DEFAULT_MODEL_FILE, MODEL_ENV,
+    available_memory, memory_estimate, read_config, KernelOptions, TransformerKernel,
 };
 pub use model::{
     GgufFile, LlamaConfig, LlamaModel, LoadOptions, LogitRows, RopeStyle, SeqTokens, WeightFormat,
