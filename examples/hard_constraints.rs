@@ -18,6 +18,11 @@ use smc_steer::constraints::MaxWordLetters;
 use smc_steer::lm::{KernelOptions, TransformerKernel};
 use smc_steer::{FeynmanKac, ProposalKind, Smc, SmcConfig};
 
+/// Where the command line looks for a model by default, shared so this example looks there
+/// too.
+#[path = "../src/bin/smc-steer/model_path.rs"]
+mod model_path;
+
 struct Args {
     prompt: String,
     particles: usize,
@@ -82,7 +87,8 @@ fn run() -> Result<(), String> {
         max_new_tokens: args.max_tokens,
         ..KernelOptions::default()
     };
-    let kernel = TransformerKernel::load(args.model.as_deref(), opts).map_err(|e| e.to_string())?;
+    let path = model_path::resolve(args.model.as_deref());
+    let kernel = TransformerKernel::load(&path, opts).map_err(|e| model_path::explain(&e))?;
     let prompt = kernel.encode(&args.prompt).map_err(|e| e.to_string())?;
     let constraint = MaxWordLetters::new(args.max_letters);
     let model = FeynmanKac::new(constraint)

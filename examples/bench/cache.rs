@@ -15,8 +15,7 @@ use std::time::Instant;
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
 use smc_steer::lm::{
-    resolve_model_path, GgufFile, KernelOptions, LlamaModel, LoadOptions, Tokenizer,
-    TransformerKernel,
+    GgufFile, KernelOptions, LlamaModel, LoadOptions, Tokenizer, TransformerKernel,
 };
 use smc_steer::potential::Soft;
 use smc_steer::resampling::systematic;
@@ -334,8 +333,8 @@ fn smc_run(
 
 /// Run every cache figure and add it to `report`.
 pub fn run(report: &mut Report, args: &Args) -> Result<(), String> {
-    let path = resolve_model_path(args.model.as_deref()).map_err(|e| e.to_string())?;
-    let mut gguf = GgufFile::open(&path).map_err(|e| e.to_string())?;
+    let path = super::model_path::resolve(args.model.as_deref());
+    let mut gguf = GgufFile::open(&path).map_err(|e| super::model_path::explain(&e))?;
     let model = LlamaModel::from_gguf_file(&mut gguf, &LoadOptions::default())
         .map_err(|e| e.to_string())?;
     let tokenizer = Tokenizer::from_gguf(&gguf).map_err(|e| e.to_string())?;

@@ -57,7 +57,7 @@ fn kl(p: &[f64], q: &[f64]) -> f64 {
 }
 
 pub fn run(report: &mut Report, args: &Args, text: &[TokenId]) -> Result<(), String> {
-    let path = super::model_path(args)?;
+    let path = super::model_path::resolve(args.model.as_deref());
     let text = &text[..KL_POSITIONS.min(text.len())];
     let mut reference: Option<Vec<Vec<f64>>> = None;
     for &format in &args.formats {

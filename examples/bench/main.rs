@@ -20,6 +20,9 @@
 mod cache;
 mod constraints;
 mod formats;
+/// Where the command line looks for a model by default, shared so the bench looks there too.
+#[path = "../../src/bin/smc-steer/model_path.rs"]
+mod model_path;
 mod potentials;
 
 use std::path::PathBuf;
@@ -183,11 +186,6 @@ fn load(args: &Args, particles: usize, new_tokens: usize) -> Result<TransformerK
     load_with(args, particles, new_tokens, WeightFormat::F32)
 }
 
-/// The model file the bench runs on.
-fn model_path(args: &Args) -> Result<PathBuf, String> {
-    smc_steer::lm::resolve_model_path(args.model.as_deref()).map_err(|e| e.to_string())
-}
-
 fn load_with(
     args: &Args,
     particles: usize,
@@ -202,7 +200,8 @@ fn load_with(
         attention: args.attention,
         ..KernelOptions::default()
     };
-    TransformerKernel::load(args.model.as_deref(), opts).map_err(|e| e.to_string())
+    let path = model_path::resolve(args.model.as_deref());
+    TransformerKernel::load(&path, opts).map_err(|e| model_path::explain(&e))
 }
 
 /// Plain batched decode through our kernel: `n` sequences forked from one prompt, one token
@@ -404,8 +403,7 @@ fn run() -> Result<(), String> {
         if !args.skip_candle && device.is_cpu() {
             // Read by candle when it loads quantized tensors: dequantize every weight to f32.
             std::env::set_var("CANDLE_DEQUANTIZE_ALL", "1");
-            let path = smc_steer::lm::resolve_model_path(args.model.as_deref())
-                .map_err(|e| e.to_string())?;
+            let path = model_path::resolve(args.model.as_deref());
             let times = decode_candle(&path, &prompt, n, args.steps)?;
             report.emit("decode_step_ms", "candle", n, median(times), "ms");
         }

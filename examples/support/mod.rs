@@ -7,6 +7,11 @@ use std::path::PathBuf;
 use smc_steer::lm::{KernelOptions, TransformerKernel};
 use smc_steer::SmcResult;
 
+/// Where the command line looks for a model by default, shared so the examples look there
+/// too.
+#[path = "../../src/bin/smc-steer/model_path.rs"]
+pub mod model_path;
+
 /// Flags common to every example, plus the example's own string flags.
 pub struct Args {
     pub particles: usize,
@@ -86,14 +91,16 @@ impl Args {
     }
 }
 
-/// Load SmolLM2 (or `--model`) sized for the run.
+/// Load SmolLM2 (or `--model`, or `$SMC_STEER_MODEL`) sized for the run; a missing model's
+/// error says how to fetch it.
 pub fn load(args: &Args, contexts: usize) -> Result<TransformerKernel, String> {
     let opts = KernelOptions {
         particles: args.particles * contexts,
         max_new_tokens: args.max_tokens + 16,
         ..KernelOptions::default()
     };
-    TransformerKernel::load(args.model.as_deref(), opts).map_err(|e| e.to_string())
+    let path = model_path::resolve(args.model.as_deref());
+    TransformerKernel::load(&path, opts).map_err(|e| model_path::explain(&e))
 }
 
 /// The JSON object of the hard-constraint example: `particles` [{text, log_weight}],

@@ -15,11 +15,9 @@ use crate::core::error::SmcError;
 #[derive(Debug, Error)]
 #[non_exhaustive]
 pub enum LmError {
-    /// The model file does not exist.
-    #[error(
-        "model file not found: {path} (run scripts/fetch-model.sh to download \
-         SmolLM2-135M-Instruct, or set SMC_STEER_MODEL to a GGUF file)"
-    )]
+    /// The model file does not exist. The message names the path only: how to get a model
+    /// is the application's to say.
+    #[error("model file not found: {path}")]
     ModelNotFound {
         /// The path that was tried.
         path: PathBuf,

@@ -92,7 +92,7 @@ impl GgufFile {
                 return Err(LmError::CorruptModel {
                     path: path.to_path_buf(),
                     reason: format!(
-                        "tensor `{name}` ends at byte {end} but the file has {size} bytes (truncated download? delete it and rerun scripts/fetch-model.sh)"
+                        "tensor `{name}` ends at byte {end} but the file has {size} bytes (truncated download? delete it and download it again)"
                     ),
                 });
             }

@@ -11,7 +11,7 @@
 //! (log-sum-exp) and its own entry set to `-inf`, so the core sees exactly one way to end.
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::Device;
 use rayon::prelude::*;
@@ -26,12 +26,6 @@ use super::tokenizer::Tokenizer;
 use crate::core::error::{Result, SmcError};
 use crate::core::kernel::{Extend, Extension, Kernel, SeqId};
 use crate::core::vocab::{TokenId, Vocabulary};
-
-/// File name of the default model (fetched by `scripts/fetch-model.sh`).
-pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-
-/// Environment variable naming the model file.
-pub const MODEL_ENV: &str = "SMC_STEER_MODEL";
 
 /// Strings that end generation when the tokenizer knows them.
 const STOP_STRINGS: &[&str] = &[
@@ -165,47 +159,17 @@ pub fn available_memory() -> Option<u64> {
     Some(avail)
 }
 
-/// Find the model file: `explicit`, else `$SMC_STEER_MODEL`, else
-/// `models/SmolLM2-135M-Instruct.Q4_1.gguf` (relative to the working directory, then to this
-/// crate's source directory).
-///
-/// # Errors
-/// [`LmError::ModelNotFound`] (its message names `scripts/fetch-model.sh`).
-pub fn resolve_model_path(explicit: Option<&Path>) -> LmResult<PathBuf> {
-    let path = if let Some(p) = explicit {
-        p.to_path_buf()
-    } else if let Some(p) = std::env::var_os(MODEL_ENV).filter(|p| !p.is_empty()) {
-        PathBuf::from(p)
-    } else {
-        let local = Path::new("models").join(DEFAULT_MODEL_FILE);
-        let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("models")
-            .join(DEFAULT_MODEL_FILE);
-        if !local.exists() && crate_dir.exists() {
-            crate_dir
-        } else {
-            local
-        }
-    };
-    if path.exists() {
-        Ok(path)
-    } else {
-        Err(LmError::ModelNotFound { path })
-    }
-}
-
 /// A model's hyper-parameters read from its file header or `config.json` only (no
 /// weights), validated, the context window capped as when loading: enough to check a request
 /// before loading ([`KernelOptions::check`]).
 ///
 /// # Errors
 /// As [`TransformerKernel::load`] for the header.
-pub fn read_config(path: Option<&Path>) -> LmResult<LlamaConfig> {
-    let path = resolve_model_path(path)?;
+pub fn read_config(path: &Path) -> LmResult<LlamaConfig> {
     let mut c = if path.is_dir() {
-        super::checkpoint::hf_config(&path)?
+        super::checkpoint::hf_config(path)?
     } else {
-        super::gguf::gguf_config(&GgufFile::open(&path)?.content)?
+        super::gguf::gguf_config(&GgufFile::open(path)?.content)?
     };
     c.max_seq_len = c.max_seq_len.min(super::config::limits::MAX_CONTEXT);
     c.validate()?;
@@ -261,32 +225,31 @@ pub struct TransformerKernel {
 
 impl TransformerKernel {
     /// Load a model: a GGUF file, or a Hugging Face directory (`config.json`,
-    /// `*.safetensors`, `tokenizer.json`). The path is resolved with
-    /// [`resolve_model_path`].
+    /// `*.safetensors`, `tokenizer.json`), at the path given: a default location is the
+    /// application's choice (the command line's is `$SMC_STEER_MODEL`, then `models/`).
     ///
     /// # Errors
     /// Every [`LmError`] of loading: missing file, corrupt file, unsupported architecture,
     /// tokenizer problems, vocabulary mismatch.
-    pub fn load(path: Option<&Path>, opts: KernelOptions) -> LmResult<Self> {
-        let path = resolve_model_path(path)?;
+    pub fn load(path: &Path, opts: KernelOptions) -> LmResult<Self> {
         let load = LoadOptions {
             weights: opts.weights,
             max_seq_len: opts.max_seq_len,
             device: opts.device.clone(),
         };
         if path.is_dir() {
-            let model = LlamaModel::from_safetensors(&path, &load)?;
+            let model = LlamaModel::from_safetensors(path, &load)?;
             let tokenizer = Tokenizer::from_file(&path.join("tokenizer.json"))?;
-            let chat = hf_chat_template(&path, &tokenizer)?;
+            let chat = hf_chat_template(path, &tokenizer)?;
             return Self::from_parts(model, Some(tokenizer), chat, opts);
         }
-        let mut gguf = GgufFile::open(&path)?;
+        let mut gguf = GgufFile::open(path)?;
         let model = LlamaModel::from_gguf_file(&mut gguf, &load)?;
         // A tokenizer that cannot be built from the file's metadata is a problem of the
         // model file, not of the request.
         let tokenizer = Tokenizer::from_gguf(&gguf).map_err(|e| match e {
             LmError::Tokenizer(reason) => LmError::CorruptModel {
-                path: path.clone(),
+                path: path.to_path_buf(),
                 reason: format!("tokenizer metadata: {reason}"),
             },
             other => other,

@@ -35,8 +35,7 @@ pub use error::{human_bytes, LmError, LmResult};
 pub use family::{parse_hf_config, Activation, ArchOptions, LayerKind, ModelType, RopeScaling};
 pub use gguf::GgufFile;
 pub use kernel::{
-    available_memory, memory_estimate, read_config, resolve_model_path, KernelOptions,
-    TransformerKernel, DEFAULT_MODEL_FILE, MODEL_ENV,
+    available_memory, memory_estimate, read_config, KernelOptions, TransformerKernel,
 };
 pub use model::{LlamaModel, LoadOptions, LogitRows, SeqTokens, WeightFormat};
 pub use quant::cpu_kernels;

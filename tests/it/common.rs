@@ -11,18 +11,26 @@ pub fn under_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }
 
-/// The real model's path; `None` (with a message) when it is absent outside CI. Under CI
-/// a missing model fails the test instead of skipping it.
+/// Where the command line looks for a model by default, shared so the tests look there too.
+#[cfg(feature = "lm")]
+#[path = "../../src/bin/smc-steer/model_path.rs"]
+mod model_path;
+
+/// The real model's path (`$SMC_STEER_MODEL`, else the repository's `models/`); `None`
+/// (with a message) when it is absent outside CI. Under CI a missing model fails the test
+/// instead of skipping it.
 #[cfg(feature = "lm")]
 pub fn real_model() -> Option<std::path::PathBuf> {
-    match smc_steer::lm::resolve_model_path(None) {
-        Ok(p) => Some(p),
-        Err(e) if under_ci() => panic!("CI is set and the model is missing: {e}"),
-        Err(e) => {
-            skip(&format!("model not available: {e}"));
-            None
-        }
+    let path = model_path::resolve(None);
+    if path.exists() {
+        return Some(path);
     }
+    let e = model_path::explain(&smc_steer::lm::LmError::ModelNotFound { path });
+    if under_ci() {
+        panic!("CI is set and the model is missing: {e}");
+    }
+    skip(&format!("model not available: {e}"));
+    None
 }
 
 /// Say that a test skips, visibly: straight to the process's stderr, which the test

@@ -102,9 +102,9 @@ fn device_generic_path_agrees_with_the_cpu_path_through_smc() {
         max_new_tokens: 10,
         ..Default::default()
     };
-    let reference = TransformerKernel::load(Some(&path), opts.clone()).unwrap();
+    let reference = TransformerKernel::load(&path, opts.clone()).unwrap();
     let device_kernel = TransformerKernel::load(
-        Some(&path),
+        &path,
         KernelOptions {
             device: device.clone(),
             attention: AttentionPath::Gather,

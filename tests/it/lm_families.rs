@@ -434,7 +434,7 @@ fn hf_tokenizers_stop_tokens_and_chat_templates_match_transformers() {
             n => vec![n.as_u64().unwrap() as u32],
         };
         assert_eq!(tok.stop_ids(), eos.as_slice(), "{family}");
-        let kernel = TransformerKernel::load(Some(&dir), KernelOptions::default()).unwrap();
+        let kernel = TransformerKernel::load(&dir, KernelOptions::default()).unwrap();
         for id in &eos {
             assert!(kernel.stop_tokens().contains(id), "{family}: stop id {id}");
         }
@@ -496,7 +496,7 @@ fn gguf_tokenizers_match_and_kernels_load() {
                 .collect();
             assert_eq!(tok.encode(s).unwrap(), want, "{family} (GGUF): {s:?}");
         }
-        let k = TransformerKernel::load(Some(&path), KernelOptions::default())
+        let k = TransformerKernel::load(&path, KernelOptions::default())
             .unwrap_or_else(|e| panic!("{family} (GGUF): {e}"));
         assert!(!k.stop_tokens().is_empty(), "{family} (GGUF)");
     }

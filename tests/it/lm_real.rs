@@ -241,7 +241,7 @@ fn kernel_on_chat_prompt_merges_stop_tokens_and_shares_the_prompt() {
         max_new_tokens: 16,
         ..Default::default()
     };
-    let mut k = TransformerKernel::load(Some(&path), opts).unwrap();
+    let mut k = TransformerKernel::load(&path, opts).unwrap();
     let prompt = k
         .chat_prompt(&[ChatMessage::user("What is the capital of France?")])
         .unwrap();
@@ -318,7 +318,7 @@ fn truncated_gguf_is_a_typed_error() {
     ] {
         let p = dir.join(name);
         std::fs::write(&p, &bytes[..len]).unwrap();
-        let err = TransformerKernel::load(Some(&p), KernelOptions::default()).unwrap_err();
+        let err = TransformerKernel::load(&p, KernelOptions::default()).unwrap_err();
         assert!(matches!(err, LmError::CorruptModel { .. }), "{name}: {err}");
     }
     std::fs::remove_dir_all(&dir).ok();
@@ -337,7 +337,7 @@ fn smc_with_hard_constraint_respects_it_and_frees_the_cache() {
         max_new_tokens: 12,
         ..Default::default()
     };
-    let mut k = TransformerKernel::load(Some(&path), opts).unwrap();
+    let mut k = TransformerKernel::load(&path, opts).unwrap();
     let prompt = k
         .chat_prompt(&[ChatMessage::user("Tell me a short story about a cat.")])
         .unwrap();

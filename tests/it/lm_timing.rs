@@ -13,8 +13,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use smc_steer::lm::{
-    resolve_model_path, KernelOptions, LlamaModel, LoadOptions, LogitRows, SeqTokens,
-    TransformerKernel,
+    KernelOptions, LlamaModel, LoadOptions, LogitRows, SeqTokens, TransformerKernel,
 };
 use smc_steer::{Extend, Kernel};
 
@@ -26,12 +25,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 #[test]
 #[ignore = "timing, run by hand"]
 fn decode_step_timing() {
-    let path = match resolve_model_path(None) {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("SKIPPED: {e}");
-            return;
-        }
+    let Some(path) = crate::common::real_model() else {
+        return;
     };
     let sizes: Vec<usize> = std::env::var("SIZES")
         .ok()
@@ -46,7 +41,7 @@ fn decode_step_timing() {
         ..Default::default()
     };
     let t = Instant::now();
-    let mut k = TransformerKernel::load(Some(&path), opts).unwrap();
+    let mut k = TransformerKernel::load(&path, opts).unwrap();
     eprintln!("load: {:.2} s", t.elapsed().as_secs_f64());
     let t = Instant::now();
     let (root, _) = k.start(&prompt).unwrap();

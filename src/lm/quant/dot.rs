@@ -14,6 +14,10 @@ use super::blocks::{BlockQ4, BlockQ8, BlockX};
 pub(crate) type DotQ8 = fn(&[BlockQ8], &[BlockX]) -> f32;
 /// As [`DotQ8`] for 4-bit weights.
 pub(crate) type DotQ4 = fn(&[BlockQ4], &[BlockX]) -> f32;
+/// One weight row against four activation rows (each weight block loaded once).
+pub(crate) type DotQ8x4 = fn(&[BlockQ8], [&[BlockX]; 4]) -> [f32; 4];
+/// As [`DotQ8x4`] for 4-bit weights.
+pub(crate) type DotQ4x4 = fn(&[BlockQ4], [&[BlockX]; 4]) -> [f32; 4];
 
 /// The kernels of one instruction set.
 #[derive(Debug, Clone, Copy)]
@@ -22,12 +26,16 @@ pub(crate) struct Kernels {
     pub(crate) name: &'static str,
     pub(crate) q8: DotQ8,
     pub(crate) q4: DotQ4,
+    pub(crate) q8x4: DotQ8x4,
+    pub(crate) q4x4: DotQ4x4,
 }
 
 pub(crate) const SCALAR: Kernels = Kernels {
     name: "scalar",
     q8: dot_q8_scalar,
     q4: dot_q4_scalar,
+    q8x4: |w, x| x.map(|x| dot_q8_scalar(w, x)),
+    q4x4: |w, x| x.map(|x| dot_q4_scalar(w, x)),
 };
 
 /// Every kernel set this CPU can run, the portable one first.
@@ -40,6 +48,8 @@ pub(crate) fn available() -> Vec<Kernels> {
             name: "avx2",
             q8: x86::dot_q8,
             q4: x86::dot_q4,
+            q8x4: x86::dot_q8x4,
+            q4x4: x86::dot_q4x4,
         });
     }
     v
@@ -110,6 +120,61 @@ mod x86 {
     pub(super) fn dot_q4(w: &[BlockQ4], x: &[BlockX]) -> f32 {
         // SAFETY: as above.
         unsafe { dot_q4_avx2(w, x) }
+    }
+
+    pub(super) fn dot_q8x4(w: &[BlockQ8], x: [&[BlockX]; 4]) -> [f32; 4] {
+        // SAFETY: as above.
+        unsafe { dot_q8x4_avx2(w, x) }
+    }
+
+    pub(super) fn dot_q4x4(w: &[BlockQ4], x: [&[BlockX]; 4]) -> [f32; 4] {
+        // SAFETY: as above.
+        unsafe { dot_q4x4_avx2(w, x) }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dot_q8x4_avx2(w: &[BlockQ8], x: [&[BlockX]; 4]) -> [f32; 4] {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for (b, a) in w.iter().enumerate() {
+            // SAFETY: `qs` are 32 bytes; unaligned loads.
+            let wv = unsafe { _mm256_loadu_si256(a.qs.as_ptr().cast()) };
+            let aw = _mm256_sign_epi8(wv, wv);
+            for r in 0..4 {
+                let xb = &x[r][b];
+                // SAFETY: as above.
+                let xv = unsafe { _mm256_loadu_si256(xb.qs.as_ptr().cast()) };
+                let sum = dot_bytes(aw, _mm256_sign_epi8(xv, wv));
+                let scale = _mm256_set1_ps(a.d * xb.d);
+                acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sum), acc[r]);
+            }
+        }
+        acc.map(|a| hsum(a))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dot_q4x4_avx2(w: &[BlockQ4], x: [&[BlockX]; 4]) -> [f32; 4] {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut mins = [0f32; 4];
+        let low = _mm256_set1_epi8(0x0F);
+        for (b, a) in w.iter().enumerate() {
+            // SAFETY: `qs` are 16 bytes; unaligned load.
+            let packed = unsafe { _mm_loadu_si128(a.qs.as_ptr().cast()) };
+            let q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(packed), packed), low);
+            for r in 0..4 {
+                let xb = &x[r][b];
+                // SAFETY: `qs` are 32 bytes; unaligned load.
+                let xv = unsafe { _mm256_loadu_si256(xb.qs.as_ptr().cast()) };
+                let sum = dot_bytes(q, xv);
+                let scale = _mm256_set1_ps(a.d * xb.d);
+                acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sum), acc[r]);
+                mins[r] += a.m * xb.sum;
+            }
+        }
+        let mut out = acc.map(|a| hsum(a));
+        for r in 0..4 {
+            out[r] += mins[r];
+        }
+        out
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -193,11 +258,21 @@ mod tests {
                 })
                 .collect();
             let (r8, r4) = ((SCALAR.q8)(&w8, &x), (SCALAR.q4)(&w4, &x));
+            let tol = |r: f32| 1e-5 * (1.0 + r.abs()) * blocks as f32;
             for k in available() {
                 let (a8, a4) = ((k.q8)(&w8, &x), (k.q4)(&w4, &x));
-                let tol = |r: f32| 1e-5 * (1.0 + r.abs()) * blocks as f32;
                 assert!((a8 - r8).abs() <= tol(r8), "{} q8: {a8} vs {r8}", k.name);
                 assert!((a4 - r4).abs() <= tol(r4), "{} q4: {a4} vs {r4}", k.name);
+                // The four-row kernels: the same row four times, and the row among others.
+                let other: Vec<BlockX> = x.iter().rev().copied().collect();
+                let rows = [&x[..], &other[..], &x[..], &other[..]];
+                let (b8, b4) = ((k.q8x4)(&w8, rows), (k.q4x4)(&w4, rows));
+                for r in [0, 2] {
+                    assert!((b8[r] - r8).abs() <= tol(r8), "{} q8x4: {} vs {r8}", k.name, b8[r]);
+                    assert!((b4[r] - r4).abs() <= tol(r4), "{} q4x4: {} vs {r4}", k.name, b4[r]);
+                }
+                let (o8, o4) = ((SCALAR.q8)(&w8, &other), (SCALAR.q4)(&w4, &other));
+                assert!((b8[1] - o8).abs() <= tol(o8) && (b4[3] - o4).abs() <= tol(o4));
             }
         }
     }

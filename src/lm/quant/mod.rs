@@ -191,11 +191,21 @@ impl QMatrix {
                 let first = task * ROWS_PER_TASK;
                 for (r, row_out) in out.chunks_exact_mut(n).enumerate() {
                     let j = first + r;
-                    for (i, y) in row_out.iter_mut().enumerate() {
-                        let xs = &xq[i * nb..(i + 1) * nb];
+                    let x_row = |i: usize| &xq[i * nb..(i + 1) * nb];
+                    // Four activation rows per pass over the weight row, then the rest.
+                    let quads = n / 4;
+                    for g in 0..quads {
+                        let xs = [x_row(4 * g), x_row(4 * g + 1), x_row(4 * g + 2), x_row(4 * g + 3)];
+                        let y = match &self.data {
+                            Rows::Q8(b) => (k.q8x4)(&b[j * nb..(j + 1) * nb], xs),
+                            Rows::Q4(b) => (k.q4x4)(&b[j * nb..(j + 1) * nb], xs),
+                        };
+                        row_out[4 * g..4 * g + 4].copy_from_slice(&y);
+                    }
+                    for (i, y) in row_out.iter_mut().enumerate().skip(4 * quads) {
                         *y = match &self.data {
-                            Rows::Q8(b) => (k.q8)(&b[j * nb..(j + 1) * nb], xs),
-                            Rows::Q4(b) => (k.q4)(&b[j * nb..(j + 1) * nb], xs),
+                            Rows::Q8(b) => (k.q8)(&b[j * nb..(j + 1) * nb], x_row(i)),
+                            Rows::Q4(b) => (k.q4)(&b[j * nb..(j + 1) * nb], x_row(i)),
                         };
                     }
                 }

@@ -1,0 +1,69 @@
+//! `smc-steer inspect`: a model's architecture, sizes, vocabulary, special tokens and chat
+//! template, read from its files.
+
+use smc_steer::lm::{ChatMessage, KernelOptions, TransformerKernel};
+
+use crate::args::{Format, InspectArgs};
+use crate::failure::Failure;
+use crate::model_path;
+
+/// Print what the model files say about the model.
+pub fn inspect(a: InspectArgs) -> Result<(), Failure> {
+    let path = model_path::resolve(a.model.model.as_deref());
+    let kernel = TransformerKernel::load(
+        &path,
+        KernelOptions {
+            particles: 1,
+            max_new_tokens: 1,
+            ..Default::default()
+        },
+    )?;
+    let c = kernel.model().config();
+    let tok = kernel.tokenizer();
+    let special =
+        |id: Option<u32>| id.map(|i| serde_json::json!({ "id": i, "text": kernel.decode(&[i]) }));
+    let stops: Vec<_> = kernel
+        .stop_tokens()
+        .iter()
+        .map(|&i| serde_json::json!({ "id": i, "text": kernel.decode(&[i]) }))
+        .collect();
+    let template = kernel
+        .apply_chat_template(&[ChatMessage::system("S"), ChatMessage::user("U")], true)
+        .ok();
+    let info = serde_json::json!({
+        "path": path.display().to_string(),
+        "architecture": kernel.model().arch().model_type.name(),
+        "sliding_window": kernel.model().arch().sliding_window,
+        "vocab_size": c.vocab_size,
+        "tokenizer_tokens": tok.map(|t| t.vocab_size()),
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "layers": c.n_layers,
+        "heads": c.n_heads,
+        "kv_heads": c.n_kv_heads,
+        "head_dim": c.head_dim,
+        "context_window": c.max_seq_len,
+        "rope_theta": c.rope_theta,
+        "tied_embeddings": c.tie_embeddings,
+        "bos": special(tok.and_then(|t| t.bos_id())),
+        "eos": special(tok.and_then(|t| t.eos_id())),
+        "stop_tokens": stops,
+        "chat_template_example": template,
+    });
+    match a.format {
+        Format::Json => println!("{info}"),
+        Format::Text => {
+            if let serde_json::Value::Object(m) = &info {
+                for (k, v) in m {
+                    match v {
+                        serde_json::Value::String(s) if k == "chat_template_example" => {
+                            println!("{k}:\n{s}")
+                        }
+                        _ => println!("{k}: {v}"),
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
