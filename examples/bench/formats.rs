@@ -36,7 +36,11 @@ fn log_probs(model: &LlamaModel, tokens: &[TokenId]) -> Result<Vec<Vec<f64>>, St
     let mut rows = Vec::with_capacity(tokens.len());
     for chunk in tokens.chunks(KL_CHUNK) {
         let logits = model
-            .forward(&[SeqTokens { seq, tokens: chunk }], &mut cache, LogitRows::All)
+            .forward(
+                &[SeqTokens { seq, tokens: chunk }],
+                &mut cache,
+                LogitRows::All,
+            )
             .map_err(e)?;
         for r in logits.to_vec2::<f32>().map_err(|e| e.to_string())? {
             let max = r.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
@@ -69,7 +73,13 @@ pub fn run(report: &mut Report, args: &Args, text: &[TokenId]) -> Result<(), Str
         };
         let model = LlamaModel::from_gguf(&path, &opts).map_err(|e| e.to_string())?;
         report.emit("load_s", &imp, 1, t0.elapsed().as_secs_f64(), "s");
-        report.emit("weight_bytes", &imp, 1, model.weight_bytes() as f64, "bytes");
+        report.emit(
+            "weight_bytes",
+            &imp,
+            1,
+            model.weight_bytes() as f64,
+            "bytes",
+        );
         let flops = 2.0 * matmul_params(model.config());
         let lp = log_probs(&model, text)?;
         match &reference {
@@ -91,7 +101,13 @@ pub fn run(report: &mut Report, args: &Args, text: &[TokenId]) -> Result<(), Str
             let (times, _) = decode_ours(&mut kernel, prompt, n, args.steps)?;
             let step = median(times);
             report.emit("decode_step_ms", &imp, n, step, "ms");
-            report.emit("gflops", &imp, n, flops * n as f64 / (step / 1e3) / 1e9, "GFLOP/s");
+            report.emit(
+                "gflops",
+                &imp,
+                n,
+                flops * n as f64 / (step / 1e3) / 1e9,
+                "GFLOP/s",
+            );
         }
     }
     Ok(())

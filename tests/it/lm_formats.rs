@@ -80,6 +80,10 @@ fn every_weight_format_agrees_with_f32() {
             format.name(),
             model.weight_bytes() / 1_000_000
         );
-        assert!(mean.is_finite() && mean <= tolerance, "{}: mean KL {mean}", format.name());
+        assert!(
+            mean.is_finite() && mean <= tolerance,
+            "{}: mean KL {mean}",
+            format.name()
+        );
     }
 }

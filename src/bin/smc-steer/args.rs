@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, ValueEnum};
 use serde::{Deserialize, Serialize};
+use smc_steer::lm::WeightFormat;
 
 use crate::{Cli, Command};
 
@@ -112,6 +113,25 @@ pub struct ModelArgs {
     /// Run requests even when their memory estimate exceeds the available memory.
     #[arg(long)]
     pub ignore_memory_check: bool,
+    /// Where the model runs: cpu, cuda[:N] (build with --features cuda) or metal[:N].
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Weight format: f32 (fastest at large batches), q8_0 (a quarter of the memory, fastest
+    /// at small batches, mean KL to f32 ~0.003 nats), q4_0, q4_1, native (as stored in the
+    /// GGUF file), candle-quantized.
+    #[arg(long, default_value = "f32", value_parser = parse_weights)]
+    pub weights: WeightFormat,
+}
+
+/// A weight format by its name ([`WeightFormat::name`]).
+fn parse_weights(s: &str) -> Result<WeightFormat, String> {
+    WeightFormat::from_name(s).ok_or_else(|| {
+        let names: Vec<&str> = WeightFormat::ALL.iter().map(|f| f.name()).collect();
+        format!(
+            "unknown weight format `{s}` (expected one of {})",
+            names.join(", ")
+        )
+    })
 }
 
 /// `123`, `512K`, `64M`, `4G`, `1T` (powers of 1024) as bytes.

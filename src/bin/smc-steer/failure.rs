@@ -74,7 +74,8 @@ impl From<LmError> for Failure {
             | LmError::ContextOverflow { .. }
             | LmError::RequestTooLong { .. }
             | LmError::InsufficientMemory { .. }
-            | LmError::InvalidConfig(_) => exit::USAGE,
+            | LmError::InvalidConfig(_)
+            | LmError::DeviceUnavailable { .. } => exit::USAGE,
             LmError::ChatTemplate(_)
             | LmError::Tokenizer(_)
             | LmError::OutOfMemory { .. }

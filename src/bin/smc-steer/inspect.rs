@@ -1,7 +1,10 @@
 //! `smc-steer inspect`: a model's architecture, sizes, vocabulary, special tokens and chat
 //! template, read from its files.
 
-use smc_steer::lm::{ChatMessage, KernelOptions, TransformerKernel};
+use smc_steer::lm::{
+    cpu_kernels, device_name, parse_device, supported_devices, ChatMessage, KernelOptions,
+    TransformerKernel,
+};
 
 use crate::args::{Format, InspectArgs};
 use crate::failure::Failure;
@@ -10,11 +13,14 @@ use crate::model_path;
 /// Print what the model files say about the model.
 pub fn inspect(a: InspectArgs) -> Result<(), Failure> {
     let path = model_path::resolve(a.model.model.as_deref());
+    let device = parse_device(&a.model.device)?;
     let kernel = TransformerKernel::load(
         &path,
         KernelOptions {
             particles: 1,
             max_new_tokens: 1,
+            weights: a.model.weights,
+            device: device.clone(),
             ..Default::default()
         },
     )?;
@@ -49,6 +55,11 @@ pub fn inspect(a: InspectArgs) -> Result<(), Failure> {
         "eos": special(tok.and_then(|t| t.eos_id())),
         "stop_tokens": stops,
         "chat_template_example": template,
+        "device": device_name(&device),
+        "devices_supported": supported_devices(),
+        "weights": a.model.weights.name(),
+        "weight_bytes": kernel.model().weight_bytes(),
+        "cpu_kernels": cpu_kernels(),
     });
     match a.format {
         Format::Json => println!("{info}"),

@@ -1,7 +1,7 @@
 //! Setting up the model for a command: worker threads, the kernel's options from the flags
 //! and a job, the header check before loading, and loading.
 
-use smc_steer::lm::{KernelOptions, TransformerKernel};
+use smc_steer::lm::{parse_device, KernelOptions, TransformerKernel};
 
 use crate::args::{JobOptions, ModelArgs};
 use crate::failure::Failure;
@@ -24,7 +24,7 @@ pub fn threads(n: Option<usize>) -> Result<(), Failure> {
     Ok(())
 }
 
-fn kernel_options(model: &ModelArgs, job: &JobOptions) -> Result<KernelOptions, Failure> {
+pub fn kernel_options(model: &ModelArgs, job: &JobOptions) -> Result<KernelOptions, Failure> {
     if model.cache_tokens == Some(0) {
         return Err(Failure::usage("--cache-tokens must be at least 1"));
     }
@@ -35,6 +35,8 @@ fn kernel_options(model: &ModelArgs, job: &JobOptions) -> Result<KernelOptions, 
         cache_tokens: model.cache_tokens,
         check_memory: !model.ignore_memory_check,
         memory_limit: model.max_memory,
+        weights: model.weights,
+        device: parse_device(&model.device)?,
         ..KernelOptions::default()
     })
 }

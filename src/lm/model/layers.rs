@@ -75,7 +75,10 @@ fn int_forward(q: &QMatrix, x: &Tensor) -> candle_core::Result<Tensor> {
     if cols != q.dims()[1] {
         candle_core::bail!("input width {cols} for a matrix of {:?}", q.dims());
     }
-    let xs = x.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let xs = x
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
     Tensor::from_vec(q.matmul(&xs, n), (n, q.dims()[0]), x.device())
 }
 
@@ -83,9 +86,15 @@ fn int_forward(q: &QMatrix, x: &Tensor) -> candle_core::Result<Tensor> {
 /// (`[in, Σ out]`) so that a single matrix product computes all of them.
 #[derive(Debug, Clone)]
 pub(super) enum Proj {
-    Fused { wt: Tensor, sizes: Vec<usize> },
+    Fused {
+        wt: Tensor,
+        sizes: Vec<usize>,
+    },
     /// Block-quantized maps stacked by rows: one activation quantization, one product.
-    FusedInt { q: Arc<QMatrix>, sizes: Vec<usize> },
+    FusedInt {
+        q: Arc<QMatrix>,
+        sizes: Vec<usize>,
+    },
     Split(Vec<Linear>),
 }
 

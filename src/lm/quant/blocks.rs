@@ -82,7 +82,9 @@ impl BlockQ4 {
     pub(crate) fn quantize(x: &[f32]) -> Self {
         let (lo, hi) = x
             .iter()
-            .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
+            .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
+                (a.min(v), b.max(v))
+            });
         let d = (hi - lo) / 15.0;
         let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
         let q = |v: f32| ((v - lo) * inv).round().clamp(0.0, 15.0) as u8;
@@ -96,7 +98,9 @@ impl BlockQ4 {
     /// Quantize 32 weights to `Q4_0` as llama.cpp does: `d = −w* / 8` for the weight `w*` of
     /// largest magnitude (so that it maps to level 0 exactly), `q = round(w / d) + 8`.
     pub(crate) fn quantize_q4_0(x: &[f32]) -> Self {
-        let extreme = x.iter().fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+        let extreme = x
+            .iter()
+            .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
         let d = extreme / -8.0;
         let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
         let q = |v: f32| (v * inv + 8.5).clamp(0.0, 15.0) as u8;

@@ -64,12 +64,11 @@ pub(crate) fn best() -> Kernels {
 fn dot_q8_scalar(w: &[BlockQ8], x: &[BlockX]) -> f32 {
     let mut acc = 0f32;
     for (a, b) in w.iter().zip(x) {
-        let s: i32 = a
-            .qs
-            .iter()
-            .zip(&b.qs)
-            .map(|(&p, &q)| i32::from(p) * i32::from(q))
-            .sum();
+        let s: i32 =
+            a.qs.iter()
+                .zip(&b.qs)
+                .map(|(&p, &q)| i32::from(p) * i32::from(q))
+                .sum();
         acc += a.d * b.d * s as f32;
     }
     acc
@@ -268,8 +267,18 @@ mod tests {
                 let rows = [&x[..], &other[..], &x[..], &other[..]];
                 let (b8, b4) = ((k.q8x4)(&w8, rows), (k.q4x4)(&w4, rows));
                 for r in [0, 2] {
-                    assert!((b8[r] - r8).abs() <= tol(r8), "{} q8x4: {} vs {r8}", k.name, b8[r]);
-                    assert!((b4[r] - r4).abs() <= tol(r4), "{} q4x4: {} vs {r4}", k.name, b4[r]);
+                    assert!(
+                        (b8[r] - r8).abs() <= tol(r8),
+                        "{} q8x4: {} vs {r8}",
+                        k.name,
+                        b8[r]
+                    );
+                    assert!(
+                        (b4[r] - r4).abs() <= tol(r4),
+                        "{} q4x4: {} vs {r4}",
+                        k.name,
+                        b4[r]
+                    );
                 }
                 let (o8, o4) = ((SCALAR.q8)(&w8, &other), (SCALAR.q4)(&w4, &other));
                 assert!((b8[1] - o8).abs() <= tol(o8) && (b4[3] - o4).abs() <= tol(o4));

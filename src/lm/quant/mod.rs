@@ -65,7 +65,12 @@ impl QMatrix {
 
     /// A matrix from GGUF block data (`Q8_0`, `Q4_0` or `Q4_1`). `None` when the length does
     /// not match.
-    pub(crate) fn from_gguf(format: QFormat, bytes: &[u8], rows: usize, cols: usize) -> Option<Self> {
+    pub(crate) fn from_gguf(
+        format: QFormat,
+        bytes: &[u8],
+        rows: usize,
+        cols: usize,
+    ) -> Option<Self> {
         if !cols.is_multiple_of(BLOCK) {
             return None;
         }
@@ -195,7 +200,12 @@ impl QMatrix {
                     // Four activation rows per pass over the weight row, then the rest.
                     let quads = n / 4;
                     for g in 0..quads {
-                        let xs = [x_row(4 * g), x_row(4 * g + 1), x_row(4 * g + 2), x_row(4 * g + 3)];
+                        let xs = [
+                            x_row(4 * g),
+                            x_row(4 * g + 1),
+                            x_row(4 * g + 2),
+                            x_row(4 * g + 3),
+                        ];
                         let y = match &self.data {
                             Rows::Q8(b) => (k.q8x4)(&b[j * nb..(j + 1) * nb], xs),
                             Rows::Q4(b) => (k.q4x4)(&b[j * nb..(j + 1) * nb], xs),
@@ -214,11 +224,13 @@ impl QMatrix {
             return yt;
         }
         let mut y = vec![0f32; n * self.rows];
-        y.par_chunks_mut(self.rows).enumerate().for_each(|(i, row)| {
-            for (j, v) in row.iter_mut().enumerate() {
-                *v = yt[j * n + i];
-            }
-        });
+        y.par_chunks_mut(self.rows)
+            .enumerate()
+            .for_each(|(i, row)| {
+                for (j, v) in row.iter_mut().enumerate() {
+                    *v = yt[j * n + i];
+                }
+            });
         y
     }
 }
@@ -267,12 +279,15 @@ mod tests {
                 let y = q.matmul_with(k, &x, n);
                 for i in 0..n {
                     for j in 0..rows {
-                        let exact: f32 = (0..cols)
-                            .map(|c| wd[j * cols + c] * xd[i * cols + c])
-                            .sum();
+                        let exact: f32 =
+                            (0..cols).map(|c| wd[j * cols + c] * xd[i * cols + c]).sum();
                         let full: f32 = (0..cols).map(|c| w[j * cols + c] * x[i * cols + c]).sum();
                         let got = y[i * rows + j];
-                        assert!((got - exact).abs() < 1e-4, "{format:?} {}: {got} vs {exact}", k.name);
+                        assert!(
+                            (got - exact).abs() < 1e-4,
+                            "{format:?} {}: {got} vs {exact}",
+                            k.name
+                        );
                         // Rounding bound: Σ |Δw x| + |w Δx| + |Δw Δx| with the bounds above.
                         // Weights in [-1, 1): Q8_0 step max|w|/127, Q4_1 (max − min)/15,
                         // error half a step; Q4_0 step max|w|/8, and a full step where the
