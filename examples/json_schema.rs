@@ -18,8 +18,11 @@ mod support;
 
 use std::collections::BTreeMap;
 
-use smc_steer::grammar::{Constrained, Grammar, GrammarConstraint};
-use smc_steer::{Kernel, Smc, SmcConfig, SmcResult, Truncation};
+use std::sync::Arc;
+
+use smc_steer::grammar::{Grammar, GrammarConstraint};
+use smc_steer::potential::Trivial;
+use smc_steer::{FeynmanKac, Kernel, ProposalKind, Smc, SmcConfig, SmcResult, Truncation};
 
 const SCHEMA: &str = r#"{"type":"object","properties":{"name":{"type":"string","maxLength":12},"age":{"type":"integer","minimum":0,"maximum":120}},"required":["name","age"],"additionalProperties":false}"#;
 
@@ -71,7 +74,8 @@ fn run() -> Result<(), String> {
         truncation: Truncation::ForceEos,
         ..SmcConfig::default()
     };
-    let program = Constrained::new(constraint);
+    // The schema's mask is the proposal (weight: the model's mass inside it).
+    let program = FeynmanKac::new(Trivial).with_proposal(ProposalKind::Mask(Arc::new(constraint)));
     let mut smc =
         Smc::new(kernel, program.clone(), &prompt, config.clone()).map_err(|e| e.to_string())?;
     while smc.step().map_err(|e| e.to_string())? {}

@@ -9,8 +9,11 @@
 
 mod support;
 
-use smc_steer::grammar::{Constrained, Grammar, GrammarConstraint};
-use smc_steer::{Kernel, Smc, SmcConfig, Truncation};
+use std::sync::Arc;
+
+use smc_steer::grammar::{Grammar, GrammarConstraint};
+use smc_steer::potential::Trivial;
+use smc_steer::{FeynmanKac, Kernel, ProposalKind, Smc, SmcConfig, Truncation};
 
 const USAGE: &str = "usage: regex [--regex RE] [--prompt TEXT] [--particles N] [--max-tokens T] \
                      [--seed S] [--model PATH] [--json]";
@@ -48,7 +51,10 @@ fn run() -> Result<(), String> {
         truncation: Truncation::ForceEos,
         ..SmcConfig::default()
     };
-    let result = Smc::new(kernel, Constrained::new(constraint), &prompt, config)
+    // The grammar is the target's constraint and the proposal: draws from the model
+    // restricted to its mask, weighted by the mask's mass.
+    let model = FeynmanKac::new(Trivial).with_proposal(ProposalKind::Mask(Arc::new(constraint)));
+    let result = Smc::new(kernel, model, &prompt, config)
         .and_then(Smc::run)
         .map_err(|e| e.to_string())?;
     if args.json {

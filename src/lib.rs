@@ -128,8 +128,12 @@ pub mod replicate {
 pub mod grammar {
     #[cfg(feature = "grammar")]
     pub use crate::constraints::grammar::{
-        Constrained, Grammar, GrammarConstraint, GrammarError, GrammarMatcher, Mask,
+        Grammar, GrammarConstraint, GrammarError, GrammarMatcher, Mask,
     };
+    // Only for the CLI until it builds `FeynmanKac` with `ProposalKind::Mask` itself.
+    #[cfg(feature = "grammar")]
+    #[doc(hidden)]
+    pub use crate::constraints::grammar::Constrained;
 
     /// Character-level potentials from byte recognizers.
     pub mod charlevel {

@@ -61,7 +61,12 @@ impl Potential for Counted {
     fn start(&self, vocab: &Vocabulary) -> Self::State {
         self.inner.start(vocab)
     }
-    fn advance(&self, state: &mut Self::State, seq: &SeqView<'_>, token: TokenId) {
+    fn advance(
+        &self,
+        state: &mut Self::State,
+        seq: &SeqView<'_>,
+        token: TokenId,
+    ) -> smc_steer::Result<()> {
         self.inner.advance(state, seq, token)
     }
     fn prefix(&self, state: &Self::State, seq: &SeqView<'_>) -> f64 {
@@ -70,12 +75,23 @@ impl Potential for Counted {
     fn complete(&self, state: &Self::State, seq: &SeqView<'_>) -> f64 {
         self.inner.complete(state, seq)
     }
-    fn log_weight_next(&self, state: &Self::State, seq: &SeqView<'_>, out: &mut [f64]) {
+    fn log_weight_next(
+        &self,
+        state: &Self::State,
+        seq: &SeqView<'_>,
+        out: &mut [f64],
+    ) -> smc_steer::Result<()> {
         self.calls.fetch_add(1, Ordering::Relaxed);
         let stats = self.inner.log_weight_next_stats(state, seq, out);
         self.steps.fetch_add(stats.steps, Ordering::Relaxed);
+        Ok(())
     }
-    fn log_weight_of(&self, state: &Self::State, seq: &SeqView<'_>, token: TokenId) -> f64 {
+    fn log_weight_of(
+        &self,
+        state: &Self::State,
+        seq: &SeqView<'_>,
+        token: TokenId,
+    ) -> smc_steer::Result<f64> {
         self.evals.fetch_add(1, Ordering::Relaxed);
         self.inner.log_weight_of(state, seq, token)
     }

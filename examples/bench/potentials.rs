@@ -39,11 +39,27 @@ impl ByteRecognizer for Words {
     }
 }
 
-/// Microseconds of `advance` + `prefix` for the token after position `n` of `tokens`.
-fn step_us<P: Potential>(p: &P, vocab: &Vocabulary, tokens: &[TokenId], n: usize) -> f64 {
+/// Microseconds of `advance` + `prefix` for the token after position `n` of `tokens`, on
+/// fresh clones of the state after `n - settle` tokens that first advance, untimed, by the
+/// `settle` tokens before it (`settle = 0`: the timed token is the first after the fork,
+/// as after resampling).
+fn step_us<P: Potential>(
+    p: &P,
+    vocab: &Vocabulary,
+    tokens: &[TokenId],
+    n: usize,
+    settle: usize,
+) -> Result<f64, String> {
     let bytes = vocab.decode_bytes(&tokens[..n + 1]);
-    let n_bytes = vocab.decode_bytes(&tokens[..n]).len();
-    let (state, view) = replay(p, vocab, &tokens[..n], &bytes[..n_bytes]);
+    let byte_len = |k: usize| vocab.decode_bytes(&tokens[..k]).len();
+    let fork = n - settle;
+    let (state, _) =
+        replay(p, vocab, &tokens[..fork], &bytes[..byte_len(fork)]).map_err(|e| e.to_string())?;
+    let view = SeqView {
+        tokens: &tokens[..n],
+        bytes: &bytes[..byte_len(n)],
+        vocab,
+    };
     let after = SeqView {
         tokens: &tokens[..n + 1],
         bytes: &bytes,
@@ -54,15 +70,26 @@ fn step_us<P: Potential>(p: &P, vocab: &Vocabulary, tokens: &[TokenId], n: usize
     for _ in 0..BATCHES {
         // Clones are made outside the timed loop: resampling pays for them, not the step.
         let mut states: Vec<P::State> = (0..REPS).map(|_| state.clone()).collect();
+        for s in &mut states {
+            for k in fork..n {
+                let before = SeqView {
+                    tokens: &tokens[..k],
+                    bytes: &bytes[..byte_len(k)],
+                    vocab,
+                };
+                p.advance(s, &before, tokens[k])
+                    .map_err(|e| e.to_string())?;
+            }
+        }
         let start = Instant::now();
         for s in &mut states {
-            p.advance(s, &view, tokens[n]);
+            p.advance(s, &view, tokens[n]).map_err(|e| e.to_string())?;
             sink += p.prefix(s, &after);
         }
         per_batch.push(start.elapsed().as_secs_f64() * 1e6 / REPS as f64);
     }
     std::hint::black_box(sink);
-    median(per_batch)
+    Ok(median(per_batch))
 }
 
 fn measure<P: Potential>(
@@ -71,8 +98,11 @@ fn measure<P: Potential>(
     p: &P,
     vocab: &Vocabulary,
     tokens: &[TokenId],
-) {
-    let us: Vec<f64> = AT.iter().map(|&n| step_us(p, vocab, tokens, n)).collect();
+) -> Result<(), String> {
+    let us = AT
+        .iter()
+        .map(|&n| step_us(p, vocab, tokens, n, 0))
+        .collect::<Result<Vec<f64>, _>>()?;
     for (n, v) in AT.iter().zip(&us) {
         report.emit("potential_us_per_token", label, *n, *v, "us");
     }
@@ -83,6 +113,34 @@ fn measure<P: Potential>(
         us[1] / us[0].max(1e-9),
         "ratio",
     );
+    Ok(())
+}
+
+/// As [`measure`], but the timed token is the second after the fork: what llguidance's
+/// matcher costs once the first token after a clone has grown its copied buffers.
+#[cfg(feature = "grammar")]
+fn measure_settled<P: Potential>(
+    report: &mut Report,
+    label: &str,
+    p: &P,
+    vocab: &Vocabulary,
+    tokens: &[TokenId],
+) -> Result<(), String> {
+    let us = AT
+        .iter()
+        .map(|&n| step_us(p, vocab, tokens, n, 1))
+        .collect::<Result<Vec<f64>, _>>()?;
+    for (n, v) in AT.iter().zip(&us) {
+        report.emit("potential_us_per_token_settled", label, *n, *v, "us");
+    }
+    report.emit(
+        "potential_growth_settled",
+        label,
+        AT[1],
+        us[1] / us[0].max(1e-9),
+        "ratio",
+    );
+    Ok(())
 }
 
 /// Every built-in potential at 16 and 512 tokens of `tokens` (at least 513 tokens of text).
@@ -107,31 +165,33 @@ pub fn run(report: &mut Report, vocab: &Vocabulary, tokens: &[TokenId]) -> Resul
         &MaxWordLetters::new(30),
         vocab,
         tokens,
-    );
-    measure(report, "token-weights", &weights, vocab, tokens);
+    )?;
+    measure(report, "token-weights", &weights, vocab, tokens)?;
     measure(
         report,
         "char-potential",
         &CharPotential::new(Words),
         vocab,
         tokens,
-    );
+    )?;
     let product = Product::new("product")
         .with(MaxWordLetters::new(30))
         .with(weights.clone());
-    measure(report, "product", &product, vocab, tokens);
+    measure(report, "product", &product, vocab, tokens)?;
     #[cfg(feature = "grammar")]
     {
         use smc_steer::grammar::{Grammar, GrammarConstraint};
         let g =
             GrammarConstraint::new(vocab, Grammar::regex(r"(?s:.)*")).map_err(|e| e.to_string())?;
-        measure(report, "grammar", &g, vocab, tokens);
+        measure(report, "grammar", &g, vocab, tokens)?;
         // Forks that share llguidance's lexer cache: smaller states.
-        let shared = g.with_shared_lexer_cache(true);
-        measure(report, "grammar-shared-cache", &shared, vocab, tokens);
+        let shared = g.clone().with_shared_lexer_cache(true);
+        measure(report, "grammar-shared-cache", &shared, vocab, tokens)?;
+        measure_settled(report, "grammar", &g, vocab, tokens)?;
+        measure_settled(report, "grammar-shared-cache", &shared, vocab, tokens)?;
     }
     // A stateless text predicate re-reads the whole text: the reference that grows.
     let on_text = Hard::on_text("on-text", |t: &str| !t.contains("zzz"));
-    measure(report, "hard-on-text", &on_text, vocab, tokens);
+    measure(report, "hard-on-text", &on_text, vocab, tokens)?;
     Ok(())
 }

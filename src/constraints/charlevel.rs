@@ -36,9 +36,9 @@
 //! }
 //! let v = Vocabulary::from_strs(&["th", "ere", " a", "is"]).unwrap();
 //! let p = CharPotential::new(ShortWords(4));
-//! let (state, view) = replay(&p, &v, &[0], b"th");
+//! let (state, view) = replay(&p, &v, &[0], b"th").unwrap();
 //! let mut w = vec![0.0; v.dist_len()];
-//! p.log_weight_next(&state, &view, &mut w);
+//! p.log_weight_next(&state, &view, &mut w).unwrap();
 //! assert_eq!(w, vec![0.0, f64::NEG_INFINITY, 0.0, 0.0, 0.0]); // "th"+"ere" has 5 letters
 //! ```
 
@@ -357,10 +357,16 @@ impl<R: ByteRecognizer> Potential for CharPotential<R> {
         Some(self.rec.initial())
     }
 
-    fn advance(&self, state: &mut Self::State, seq: &SeqView<'_>, token: TokenId) {
+    fn advance(
+        &self,
+        state: &mut Self::State,
+        seq: &SeqView<'_>,
+        token: TokenId,
+    ) -> crate::Result<()> {
         if let Some(s) = state.as_ref() {
             *state = self.read(s, seq.vocab.bytes(token));
         }
+        Ok(())
     }
 
     fn prefix(&self, state: &Self::State, _: &SeqView<'_>) -> f64 {
@@ -375,23 +381,35 @@ impl<R: ByteRecognizer> Potential for CharPotential<R> {
             .map_or(f64::NEG_INFINITY, |s| self.rec.complete(s))
     }
 
-    fn log_weight_next(&self, state: &Self::State, seq: &SeqView<'_>, out: &mut [f64]) {
+    fn log_weight_next(
+        &self,
+        state: &Self::State,
+        seq: &SeqView<'_>,
+        out: &mut [f64],
+    ) -> crate::Result<()> {
         self.log_weight_next_stats(state, seq, out);
+        Ok(())
     }
 
     /// One token alone (what AWRS asks for): its bytes read from the current state.
-    fn log_weight_of(&self, state: &Self::State, seq: &SeqView<'_>, token: TokenId) -> f64 {
+    fn log_weight_of(
+        &self,
+        state: &Self::State,
+        seq: &SeqView<'_>,
+        token: TokenId,
+    ) -> crate::Result<f64> {
         let Some(s) = state else {
-            return f64::NEG_INFINITY;
+            return Ok(f64::NEG_INFINITY);
         };
         let base = self.rec.log_weight(s);
         if base == f64::NEG_INFINITY {
-            return f64::NEG_INFINITY;
+            return Ok(f64::NEG_INFINITY);
         }
         if token == seq.vocab.eos() {
-            return self.rec.complete(s) - base;
+            return Ok(self.rec.complete(s) - base);
         }
-        self.read(s, seq.vocab.bytes(token))
-            .map_or(f64::NEG_INFINITY, |n| self.rec.log_weight(&n) - base)
+        Ok(self
+            .read(s, seq.vocab.bytes(token))
+            .map_or(f64::NEG_INFINITY, |n| self.rec.log_weight(&n) - base))
     }
 }

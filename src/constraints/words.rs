@@ -25,9 +25,9 @@ use crate::potential::{Potential, SeqView};
 /// use smc_steer::Vocabulary;
 /// let v = Vocabulary::from_strs(&["hello", " world", "s"]).unwrap();
 /// let c = MaxWordLetters::new(5);
-/// let (state, view) = smc_steer::potential::replay(&c, &v, &[0], b"hello");
+/// let (state, view) = smc_steer::potential::replay(&c, &v, &[0], b"hello").unwrap();
 /// let mut w = vec![0.0; 4];
-/// c.log_weight_next(&state, &view, &mut w);
+/// c.log_weight_next(&state, &view, &mut w).unwrap();
 /// assert_eq!(w, vec![f64::NEG_INFINITY, 0.0, f64::NEG_INFINITY, 0.0]);
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +66,19 @@ impl MaxWordLetters {
     /// the limit.
     fn extends(&self, run: usize, text: &str) -> bool {
         self.walk(run, text).is_some()
+    }
+
+    /// Whether the live `state` may be followed by a token of bytes `token` (`buf` is
+    /// scratch space for joining it to the held-back tail).
+    fn allows(&self, state: &WordState, token: &[u8], buf: &mut Vec<u8>) -> bool {
+        if state.tail.is_empty() {
+            self.extends(state.run, &prefix_text(token))
+        } else {
+            buf.clear();
+            buf.extend_from_slice(&state.tail);
+            buf.extend_from_slice(token);
+            self.extends(state.run, &prefix_text(buf))
+        }
     }
 
     #[cfg(test)]
@@ -108,9 +121,14 @@ impl Potential for MaxWordLetters {
         }
     }
 
-    fn advance(&self, state: &mut WordState, seq: &SeqView<'_>, token: TokenId) {
+    fn advance(
+        &self,
+        state: &mut WordState,
+        seq: &SeqView<'_>,
+        token: TokenId,
+    ) -> crate::Result<()> {
         if !state.ok {
-            return;
+            return Ok(());
         }
         let mut buf = std::mem::take(&mut state.tail);
         buf.extend_from_slice(seq.vocab.bytes(token));
@@ -122,6 +140,7 @@ impl Potential for MaxWordLetters {
             None => state.ok = false,
         }
         state.tail = buf.split_off(cut);
+        Ok(())
     }
 
     fn prefix(&self, state: &WordState, _: &SeqView<'_>) -> f64 {
@@ -133,27 +152,45 @@ impl Potential for MaxWordLetters {
         Self::value(state.ok && self.extends(state.run, &complete_text(&state.tail)))
     }
 
-    fn log_weight_next(&self, state: &WordState, seq: &SeqView<'_>, out: &mut [f64]) {
+    fn log_weight_next(
+        &self,
+        state: &WordState,
+        seq: &SeqView<'_>,
+        out: &mut [f64],
+    ) -> crate::Result<()> {
         if !state.ok {
             out.fill(f64::NEG_INFINITY);
-            return;
+            return Ok(());
         }
         let mut buf = Vec::with_capacity(state.tail.len() + 16);
         for (v, o) in out.iter_mut().enumerate().take(seq.vocab.len()) {
-            let token = seq.vocab.bytes(v as TokenId);
-            let ok = if state.tail.is_empty() {
-                self.extends(state.run, &prefix_text(token))
-            } else {
-                buf.clear();
-                buf.extend_from_slice(&state.tail);
-                buf.extend_from_slice(token);
-                self.extends(state.run, &prefix_text(&buf))
-            };
-            *o = Self::value(ok);
+            *o = Self::value(self.allows(state, seq.vocab.bytes(v as TokenId), &mut buf));
         }
         if let Some(o) = out.get_mut(seq.vocab.len()) {
             *o = self.complete(state, seq);
         }
+        Ok(())
+    }
+
+    /// One token from the state alone (the view is not read, so nothing is copied).
+    fn log_weight_of(
+        &self,
+        state: &WordState,
+        seq: &SeqView<'_>,
+        token: TokenId,
+    ) -> crate::Result<f64> {
+        if !state.ok {
+            return Ok(f64::NEG_INFINITY);
+        }
+        if token == seq.vocab.eos() {
+            return Ok(self.complete(state, seq));
+        }
+        let mut buf = Vec::new();
+        Ok(Self::value(self.allows(
+            state,
+            seq.vocab.bytes(token),
+            &mut buf,
+        )))
     }
 }
 
@@ -194,7 +231,7 @@ mod tests {
         // The same check through the slow path's complete score too.
         let check_complete = |prefix: &[u32]| {
             let bytes = v.decode_bytes(prefix);
-            let (state, view) = crate::potential::replay(&c, &v, prefix, &bytes);
+            let (state, view) = crate::potential::replay(&c, &v, prefix, &bytes).unwrap();
             assert_eq!(
                 c.complete(&state, &view),
                 crate::potential::SeqPotential::complete(&slow, &view),
@@ -217,9 +254,9 @@ mod tests {
             vec![4, 5],
         ] {
             let bytes = v.decode_bytes(&prefix);
-            let (state, view) = crate::potential::replay(&c, &v, &prefix, &bytes);
+            let (state, view) = crate::potential::replay(&c, &v, &prefix, &bytes).unwrap();
             let (mut fast, mut reference) = (vec![0.0; v.dist_len()], vec![0.0; v.dist_len()]);
-            c.log_weight_next(&state, &view, &mut fast);
+            c.log_weight_next(&state, &view, &mut fast).unwrap();
             crate::potential::SeqPotential::log_weight_next(&slow, &view, &mut reference);
             assert_eq!(fast, reference, "prefix {prefix:?}");
         }

@@ -209,7 +209,7 @@ impl FeynmanKac {
             }
             PotentialIncrement::Included(g) => {
                 if t != vocab.eos() {
-                    self.advance_states(p, t);
+                    self.advance_states(p, t)?;
                     p.append_to(0, t)?;
                     self.prefix_score = log_mul(self.prefix_score, g);
                 } else {
@@ -232,18 +232,19 @@ impl FeynmanKac {
     }
 
     /// Advance the potential's (and the constraint's) state past the ordinary token `t`,
-    /// before it is appended.
-    fn advance_states(&mut self, p: &Particle<'_>, t: u32) {
+    /// before it is appended. A failure (a grammar matcher's) is an error of the run.
+    fn advance_states(&mut self, p: &Particle<'_>, t: u32) -> Result<()> {
         let view = p.view();
         let vocab = p.vocab();
         let potential = self.potential.clone();
-        potential.advance(self.state_mut(vocab), &view, t);
+        potential.advance(self.state_mut(vocab), &view, t)?;
         if self.sampler_state.is_none() {
             self.sampler_state = self.sampler.start(vocab);
         }
         if let Some(state) = self.sampler_state.as_mut() {
-            self.sampler.advance(state, &view, t);
+            self.sampler.advance(state, &view, t)?;
         }
+        Ok(())
     }
 
     /// Append `t` and return its potential increment `log φ(x·t) − log φ(x)` (on EOS:
@@ -254,7 +255,7 @@ impl FeynmanKac {
             p.append_to(0, t)?;
             return Ok(inc);
         }
-        self.advance_states(p, t);
+        self.advance_states(p, t)?;
         p.append_to(0, t)?;
         let vocab = p.vocab();
         let potential = self.potential.clone();
@@ -349,8 +350,8 @@ impl Program for FeynmanKac {
             restriction = None;
         }
         // Condition the kernel's distribution on the event: p(v | event) = p(v)·1[v ∈ E] / P(E).
-        let conditioned: Vec<f64> = match restriction {
-            None => log_p.to_vec(),
+        let conditioned: std::borrow::Cow<'_, [f64]> = match restriction {
+            None => std::borrow::Cow::Borrowed(&log_p[..]),
             Some(want) => {
                 let (mut masked, mass) = restrict(&log_p, |v| in_word(v) == want);
                 if mass == f64::NEG_INFINITY {
@@ -362,7 +363,7 @@ impl Program for FeynmanKac {
                 for l in &mut masked {
                     *l = log_div(*l, mass);
                 }
-                masked
+                std::borrow::Cow::Owned(masked)
             }
         };
         let drawn = self.draw_token(p, &conditioned)?;
@@ -426,7 +427,29 @@ struct WordBoundaries {
     /// The first two characters of each group's tokens (empty for a token with no bytes).
     groups: Vec<String>,
     /// Answers by left context: `out[v]` for every token and EOS (EOS ends a word).
-    cache: Mutex<HashMap<String, Arc<Vec<bool>>>>,
+    cache: Mutex<HashMap<LeftContext, Arc<Vec<bool>>>>,
+}
+
+/// The last two characters of the text, oldest first (`None` where the text is shorter):
+/// the left side of a join, a key that needs no allocation.
+type LeftContext = [Option<char>; 2];
+
+/// The [`LeftContext`] of `bytes` read as [`crate::core::vocab::prefix_text`] reads them.
+///
+/// Only a tail is decoded, so the cost does not grow with the text: a byte that is not a
+/// UTF-8 continuation byte starts a character (or a U+FFFD) in the decoding of the whole
+/// text and of any tail starting there alike, and a tail of at least 8 bytes holds at
+/// least two characters.
+fn left_context(bytes: &[u8]) -> LeftContext {
+    let is_continuation = |b: u8| b & 0xC0 == 0x80;
+    let mut start = bytes.len().saturating_sub(8);
+    while start > 0 && bytes.get(start).is_some_and(|b| is_continuation(*b)) {
+        start -= 1;
+    }
+    let text = crate::core::vocab::prefix_text(&bytes[start..]);
+    let mut last = text.chars().rev();
+    let (b, a) = (last.next(), last.next());
+    [a, b]
 }
 
 impl WordBoundaries {
@@ -460,20 +483,16 @@ impl WordBoundaries {
             all[n] = false;
             return Arc::new(all);
         }
-        let text = crate::core::vocab::prefix_text(bytes);
-        let left: String = {
-            let mut last: Vec<char> = text.chars().rev().take(2).collect();
-            last.reverse();
-            last.into_iter().collect()
-        };
+        let key = left_context(bytes);
         let mut cache = match self.cache.lock() {
             Ok(c) => c,
             // A panic elsewhere cannot leave the map half-written: reuse it.
             Err(poisoned) => poisoned.into_inner(),
         };
-        if let Some(hit) = cache.get(&left) {
+        if let Some(hit) = cache.get(&key) {
             return Arc::clone(hit);
         }
+        let left: String = key.iter().flatten().collect();
         let by_group: Vec<bool> = self
             .groups
             .iter()
@@ -497,7 +516,39 @@ impl WordBoundaries {
             .collect();
         out.push(false); // EOS ends the word
         let out = Arc::new(out);
-        cache.insert(left, Arc::clone(&out));
+        cache.insert(key, Arc::clone(&out));
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+
+    /// Seed of the random byte strings.
+    const LEFT_CONTEXT_SEED: u64 = 0x1ef7_c0de;
+
+    #[test]
+    fn left_context_of_a_tail_is_that_of_the_whole_text() {
+        let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(LEFT_CONTEXT_SEED);
+        // Bytes drawn to mix ASCII, continuation bytes, lead bytes and invalid bytes.
+        let pool: [u8; 10] = [b'a', b' ', 0x80, 0xBF, 0xC3, 0xA9, 0xE2, 0x82, 0xF0, 0xFF];
+        for _ in 0..20_000 {
+            let n = rng.random_range(0..24);
+            let bytes: Vec<u8> = (0..n)
+                .map(|_| pool[rng.random_range(0..pool.len())])
+                .collect();
+            let whole: Vec<char> = crate::core::vocab::prefix_text(&bytes).chars().collect();
+            let mut expected = [None, None];
+            if let Some(c) = whole.last() {
+                expected[1] = Some(*c);
+            }
+            if whole.len() >= 2 {
+                expected[0] = Some(whole[whole.len() - 2]);
+            }
+            assert_eq!(left_context(&bytes), expected, "{bytes:?}");
+        }
     }
 }

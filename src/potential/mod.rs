@@ -14,6 +14,7 @@
 
 use std::any::Any;
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::sync::Arc;
 
 use crate::core::logspace::log_mul;
@@ -73,8 +74,9 @@ impl<'a> SeqView<'a> {
 ///     type State = usize; // number of `a` bytes so far
 ///     fn name(&self) -> &str { "likes-a" }
 ///     fn start(&self, _: &Vocabulary) -> usize { 0 }
-///     fn advance(&self, n: &mut usize, seq: &SeqView<'_>, t: TokenId) {
+///     fn advance(&self, n: &mut usize, seq: &SeqView<'_>, t: TokenId) -> smc_steer::Result<()> {
 ///         *n += seq.vocab.bytes(t).iter().filter(|b| **b == b'a').count();
+///         Ok(())
 ///     }
 ///     fn prefix(&self, n: &usize, _: &SeqView<'_>) -> f64 { 0.5 * *n as f64 }
 ///     fn complete(&self, n: &usize, s: &SeqView<'_>) -> f64 { self.prefix(n, s) }
@@ -94,7 +96,17 @@ pub trait Potential: Send + Sync {
 
     /// Advance `state` past the ordinary token `token` appended to `seq` (`seq` is the
     /// sequence *before* `token`; EOS is never advanced over).
-    fn advance(&self, state: &mut Self::State, seq: &SeqView<'_>, token: TokenId);
+    ///
+    /// # Errors
+    /// A failure of the machinery behind the state (for a grammar, llguidance exceeding a
+    /// parser limit) — an error of the run, never a way to reject a token: a token outside
+    /// the constraint is a state whose [`Potential::prefix`] is `-inf`.
+    fn advance(
+        &self,
+        state: &mut Self::State,
+        seq: &SeqView<'_>,
+        token: TokenId,
+    ) -> crate::Result<()>;
 
     /// `log φ(x)` for the unfinished sequence `seq` in `state`.
     fn prefix(&self, state: &Self::State, seq: &SeqView<'_>) -> f64;
@@ -105,36 +117,58 @@ pub trait Potential: Send + Sync {
     /// The log-weight of every next symbol (see the contract); `out` has
     /// `vocab.dist_len()` entries. The default advances a copy of the state once per
     /// token; override it when all next-token weights can be computed at once.
-    fn log_weight_next(&self, state: &Self::State, seq: &SeqView<'_>, out: &mut [f64]) {
+    ///
+    /// # Errors
+    /// As [`Potential::advance`] (NaN scores are the caller's to check).
+    fn log_weight_next(
+        &self,
+        state: &Self::State,
+        seq: &SeqView<'_>,
+        out: &mut [f64],
+    ) -> crate::Result<()> {
         let base = self.prefix(state, seq);
         if base == f64::NEG_INFINITY {
             out.fill(f64::NEG_INFINITY);
-            return;
+            return Ok(());
         }
         let mut next = Extended::new(seq);
         for (v, o) in out.iter_mut().enumerate().take(seq.vocab.len()) {
             let mut s = state.clone();
-            self.advance(&mut s, seq, v as TokenId);
+            self.advance(&mut s, seq, v as TokenId)?;
             *o = self.prefix(&s, &next.with(v as TokenId)) - base;
         }
         if let Some(o) = out.get_mut(seq.vocab.len()) {
             *o = self.complete(state, seq) - base;
         }
+        Ok(())
     }
 
     /// The log-weight of one next symbol, `log_weight_next(state, seq)[token]`, computed
     /// alone (what lazy samplers such as AWRS ask for).
-    fn log_weight_of(&self, state: &Self::State, seq: &SeqView<'_>, token: TokenId) -> f64 {
+    ///
+    /// The default advances a copy of the state and scores `x·token`, whose view it builds
+    /// in a per-thread buffer (one copy of the prefix's bytes per call, no allocation once
+    /// warm). A potential whose [`Potential::prefix`] reads only its state should override
+    /// it and skip the view, as the built-in stateful potentials do.
+    ///
+    /// # Errors
+    /// As [`Potential::advance`].
+    fn log_weight_of(
+        &self,
+        state: &Self::State,
+        seq: &SeqView<'_>,
+        token: TokenId,
+    ) -> crate::Result<f64> {
         let base = self.prefix(state, seq);
         if base == f64::NEG_INFINITY {
-            return f64::NEG_INFINITY;
+            return Ok(f64::NEG_INFINITY);
         }
         if token == seq.vocab.eos() {
-            return self.complete(state, seq) - base;
+            return Ok(self.complete(state, seq) - base);
         }
         let mut s = state.clone();
-        self.advance(&mut s, seq, token);
-        self.prefix(&s, &Extended::new(seq).with(token)) - base
+        self.advance(&mut s, seq, token)?;
+        Ok(with_extended(seq, token, |next| self.prefix(&s, next)) - base)
     }
 
     /// The vocabulary size this potential was built for, if it depends on one.
@@ -161,6 +195,9 @@ pub(crate) fn checked(name: &str, score: f64) -> crate::Result<f64> {
 /// The state of `potential` after `tokens` (from [`Potential::start`], advancing token by
 /// token), and the view of the sequence — for tests and for scoring a sequence at once.
 ///
+/// # Errors
+/// As [`Potential::advance`].
+///
 /// # Example
 /// ```
 /// use smc_steer::potential::{replay, Potential, TokenWeights};
@@ -168,7 +205,7 @@ pub(crate) fn checked(name: &str, score: f64) -> crate::Result<f64> {
 /// let v = Vocabulary::from_strs(&["a", "b"]).unwrap();
 /// let w = TokenWeights::new("w", vec![1.0, 2.0, 0.0]).unwrap();
 /// let bytes = v.decode_bytes(&[0, 1]);
-/// let (state, view) = replay(&w, &v, &[0, 1], &bytes);
+/// let (state, view) = replay(&w, &v, &[0, 1], &bytes).unwrap();
 /// assert_eq!(w.prefix(&state, &view), 3.0);
 /// ```
 pub fn replay<'a, P: Potential + ?Sized>(
@@ -176,7 +213,7 @@ pub fn replay<'a, P: Potential + ?Sized>(
     vocab: &'a Vocabulary,
     tokens: &'a [TokenId],
     bytes: &'a [u8],
-) -> (P::State, SeqView<'a>) {
+) -> crate::Result<(P::State, SeqView<'a>)> {
     let mut state = potential.start(vocab);
     let mut n_bytes = 0;
     for (i, &t) in tokens.iter().enumerate() {
@@ -185,7 +222,7 @@ pub fn replay<'a, P: Potential + ?Sized>(
             bytes: &bytes[..n_bytes.min(bytes.len())],
             vocab,
         };
-        potential.advance(&mut state, &before, t);
+        potential.advance(&mut state, &before, t)?;
         n_bytes += vocab.bytes(t).len();
     }
     let view = SeqView {
@@ -193,7 +230,36 @@ pub fn replay<'a, P: Potential + ?Sized>(
         bytes,
         vocab,
     };
-    (state, view)
+    Ok((state, view))
+}
+
+thread_local! {
+    /// The buffers of [`with_extended`], kept per thread so that lazy samplers, which
+    /// score many single tokens per step, do not allocate for each.
+    static NEXT_VIEW: RefCell<(Vec<TokenId>, Vec<u8>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// `f` of the view of `seq` followed by the ordinary token `token`.
+fn with_extended<R>(seq: &SeqView<'_>, token: TokenId, f: impl FnOnce(&SeqView<'_>) -> R) -> R {
+    NEXT_VIEW.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buffers) => {
+            let (tokens, bytes) = &mut *buffers;
+            tokens.clear();
+            tokens.extend_from_slice(seq.tokens);
+            tokens.push(token);
+            bytes.clear();
+            bytes.extend_from_slice(seq.bytes);
+            bytes.extend_from_slice(seq.vocab.bytes(token));
+            f(&SeqView {
+                tokens,
+                bytes,
+                vocab: seq.vocab,
+            })
+        }
+        // A potential whose prefix itself scores one token (nested defaults) finds the
+        // buffers in use: it gets fresh ones.
+        Err(_) => f(&Extended::new(seq).with(token)),
+    })
 }
 
 /// A sequence extended by one token, reusing its buffers across tokens.
@@ -258,7 +324,8 @@ pub trait SeqPotential: Send + Sync {
     /// The log-weight of every next symbol (as [`Potential::log_weight_next`]). The default
     /// evaluates [`SeqPotential::prefix`] once per token.
     fn log_weight_next(&self, seq: &SeqView<'_>, out: &mut [f64]) {
-        Potential::log_weight_next(&Stateless(self), &(), seq, out)
+        // `Stateless` never fails to advance.
+        let _ = Potential::log_weight_next(&Stateless(self), &(), seq, out);
     }
 
     /// The vocabulary size this potential was built for, if it depends on one.
@@ -276,7 +343,9 @@ impl<P: SeqPotential + ?Sized> Potential for Stateless<'_, P> {
         self.0.name()
     }
     fn start(&self, _: &Vocabulary) {}
-    fn advance(&self, _: &mut (), _: &SeqView<'_>, _: TokenId) {}
+    fn advance(&self, _: &mut (), _: &SeqView<'_>, _: TokenId) -> crate::Result<()> {
+        Ok(())
+    }
     fn prefix(&self, _: &(), seq: &SeqView<'_>) -> f64 {
         self.0.prefix(seq)
     }
@@ -291,15 +360,18 @@ impl<P: SeqPotential + ?Sized> Potential for P {
         SeqPotential::name(self)
     }
     fn start(&self, _: &Vocabulary) {}
-    fn advance(&self, _: &mut (), _: &SeqView<'_>, _: TokenId) {}
+    fn advance(&self, _: &mut (), _: &SeqView<'_>, _: TokenId) -> crate::Result<()> {
+        Ok(())
+    }
     fn prefix(&self, _: &(), seq: &SeqView<'_>) -> f64 {
         SeqPotential::prefix(self, seq)
     }
     fn complete(&self, _: &(), seq: &SeqView<'_>) -> f64 {
         SeqPotential::complete(self, seq)
     }
-    fn log_weight_next(&self, _: &(), seq: &SeqView<'_>, out: &mut [f64]) {
-        SeqPotential::log_weight_next(self, seq, out)
+    fn log_weight_next(&self, _: &(), seq: &SeqView<'_>, out: &mut [f64]) -> crate::Result<()> {
+        SeqPotential::log_weight_next(self, seq, out);
+        Ok(())
     }
     fn vocab_size(&self) -> Option<usize> {
         SeqPotential::vocab_size(self)
@@ -363,15 +435,30 @@ pub trait DynPotential: Send + Sync {
     /// As [`Potential::start`].
     fn dyn_start(&self, vocab: &Vocabulary) -> AnyState;
     /// As [`Potential::advance`].
-    fn dyn_advance(&self, state: &mut AnyState, seq: &SeqView<'_>, token: TokenId);
+    fn dyn_advance(
+        &self,
+        state: &mut AnyState,
+        seq: &SeqView<'_>,
+        token: TokenId,
+    ) -> crate::Result<()>;
     /// As [`Potential::prefix`].
     fn dyn_prefix(&self, state: &AnyState, seq: &SeqView<'_>) -> f64;
     /// As [`Potential::complete`].
     fn dyn_complete(&self, state: &AnyState, seq: &SeqView<'_>) -> f64;
     /// As [`Potential::log_weight_next`].
-    fn dyn_log_weight_next(&self, state: &AnyState, seq: &SeqView<'_>, out: &mut [f64]);
+    fn dyn_log_weight_next(
+        &self,
+        state: &AnyState,
+        seq: &SeqView<'_>,
+        out: &mut [f64],
+    ) -> crate::Result<()>;
     /// As [`Potential::log_weight_of`].
-    fn dyn_log_weight_of(&self, state: &AnyState, seq: &SeqView<'_>, token: TokenId) -> f64;
+    fn dyn_log_weight_of(
+        &self,
+        state: &AnyState,
+        seq: &SeqView<'_>,
+        token: TokenId,
+    ) -> crate::Result<f64>;
     /// As [`Potential::vocab_size`].
     fn dyn_vocab_size(&self) -> Option<usize>;
 }
@@ -383,9 +470,16 @@ impl<P: Potential> DynPotential for P {
     fn dyn_start(&self, vocab: &Vocabulary) -> AnyState {
         AnyState::new(self.start(vocab))
     }
-    fn dyn_advance(&self, state: &mut AnyState, seq: &SeqView<'_>, token: TokenId) {
-        if let Some(s) = state.get_mut::<P::State>() {
-            self.advance(s, seq, token);
+    fn dyn_advance(
+        &self,
+        state: &mut AnyState,
+        seq: &SeqView<'_>,
+        token: TokenId,
+    ) -> crate::Result<()> {
+        match state.get_mut::<P::State>() {
+            Some(s) => self.advance(s, seq, token),
+            // The scores of a foreign state are NaN, which the caller reports.
+            None => Ok(()),
         }
     }
     fn dyn_prefix(&self, state: &AnyState, seq: &SeqView<'_>) -> f64 {
@@ -398,16 +492,30 @@ impl<P: Potential> DynPotential for P {
             .get::<P::State>()
             .map_or(f64::NAN, |s| self.complete(s, seq))
     }
-    fn dyn_log_weight_next(&self, state: &AnyState, seq: &SeqView<'_>, out: &mut [f64]) {
+    fn dyn_log_weight_next(
+        &self,
+        state: &AnyState,
+        seq: &SeqView<'_>,
+        out: &mut [f64],
+    ) -> crate::Result<()> {
         match state.get::<P::State>() {
             Some(s) => self.log_weight_next(s, seq, out),
-            None => out.fill(f64::NAN),
+            None => {
+                out.fill(f64::NAN);
+                Ok(())
+            }
         }
     }
-    fn dyn_log_weight_of(&self, state: &AnyState, seq: &SeqView<'_>, token: TokenId) -> f64 {
-        state
-            .get::<P::State>()
-            .map_or(f64::NAN, |s| self.log_weight_of(s, seq, token))
+    fn dyn_log_weight_of(
+        &self,
+        state: &AnyState,
+        seq: &SeqView<'_>,
+        token: TokenId,
+    ) -> crate::Result<f64> {
+        match state.get::<P::State>() {
+            Some(s) => self.log_weight_of(s, seq, token),
+            None => Ok(f64::NAN),
+        }
     }
     fn dyn_vocab_size(&self) -> Option<usize> {
         self.vocab_size()
@@ -445,7 +553,12 @@ impl Potential for SharedPotential {
     fn start(&self, vocab: &Vocabulary) -> AnyState {
         self.0.dyn_start(vocab)
     }
-    fn advance(&self, state: &mut AnyState, seq: &SeqView<'_>, token: TokenId) {
+    fn advance(
+        &self,
+        state: &mut AnyState,
+        seq: &SeqView<'_>,
+        token: TokenId,
+    ) -> crate::Result<()> {
         self.0.dyn_advance(state, seq, token)
     }
     fn prefix(&self, state: &AnyState, seq: &SeqView<'_>) -> f64 {
@@ -454,10 +567,20 @@ impl Potential for SharedPotential {
     fn complete(&self, state: &AnyState, seq: &SeqView<'_>) -> f64 {
         self.0.dyn_complete(state, seq)
     }
-    fn log_weight_next(&self, state: &AnyState, seq: &SeqView<'_>, out: &mut [f64]) {
+    fn log_weight_next(
+        &self,
+        state: &AnyState,
+        seq: &SeqView<'_>,
+        out: &mut [f64],
+    ) -> crate::Result<()> {
         self.0.dyn_log_weight_next(state, seq, out)
     }
-    fn log_weight_of(&self, state: &AnyState, seq: &SeqView<'_>, token: TokenId) -> f64 {
+    fn log_weight_of(
+        &self,
+        state: &AnyState,
+        seq: &SeqView<'_>,
+        token: TokenId,
+    ) -> crate::Result<f64> {
         self.0.dyn_log_weight_of(state, seq, token)
     }
     fn vocab_size(&self) -> Option<usize> {
@@ -703,8 +826,9 @@ impl Potential for TokenWeights {
     fn start(&self, _: &Vocabulary) -> f64 {
         0.0
     }
-    fn advance(&self, sum: &mut f64, _: &SeqView<'_>, token: TokenId) {
+    fn advance(&self, sum: &mut f64, _: &SeqView<'_>, token: TokenId) -> crate::Result<()> {
         *sum = log_mul(*sum, self.weight(token));
+        Ok(())
     }
     fn prefix(&self, sum: &f64, _: &SeqView<'_>) -> f64 {
         *sum
@@ -712,12 +836,20 @@ impl Potential for TokenWeights {
     fn complete(&self, sum: &f64, _: &SeqView<'_>) -> f64 {
         log_mul(*sum, self.log_w[self.log_w.len() - 1])
     }
-    fn log_weight_next(&self, sum: &f64, _: &SeqView<'_>, out: &mut [f64]) {
+    fn log_weight_next(&self, sum: &f64, _: &SeqView<'_>, out: &mut [f64]) -> crate::Result<()> {
         if *sum == f64::NEG_INFINITY {
             out.fill(f64::NEG_INFINITY);
         } else {
             out.copy_from_slice(&self.log_w);
         }
+        Ok(())
+    }
+    fn log_weight_of(&self, sum: &f64, _: &SeqView<'_>, token: TokenId) -> crate::Result<f64> {
+        Ok(if *sum == f64::NEG_INFINITY {
+            f64::NEG_INFINITY
+        } else {
+            self.weight(token)
+        })
     }
     fn vocab_size(&self) -> Option<usize> {
         Some(self.log_w.len() - 1)
@@ -776,10 +908,16 @@ impl Potential for Product {
     fn start(&self, vocab: &Vocabulary) -> Vec<AnyState> {
         self.parts.iter().map(|p| p.start(vocab)).collect()
     }
-    fn advance(&self, states: &mut Vec<AnyState>, seq: &SeqView<'_>, token: TokenId) {
+    fn advance(
+        &self,
+        states: &mut Vec<AnyState>,
+        seq: &SeqView<'_>,
+        token: TokenId,
+    ) -> crate::Result<()> {
         for (p, s) in self.parts.iter().zip(states.iter_mut()) {
-            p.advance(s, seq, token);
+            p.advance(s, seq, token)?;
         }
+        Ok(())
     }
     fn prefix(&self, states: &Vec<AnyState>, seq: &SeqView<'_>) -> f64 {
         let mut total = 0.0;
@@ -801,25 +939,36 @@ impl Potential for Product {
         }
         total
     }
-    fn log_weight_next(&self, states: &Vec<AnyState>, seq: &SeqView<'_>, out: &mut [f64]) {
+    fn log_weight_next(
+        &self,
+        states: &Vec<AnyState>,
+        seq: &SeqView<'_>,
+        out: &mut [f64],
+    ) -> crate::Result<()> {
         out.fill(0.0);
         let mut part = vec![0.0; out.len()];
         for (p, s) in self.parts.iter().zip(states) {
-            p.log_weight_next(s, seq, &mut part);
+            p.log_weight_next(s, seq, &mut part)?;
             for (o, x) in out.iter_mut().zip(&part) {
                 *o = log_mul(*o, *x);
             }
         }
+        Ok(())
     }
-    fn log_weight_of(&self, states: &Vec<AnyState>, seq: &SeqView<'_>, token: TokenId) -> f64 {
+    fn log_weight_of(
+        &self,
+        states: &Vec<AnyState>,
+        seq: &SeqView<'_>,
+        token: TokenId,
+    ) -> crate::Result<f64> {
         let mut total = 0.0;
         for (p, s) in self.parts.iter().zip(states) {
-            total = log_mul(total, p.log_weight_of(s, seq, token));
+            total = log_mul(total, p.log_weight_of(s, seq, token)?);
             if total == f64::NEG_INFINITY {
                 break;
             }
         }
-        total
+        Ok(total)
     }
     fn vocab_size(&self) -> Option<usize> {
         self.parts.iter().find_map(|p| p.vocab_size())
@@ -854,14 +1003,14 @@ mod tests {
         let p = Product::new("p")
             .with(Hard::on_text("no-b", |t: &str| !t.contains('b')))
             .with(Soft::on_tokens("len", |t: &[TokenId]| t.len() as f64));
-        let (ok_state, ok) = replay(&p, &v, &[0, 0], b"aa");
-        let (bad_state, bad) = replay(&p, &v, &[0, 1], b"ab");
+        let (ok_state, ok) = replay(&p, &v, &[0, 0], b"aa").unwrap();
+        let (bad_state, bad) = replay(&p, &v, &[0, 1], b"ab").unwrap();
         assert_eq!(p.prefix(&ok_state, &ok), 2.0);
         assert_eq!(p.prefix(&bad_state, &bad), f64::NEG_INFINITY);
         let mut out = vec![0.0; 4];
-        p.log_weight_next(&ok_state, &ok, &mut out);
+        p.log_weight_next(&ok_state, &ok, &mut out).unwrap();
         assert_eq!(out, vec![1.0, f64::NEG_INFINITY, 1.0, 0.0]);
-        p.log_weight_next(&bad_state, &bad, &mut out);
+        p.log_weight_next(&bad_state, &bad, &mut out).unwrap();
         assert!(out.iter().all(|x| *x == f64::NEG_INFINITY));
     }
 

@@ -165,7 +165,9 @@ impl<'a> WithoutReplacement<'a> {
 /// time.
 ///
 /// # Errors
-/// [`SmcError::InvalidConfig`] when `options.remainder_ratio` is negative or NaN.
+/// [`SmcError::InvalidConfig`] when `options.remainder_ratio` is negative or NaN;
+/// [`SmcError::NanPotential`] when the constraint gives NaN; the constraint's own errors
+/// ([`Potential::log_weight_of`]).
 ///
 /// # Example
 /// ```
@@ -207,10 +209,14 @@ pub fn awrs<P: Potential + ?Sized, R: Rng + ?Sized>(
     // Masses relative to the largest; `max` turns them back into kernel mass.
     let probs: Vec<f64> = log_p.iter().map(|x| (x - max).exp()).collect();
     let mut cache: HashMap<usize, bool> = HashMap::new();
-    let mut eval = |i: usize| {
-        *cache.entry(i).or_insert_with(|| {
-            constraint.log_weight_of(state, seq, i as TokenId) > f64::NEG_INFINITY
-        })
+    let mut eval = |i: usize| -> Result<bool> {
+        if let Some(&ok) = cache.get(&i) {
+            return Ok(ok);
+        }
+        let w = constraint.log_weight_of(state, seq, i as TokenId)?;
+        let ok = crate::potential::checked(constraint.name(), w)? > f64::NEG_INFINITY;
+        cache.insert(i, ok);
+        Ok(ok)
     };
 
     let mut pool = WithoutReplacement::new(&probs);
@@ -227,7 +233,7 @@ pub fn awrs<P: Potential + ?Sized, R: Rng + ?Sized>(
             && (pool.remaining.max(0.0) <= options.remainder_ratio * found
                 || walked >= options.max_walk);
         let Some(i) = pool.draw(rng) else { break };
-        let ok = eval(i);
+        let ok = eval(i)?;
         if final_draw {
             if ok {
                 rest_estimate = pool.remaining.max(0.0);

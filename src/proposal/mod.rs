@@ -96,14 +96,14 @@ impl SamplerInput<'_> {
 /// The next-token weights of `potential` in `state` after `seq`; NaN is an error naming it.
 ///
 /// # Errors
-/// [`SmcError::NanPotential`].
+/// [`SmcError::NanPotential`]; the potential's own errors (a grammar matcher failing).
 pub fn weights_of<P: Potential + ?Sized>(
     potential: &P,
     state: &P::State,
     seq: &SeqView<'_>,
 ) -> Result<Vec<f64>> {
     let mut w = vec![0.0; seq.vocab.dist_len()];
-    potential.log_weight_next(state, seq, &mut w);
+    potential.log_weight_next(state, seq, &mut w)?;
     if w.iter().any(|x| x.is_nan()) {
         return Err(SmcError::NanPotential {
             name: potential.name().to_string(),
@@ -139,21 +139,39 @@ pub enum PotentialIncrement {
 /// A proposal: draws the next token of one particle and returns it with a log-weight such
 /// that the engine's weights stay properly weighted for the target `p·G`.
 ///
-/// A sampler with a constraint of its own (the mask and AWRS proposals) keeps a
-/// per-particle state of it: [`TokenSampler::start`] makes it, [`TokenSampler::advance`]
-/// moves it past each appended token, and the constraint is part of the target (under
-/// [`crate::Truncation::ForceEos`] the engine asks [`TokenSampler::allows_end`]).
+/// A sampler with a constraint of its own (the mask and AWRS proposals) names it in
+/// [`TokenSampler::constraint`] and keeps a per-particle state of it:
+/// [`TokenSampler::start`] makes it, [`TokenSampler::advance`] moves it past each appended
+/// token, and the constraint is part of the target (under [`crate::Truncation::ForceEos`]
+/// the engine asks [`TokenSampler::allows_end`]). The provided methods do all of this from
+/// the constraint; a sampler with another kind of state overrides them.
 pub trait TokenSampler: Send + Sync {
     /// A name used in messages.
     fn name(&self) -> &str;
 
-    /// The sampler's state for a new particle (`None`: it keeps none).
-    fn start(&self, _vocab: &Vocabulary) -> Option<AnyState> {
+    /// The sampler's own Boolean constraint (allowed: a next-token weight above `-inf`),
+    /// part of the target; `None` (the default) for a sampler without one.
+    fn constraint(&self) -> Option<&SharedPotential> {
         None
     }
 
-    /// Move the sampler's state past the ordinary token `token` appended to `seq`.
-    fn advance(&self, _state: &mut AnyState, _seq: &SeqView<'_>, _token: TokenId) {}
+    /// The sampler's state for a new particle (`None`: it keeps none). The default is the
+    /// constraint's start state.
+    fn start(&self, vocab: &Vocabulary) -> Option<AnyState> {
+        self.constraint().map(|c| c.start(vocab))
+    }
+
+    /// Move the sampler's state past the ordinary token `token` appended to `seq` (the
+    /// default advances the constraint's state).
+    ///
+    /// # Errors
+    /// The constraint's (see [`Potential::advance`]).
+    fn advance(&self, state: &mut AnyState, seq: &SeqView<'_>, token: TokenId) -> Result<()> {
+        match self.constraint() {
+            Some(c) => c.advance(state, seq, token),
+            None => Ok(()),
+        }
+    }
 
     /// Draw the next symbol. `Ok(None)` when no symbol can be drawn (the particle dies).
     ///
@@ -165,14 +183,20 @@ pub trait TokenSampler: Send + Sync {
     /// sampler's own constraint refuses EOS.
     ///
     /// # Errors
-    /// A broken constraint (NaN).
-    fn allows_end(&self, _state: Option<&AnyState>, _seq: &SeqView<'_>) -> Result<bool> {
-        Ok(true)
+    /// A broken constraint (NaN, or its own errors); a sampler with a constraint that was
+    /// not started.
+    fn allows_end(&self, state: Option<&AnyState>, seq: &SeqView<'_>) -> Result<bool> {
+        let Some(c) = self.constraint() else {
+            return Ok(true);
+        };
+        let w = c.log_weight_of(constraint_state(self.name(), state)?, seq, seq.vocab.eos())?;
+        Ok(crate::potential::checked(c.name(), w)? > f64::NEG_INFINITY)
     }
 
-    /// The vocabulary size the sampler was built for, if it depends on one.
+    /// The vocabulary size the sampler was built for, if it depends on one (the default:
+    /// its constraint's).
     fn vocab_size(&self) -> Option<usize> {
-        None
+        self.constraint().and_then(|c| c.vocab_size())
     }
 }
 
@@ -250,11 +274,8 @@ impl TokenSampler for MaskSampler {
     fn name(&self) -> &str {
         self.constraint.name()
     }
-    fn start(&self, vocab: &Vocabulary) -> Option<AnyState> {
-        Some(self.constraint.start(vocab))
-    }
-    fn advance(&self, state: &mut AnyState, seq: &SeqView<'_>, token: TokenId) {
-        self.constraint.advance(state, seq, token);
+    fn constraint(&self) -> Option<&SharedPotential> {
+        Some(&self.constraint)
     }
     fn sample(&self, input: &mut SamplerInput<'_>) -> Result<Option<Draw>> {
         let state = constraint_state(self.name(), input.state)?;
@@ -279,22 +300,6 @@ impl TokenSampler for MaskSampler {
             potential: PotentialIncrement::Pending,
         }))
     }
-    fn allows_end(&self, state: Option<&AnyState>, seq: &SeqView<'_>) -> Result<bool> {
-        allows_end(&self.constraint, constraint_state(self.name(), state)?, seq)
-    }
-    fn vocab_size(&self) -> Option<usize> {
-        self.constraint.vocab_size()
-    }
-}
-
-fn allows_end(constraint: &SharedPotential, state: &AnyState, seq: &SeqView<'_>) -> Result<bool> {
-    let w = constraint.log_weight_of(state, seq, seq.vocab.eos());
-    if w.is_nan() {
-        return Err(SmcError::NanPotential {
-            name: constraint.name().to_string(),
-        });
-    }
-    Ok(w > f64::NEG_INFINITY)
 }
 
 /// Adaptive weighted rejection sampling ([`crate::proposal::awrs`]) under a Boolean potential,
@@ -322,11 +327,8 @@ impl TokenSampler for AwrsSampler {
     fn name(&self) -> &str {
         self.constraint.name()
     }
-    fn start(&self, vocab: &Vocabulary) -> Option<AnyState> {
-        Some(self.constraint.start(vocab))
-    }
-    fn advance(&self, state: &mut AnyState, seq: &SeqView<'_>, token: TokenId) {
-        self.constraint.advance(state, seq, token);
+    fn constraint(&self) -> Option<&SharedPotential> {
+        Some(&self.constraint)
     }
     fn sample(&self, input: &mut SamplerInput<'_>) -> Result<Option<Draw>> {
         let state = constraint_state(self.name(), input.state)?;
@@ -346,9 +348,6 @@ impl TokenSampler for AwrsSampler {
             log_weight: draw.log_weight,
             potential: PotentialIncrement::Pending,
         }))
-    }
-    fn allows_end(&self, state: Option<&AnyState>, seq: &SeqView<'_>) -> Result<bool> {
-        allows_end(&self.constraint, constraint_state(self.name(), state)?, seq)
     }
 }
 

@@ -49,7 +49,8 @@ fn sequences(vocab: &Vocabulary, max_len: usize) -> Vec<Vec<TokenId>> {
 /// * advancing a clone of the state leaves the original state's scores unchanged.
 ///
 /// # Panics
-/// On the first inconsistency, naming the sequence and the token.
+/// On the first inconsistency, naming the sequence and the token, and on an error from
+/// the potential.
 ///
 /// # Example
 /// ```
@@ -68,7 +69,8 @@ pub fn assert_potential_consistent<P: Potential + ?Sized>(
     let eos = vocab.eos() as usize;
     for x in sequences(vocab, max_len) {
         let bytes = vocab.decode_bytes(&x);
-        let (state, view) = replay(p, vocab, &x, &bytes);
+        let (state, view) = replay(p, vocab, &x, &bytes)
+            .unwrap_or_else(|e| panic!("{name}: advancing through {x:?} failed: {e}"));
         let base = p.prefix(&state, &view);
         let end = p.complete(&state, &view);
         assert!(
@@ -76,7 +78,8 @@ pub fn assert_potential_consistent<P: Potential + ?Sized>(
             "{name}: NaN score after {x:?}"
         );
         let mut next = vec![0.0; vocab.dist_len()];
-        p.log_weight_next(&state, &view, &mut next);
+        p.log_weight_next(&state, &view, &mut next)
+            .unwrap_or_else(|e| panic!("{name}: next-token weights after {x:?} failed: {e}"));
         for (v, w) in next.iter().enumerate() {
             assert!(
                 !w.is_nan(),
@@ -90,14 +93,17 @@ pub fn assert_potential_consistent<P: Potential + ?Sized>(
                 let mut y = x.clone();
                 y.push(v as TokenId);
                 let y_bytes = vocab.decode_bytes(&y);
-                let (s, yv) = replay(p, vocab, &y, &y_bytes);
+                let (s, yv) = replay(p, vocab, &y, &y_bytes)
+                    .unwrap_or_else(|e| panic!("{name}: advancing through {y:?} failed: {e}"));
                 p.prefix(&s, &yv) - base
             };
             assert!(
                 same(*w, expected),
                 "{name}: after {x:?}, log_weight_next[{v}] = {w} but prefix/complete give {expected}"
             );
-            let alone = p.log_weight_of(&state, &view, v as TokenId);
+            let alone = p
+                .log_weight_of(&state, &view, v as TokenId)
+                .unwrap_or_else(|e| panic!("{name}: log_weight_of({v}) after {x:?} failed: {e}"));
             assert!(
                 same(alone, *w),
                 "{name}: after {x:?}, log_weight_of({v}) = {alone} but log_weight_next gives {w}"
@@ -106,7 +112,8 @@ pub fn assert_potential_consistent<P: Potential + ?Sized>(
         // The state is a value: advancing a copy leaves it alone (a vocabulary always
         // has token 0).
         let mut copy = state.clone();
-        p.advance(&mut copy, &view, 0);
+        p.advance(&mut copy, &view, 0)
+            .unwrap_or_else(|e| panic!("{name}: advancing {x:?} by token 0 failed: {e}"));
         let again = p.prefix(&state, &view);
         assert!(
             same(again, base),
@@ -143,8 +150,10 @@ pub fn assert_same_scores<A: Potential + ?Sized, B: Potential + ?Sized>(
     x: &[TokenId],
 ) {
     let bytes = vocab.decode_bytes(x);
-    let (sa, view) = replay(a, vocab, x, &bytes);
-    let (sb, _) = replay(b, vocab, x, &bytes);
+    let (sa, view) = replay(a, vocab, x, &bytes)
+        .unwrap_or_else(|e| panic!("{}: advancing through {x:?} failed: {e}", a.name()));
+    let (sb, _) = replay(b, vocab, x, &bytes)
+        .unwrap_or_else(|e| panic!("{}: advancing through {x:?} failed: {e}", b.name()));
     let pair = |what: &str, u: f64, w: f64| {
         assert!(
             same(u, w),
@@ -156,8 +165,10 @@ pub fn assert_same_scores<A: Potential + ?Sized, B: Potential + ?Sized>(
     pair("prefix", a.prefix(&sa, &view), b.prefix(&sb, &view));
     pair("complete", a.complete(&sa, &view), b.complete(&sb, &view));
     let (mut na, mut nb) = (vec![0.0; vocab.dist_len()], vec![0.0; vocab.dist_len()]);
-    a.log_weight_next(&sa, &view, &mut na);
-    b.log_weight_next(&sb, &view, &mut nb);
+    a.log_weight_next(&sa, &view, &mut na)
+        .unwrap_or_else(|e| panic!("{}: next-token weights after {x:?} failed: {e}", a.name()));
+    b.log_weight_next(&sb, &view, &mut nb)
+        .unwrap_or_else(|e| panic!("{}: next-token weights after {x:?} failed: {e}", b.name()));
     for (u, w) in na.iter().zip(&nb) {
         pair("log_weight_next", *u, *w);
     }

@@ -70,8 +70,8 @@ impl Exact {
 /// ```
 ///
 /// # Errors
-/// [`SmcError::InvalidConfig`] when more than 2,000,000 prefixes would be visited, or
-/// [`SmcError::NanPotential`].
+/// [`SmcError::InvalidConfig`] when more than 2,000,000 prefixes would be visited,
+/// [`SmcError::NanPotential`], or the potential's own errors ([`Potential::advance`]).
 pub fn enumerate<P: Potential + ?Sized>(
     kernel: &ToyKernel,
     potential: &P,
@@ -142,7 +142,7 @@ pub fn enumerate<P: Potential + ?Sized>(
                 continue;
             }
             let mut next_state = state.clone();
-            potential.advance(&mut next_state, &view, v);
+            potential.advance(&mut next_state, &view, v)?;
             let mut next = tokens.clone();
             next.push(v);
             let next_bytes = vocab.decode_bytes(&next);

@@ -94,9 +94,9 @@ pub fn scores<P: smc_steer::potential::Potential + ?Sized>(
     tokens: &[u32],
 ) -> (f64, f64, Vec<f64>) {
     let bytes = vocab.decode_bytes(tokens);
-    let (state, view) = smc_steer::potential::replay(p, vocab, tokens, &bytes);
+    let (state, view) = smc_steer::potential::replay(p, vocab, tokens, &bytes).unwrap();
     let mut next = vec![0.0; vocab.dist_len()];
-    p.log_weight_next(&state, &view, &mut next);
+    p.log_weight_next(&state, &view, &mut next).unwrap();
     (p.prefix(&state, &view), p.complete(&state, &view), next)
 }
 

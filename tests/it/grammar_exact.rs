@@ -4,7 +4,7 @@
 #![cfg(feature = "grammar")]
 
 use crate::common::{assert_unbiased, seeded};
-use smc_steer::grammar::{Constrained, Grammar, GrammarConstraint, GrammarError};
+use smc_steer::grammar::{Grammar, GrammarConstraint, GrammarError};
 use smc_steer::potential::{replay, Hard, Potential, Product, SeqPotential, SeqView};
 use smc_steer::replicate::run_replicates;
 use smc_steer::testing::enumerate;
@@ -85,7 +85,7 @@ fn potential_matches_the_language() {
     for tokens in &all_sequences(v.len(), 4) {
         let bytes = v.decode_bytes(tokens);
         let text = String::from_utf8(bytes.clone()).unwrap();
-        let (matcher, view) = replay(&c, &v, tokens, &bytes);
+        let (matcher, view) = replay(&c, &v, tokens, &bytes).unwrap();
         assert_eq!(
             c.prefix(&matcher, &view) == 0.0,
             regex_ok(&text, false) || regex_ok(&text, true),
@@ -110,9 +110,9 @@ fn mask_equals_naive_next_token_weights() {
     // Every token sequence up to length 3, dead prefixes included (every entry -inf).
     for tokens in all_sequences(v.len(), 3) {
         let bytes = v.decode_bytes(&tokens);
-        let (matcher, view) = replay(&c, &v, &tokens, &bytes);
+        let (matcher, view) = replay(&c, &v, &tokens, &bytes).unwrap();
         let mut fast = vec![0.0; v.dist_len()];
-        c.log_weight_next(&matcher, &view, &mut fast);
+        c.log_weight_next(&matcher, &view, &mut fast).unwrap();
         let mut slow = vec![0.0; v.dist_len()];
         SeqPotential::log_weight_next(&naive, &view, &mut slow);
         // The naive check's EOS entry: the text is complete.
@@ -125,6 +125,12 @@ fn mask_equals_naive_next_token_weights() {
         };
         assert_eq!(fast, slow, "prefix {text:?}");
     }
+}
+
+/// Generation under `c`: the grammar's mask is the proposal, no other potential.
+fn masked(c: GrammarConstraint) -> FeynmanKac {
+    FeynmanKac::new(smc_steer::potential::Trivial)
+        .with_proposal(ProposalKind::Mask(std::sync::Arc::new(c)))
 }
 
 /// Mean Ẑ/Z over replicates within 4 standard errors, and every surviving particle in the
@@ -143,7 +149,7 @@ fn check_unbiased(truncation: Truncation, particles: usize, reps: usize) {
     let runs = run_replicates(seeded(MASTER_SEED), reps, |seed| {
         Smc::new(
             kernel(),
-            Constrained::new(c.clone()),
+            masked(c.clone()),
             &[],
             SmcConfig {
                 seed,
@@ -224,13 +230,9 @@ fn grammar_times_a_soft_potential_is_unbiased() {
             seed,
             ..SmcConfig::default()
         };
-        Smc::new(
-            kernel(),
-            Constrained::new(c.clone()).with_potential(soft.clone()),
-            &[],
-            config,
-        )?
-        .run()
+        let model = FeynmanKac::new(soft.clone())
+            .with_proposal(ProposalKind::Mask(std::sync::Arc::new(c.clone())));
+        Smc::new(kernel(), model, &[], config)?.run()
     })
     .unwrap();
     assert_unbiased(&runs, exact.log_z, "grammar-times-soft");
@@ -334,7 +336,7 @@ fn a_constraint_no_token_can_satisfy_kills_every_particle() {
         max_tokens: 3,
         ..SmcConfig::default()
     };
-    let r = Smc::new(kernel(), Constrained::new(c), &[], config)
+    let r = Smc::new(kernel(), masked(c), &[], config)
         .unwrap()
         .run()
         .unwrap();
@@ -346,7 +348,7 @@ fn a_constraint_no_token_can_satisfy_kills_every_particle() {
 fn vocabulary_mismatch_is_reported() {
     let other = Vocabulary::from_strs(&["1", "2"]).unwrap();
     let c = GrammarConstraint::new(&other, Grammar::regex("1+")).unwrap();
-    let err = Smc::new(kernel(), Constrained::new(c), &[], SmcConfig::default()).unwrap_err();
+    let err = Smc::new(kernel(), masked(c), &[], SmcConfig::default()).unwrap_err();
     assert!(
         matches!(err, smc_steer::SmcError::VocabularyMismatch { .. }),
         "{err}"

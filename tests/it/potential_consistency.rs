@@ -116,3 +116,75 @@ fn grammar_constraints() {
         assert_potential_consistent(&c, &v, DEPTH);
     }
 }
+
+/// A potential whose state machinery fails after `after` tokens (as a grammar matcher does
+/// when llguidance hits a parser limit).
+struct Breaks {
+    after: usize,
+}
+
+impl smc_steer::potential::Potential for Breaks {
+    type State = usize;
+    fn name(&self) -> &str {
+        "breaks"
+    }
+    fn start(&self, _: &Vocabulary) -> usize {
+        0
+    }
+    fn advance(
+        &self,
+        n: &mut usize,
+        _: &smc_steer::SeqView<'_>,
+        _: TokenId,
+    ) -> smc_steer::Result<()> {
+        *n += 1;
+        if *n > self.after {
+            return Err(smc_steer::SmcError::Program(
+                "the state machine broke".into(),
+            ));
+        }
+        Ok(())
+    }
+    fn prefix(&self, _: &usize, _: &smc_steer::SeqView<'_>) -> f64 {
+        0.0
+    }
+    fn complete(&self, _: &usize, _: &smc_steer::SeqView<'_>) -> f64 {
+        0.0
+    }
+}
+
+#[test]
+fn a_failing_advance_is_an_error_of_the_run_for_every_sampler() {
+    use smc_steer::{FeynmanKac, ProposalKind, Smc, SmcConfig, SmcError};
+    use std::sync::Arc;
+    let broken = Arc::new(Breaks { after: 1 });
+    let models = [
+        ("potential", FeynmanKac::new(Breaks { after: 1 })),
+        (
+            "mask",
+            FeynmanKac::new(Trivial).with_proposal(ProposalKind::Mask(broken.clone())),
+        ),
+        (
+            "awrs",
+            FeynmanKac::new(Trivial).with_proposal(ProposalKind::Awrs(broken.clone())),
+        ),
+        (
+            "locally-optimal",
+            FeynmanKac::new(Breaks { after: 1 }).with_proposal(ProposalKind::LocallyOptimal),
+        ),
+    ];
+    for (label, model) in models {
+        // EOS has probability 0.05, so (with the default seed) particles reach the second
+        // token, where advancing fails.
+        let kernel = smc_steer::testing::ToyKernel::random_bigram(3, 0.05, 11).unwrap();
+        let config = SmcConfig {
+            particles: 8,
+            max_tokens: 6,
+            ..SmcConfig::default()
+        };
+        match Smc::new(kernel, model, &[], config).unwrap().run() {
+            Err(SmcError::Program(m)) => assert!(m.contains("broke"), "{label}: {m}"),
+            other => panic!("{label}: expected the potential's error, got {other:?}"),
+        }
+    }
+}

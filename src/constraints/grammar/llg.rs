@@ -1,6 +1,6 @@
 //! Grammar constraints compiled by llguidance over the kernel's token byte strings.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use llguidance::api::TopLevelGrammar;
 use llguidance::toktrie::{
@@ -270,7 +270,11 @@ impl Mask {
 /// gets its own copy of llguidance's lexer cache ([`Matcher::deep_clone`]); see
 /// [`GrammarConstraint::with_shared_lexer_cache`].
 pub struct GrammarMatcher {
-    inner: Matcher,
+    /// Behind a mutex because llguidance computes masks and acceptance through `&mut`
+    /// (they fill its caches without changing the language state): the potential's scores,
+    /// which get `&` to the state, then need no fork of the matcher. Never contended: each
+    /// particle owns its matcher.
+    inner: Mutex<Matcher>,
     shared: Arc<Shared>,
     /// EOS was consumed.
     ended: bool,
@@ -280,12 +284,13 @@ pub struct GrammarMatcher {
 
 impl Clone for GrammarMatcher {
     fn clone(&self) -> Self {
+        let inner = self.lock();
         Self {
-            inner: if self.shared.deep_fork {
-                self.inner.deep_clone()
+            inner: Mutex::new(if self.shared.deep_fork {
+                inner.deep_clone()
             } else {
-                self.inner.clone()
-            },
+                inner.clone()
+            }),
             shared: Arc::clone(&self.shared),
             ended: self.ended,
             dead: self.dead,
@@ -303,6 +308,24 @@ impl std::fmt::Debug for GrammarMatcher {
 }
 
 impl GrammarMatcher {
+    fn new(inner: Matcher, shared: Arc<Shared>) -> Self {
+        Self {
+            inner: Mutex::new(inner),
+            shared,
+            ended: false,
+            dead: false,
+        }
+    }
+
+    /// The llguidance matcher. A panic inside llguidance while it was held cannot be
+    /// recovered from here, but it already unwinds the run; the lock is then only read.
+    fn lock(&self) -> MutexGuard<'_, Matcher> {
+        match self.inner.lock() {
+            Ok(m) => m,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
     /// Advance by one symbol. Returns whether the output is still in (a prefix of) the
     /// language; after `false` the matcher is dead. EOS is accepted only where the
     /// language accepts the output.
@@ -344,27 +367,43 @@ impl GrammarMatcher {
         if self.shared.empty_tokens.binary_search(&token).is_ok() {
             return Ok(true);
         }
-        if self.inner.is_stopped() {
+        let inner = self.inner.get_mut().unwrap_or_else(|p| p.into_inner());
+        if inner.is_stopped() {
             // The output is complete and cannot be extended.
             self.dead = true;
             return Ok(false);
         }
-        match self.inner.try_consume_tokens(&[token]) {
-            Ok(1) => Ok(true),
-            Ok(_) if !self.inner.is_error() => {
-                self.dead = true;
-                Ok(false)
-            }
-            Ok(_) => {
-                self.dead = true;
-                Err(GrammarError::Matcher(
-                    self.inner.get_error().unwrap_or_default(),
-                ))
-            }
-            Err(e) => {
-                self.dead = true;
-                Err(GrammarError::Matcher(e.to_string()))
-            }
+        let consumed = inner.try_consume_tokens(&[token]);
+        let result = match consumed {
+            Ok(1) => return Ok(true),
+            Ok(_) if !inner.is_error() => Ok(false),
+            Ok(_) => Err(GrammarError::Matcher(inner.get_error().unwrap_or_default())),
+            Err(e) => Err(GrammarError::Matcher(e.to_string())),
+        };
+        self.dead = true;
+        result
+    }
+
+    /// Whether the live matcher would accept the ordinary token `token` next, without
+    /// consuming it (what one next-token weight asks).
+    ///
+    /// # Errors
+    /// [`GrammarError::Matcher`] when llguidance fails.
+    fn allows_next(&self, token: TokenId) -> Result<bool, GrammarError> {
+        if self.dead || self.ended || token as usize >= self.shared.vocab_len {
+            return Ok(false);
+        }
+        if self.shared.empty_tokens.binary_search(&token).is_ok() {
+            return Ok(true);
+        }
+        let mut inner = self.lock();
+        if inner.is_stopped() {
+            return Ok(false);
+        }
+        match inner.validate_tokens(&[token]) {
+            Ok(n) if !inner.is_error() => Ok(n == 1),
+            Ok(_) => Err(GrammarError::Matcher(inner.get_error().unwrap_or_default())),
+            Err(e) => Err(GrammarError::Matcher(e.to_string())),
         }
     }
 
@@ -379,18 +418,19 @@ impl GrammarMatcher {
     ///
     /// # Errors
     /// [`GrammarError::Matcher`] when llguidance fails (for example, a parser limit).
-    pub fn mask(&mut self) -> Result<Mask, GrammarError> {
+    pub fn mask(&self) -> Result<Mask, GrammarError> {
         let len = self.shared.vocab_len + 1;
         let mut bits = SimpleVob::alloc(len);
         if self.dead || self.ended {
             return Ok(Mask { bits, len });
         }
-        match self.inner.compute_mask_or_eos() {
+        let mut inner = self.lock();
+        match inner.compute_mask_or_eos() {
             Ok(m) => bits.or(&m),
             Err(e) => {
                 // llguidance stops with "no extension" when no token can follow; that is
                 // an empty mask (the particle dies), not an error.
-                if self.inner.stop_reason().is_ok() || is_no_extension(&e.to_string()) {
+                if inner.stop_reason().is_ok() || is_no_extension(&e.to_string()) {
                     for &t in &self.shared.empty_tokens {
                         bits.allow_token(t);
                     }
@@ -407,14 +447,15 @@ impl GrammarMatcher {
     }
 
     /// Whether the output so far is in the language (EOS allowed now).
-    pub fn accepts_eos(&mut self) -> bool {
+    pub fn accepts_eos(&self) -> bool {
         if self.dead {
             return false;
         }
-        if self.inner.is_stopped() {
-            return self.inner.stop_reason().is_ok() && !self.inner.is_error();
+        let mut inner = self.lock();
+        if inner.is_stopped() {
+            return inner.stop_reason().is_ok() && !inner.is_error();
         }
-        self.inner.is_accepting().unwrap_or(false)
+        inner.is_accepting().unwrap_or(false)
     }
 
     /// Whether a token outside the language was consumed.
@@ -437,10 +478,11 @@ fn is_no_extension(msg: &str) -> bool {
 ///
 /// As a potential, `prefix(x)` is 0 while the bytes of `x` are a prefix of a string of the
 /// language and `-inf` otherwise; `complete(x)` is 0 when they are in the language. Its
-/// per-particle state is a matcher that consumes each token once. An internal llguidance
-/// failure while computing a mask makes the next-token weights NaN, which the engine
-/// reports as [`SmcError::NanPotential`] naming it ([`crate::constraints::grammar::Constrained`]
-/// reports it with llguidance's message).
+/// per-particle state is a matcher that consumes each token once. Use it as the target's
+/// constraint through a sampler: [`crate::ProposalKind::Mask`] (the mask as a proposal
+/// with its exact weight `log P(next ∈ mask)`) or [`crate::ProposalKind::Awrs`]. A failure
+/// of llguidance itself (a parser limit) while advancing or computing a mask is
+/// [`SmcError::Backend`] carrying llguidance's message.
 ///
 /// # Example
 /// ```
@@ -449,11 +491,11 @@ fn is_no_extension(msg: &str) -> bool {
 /// use smc_steer::Vocabulary;
 /// let v = Vocabulary::from_strs(&["1", "2", "-", "12"]).unwrap();
 /// let c = GrammarConstraint::new(&v, Grammar::regex(r"\d+-\d")).unwrap();
-/// let (matcher, view) = replay(&c, &v, &[3, 2], b"12-");
+/// let (matcher, view) = replay(&c, &v, &[3, 2], b"12-").unwrap();
 /// assert_eq!(c.prefix(&matcher, &view), 0.0);
 /// assert_eq!(c.complete(&matcher, &view), f64::NEG_INFINITY);
 /// let mut w = vec![0.0; v.dist_len()];
-/// c.log_weight_next(&matcher, &view, &mut w);
+/// c.log_weight_next(&matcher, &view, &mut w).unwrap();
 /// assert_eq!(w, vec![0.0, 0.0, f64::NEG_INFINITY, f64::NEG_INFINITY, f64::NEG_INFINITY]);
 /// ```
 pub struct GrammarConstraint {
@@ -528,12 +570,7 @@ impl GrammarConstraint {
             name,
             grammar,
             factory,
-            template: GrammarMatcher {
-                inner,
-                shared,
-                ended: false,
-                dead: false,
-            },
+            template: GrammarMatcher::new(inner, shared),
         })
     }
 
@@ -653,8 +690,16 @@ impl Potential for GrammarConstraint {
         self.matcher()
     }
 
-    fn advance(&self, matcher: &mut GrammarMatcher, _: &SeqView<'_>, token: TokenId) {
-        matcher.consume(token);
+    /// A token outside the language kills the matcher (`prefix` is then `-inf`); a failure
+    /// of llguidance itself is [`SmcError::Backend`] with its message.
+    fn advance(
+        &self,
+        matcher: &mut GrammarMatcher,
+        _: &SeqView<'_>,
+        token: TokenId,
+    ) -> crate::Result<()> {
+        matcher.try_consume(token)?;
+        Ok(())
     }
 
     fn prefix(&self, matcher: &GrammarMatcher, _: &SeqView<'_>) -> f64 {
@@ -666,39 +711,49 @@ impl Potential for GrammarConstraint {
     }
 
     fn complete(&self, matcher: &GrammarMatcher, _: &SeqView<'_>) -> f64 {
-        if !matcher.is_dead() && matcher.clone().accepts_eos() {
+        if matcher.accepts_eos() {
             0.0
         } else {
             f64::NEG_INFINITY
         }
     }
 
-    fn log_weight_next(&self, matcher: &GrammarMatcher, _: &SeqView<'_>, out: &mut [f64]) {
+    /// The matcher's mask, computed in place (no fork); a failure of llguidance is
+    /// [`SmcError::Backend`].
+    fn log_weight_next(
+        &self,
+        matcher: &GrammarMatcher,
+        _: &SeqView<'_>,
+        out: &mut [f64],
+    ) -> crate::Result<()> {
         if matcher.is_dead() {
             out.fill(f64::NEG_INFINITY);
-            return;
+            return Ok(());
         }
-        // Computing a mask advances llguidance's internal caches: work on a fork.
-        match matcher.clone().mask() {
-            Ok(mask) => {
-                for (v, o) in out.iter_mut().enumerate() {
-                    *o = if mask.allows(v as TokenId) {
-                        0.0
-                    } else {
-                        f64::NEG_INFINITY
-                    };
-                }
-            }
-            Err(_) => out.fill(f64::NAN),
+        let mask = matcher.mask()?;
+        for (v, o) in out.iter_mut().enumerate() {
+            *o = if mask.allows(v as TokenId) {
+                0.0
+            } else {
+                f64::NEG_INFINITY
+            };
         }
+        Ok(())
     }
 
-    fn log_weight_of(&self, matcher: &GrammarMatcher, _: &SeqView<'_>, token: TokenId) -> f64 {
-        if !matcher.is_dead() && matcher.clone().consume(token) {
-            0.0
+    /// Checks the one token without consuming it (no fork).
+    fn log_weight_of(
+        &self,
+        matcher: &GrammarMatcher,
+        _: &SeqView<'_>,
+        token: TokenId,
+    ) -> crate::Result<f64> {
+        let ok = if token == matcher.shared.vocab_len as TokenId {
+            matcher.accepts_eos()
         } else {
-            f64::NEG_INFINITY
-        }
+            matcher.allows_next(token)?
+        };
+        Ok(if ok { 0.0 } else { f64::NEG_INFINITY })
     }
 
     fn vocab_size(&self) -> Option<usize> {
