@@ -130,10 +130,6 @@ pub mod grammar {
     pub use crate::constraints::grammar::{
         Grammar, GrammarConstraint, GrammarError, GrammarMatcher, Mask,
     };
-    // Only for the CLI until it builds `FeynmanKac` with `ProposalKind::Mask` itself.
-    #[cfg(feature = "grammar")]
-    #[doc(hidden)]
-    pub use crate::constraints::grammar::Constrained;
 
     /// Character-level potentials from byte recognizers.
     pub mod charlevel {

@@ -15,7 +15,8 @@
 //! `value` (plus `unit`); derived ratios come last. Timings are medians over `--steps` steps.
 //! `SMC_BENCH_ONLY=cache`, `constraints` or `potentials` runs one group of figures;
 //! `SMC_BENCH_ONLY=formats` compares weight formats (`--formats f32,q8_0,...`);
-//! `SMC_BENCH_ONLY=decode` stops after the decode, SMC-step and KV-cache figures.
+//! `SMC_BENCH_ONLY=scale` measures large populations (`--ns 256,512`) and the CPU
+//! utilisation of SMC steps; `SMC_BENCH_ONLY=decode` stops after the decode, SMC-step and KV-cache figures.
 
 mod cache;
 mod constraints;
@@ -24,6 +25,7 @@ mod formats;
 #[path = "../../src/bin/smc-steer/model_path.rs"]
 mod model_path;
 mod potentials;
+mod scale;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -332,6 +334,15 @@ fn run() -> Result<(), String> {
         let text = format!("{TEXT}\n\n{}", include_str!("../../README.md"));
         let text = kernel.encode(&text).map_err(|e| e.to_string())?;
         return formats::run(&mut report, &args, &text);
+    }
+    if only == "scale" {
+        let kernel = load(&args, 1, 64)?;
+        let text = kernel.encode(&TEXT.repeat(4)).map_err(|e| e.to_string())?;
+        return scale::run(
+            &mut report,
+            &args,
+            &text[..args.prompt_tokens.min(text.len())],
+        );
     }
     if only == "potentials" {
         let kernel = load(&args, 1, 64)?;

@@ -8,6 +8,8 @@
 //! `SMC_STEER_TEST_DEVICE=cuda:0`, as scripts/gpu-check.sh does) within 1e-3, since the
 //! GPU's matrix products sum in another order.
 
+#![cfg(feature = "lm")]
+
 use std::collections::HashMap;
 
 use smc_steer::lm::{parse_device, AttentionPath, ChatMessage, KernelOptions, TransformerKernel};

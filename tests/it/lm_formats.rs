@@ -11,6 +11,8 @@
 //! those weights rounds them a second time, 16 levels per block: mean KL ≤ 0.1 nats. The
 //! figures measured are printed (and in docs/benchmarks.md).
 
+#![cfg(feature = "lm")]
+
 use smc_steer::lm::{LlamaModel, LoadOptions, LogitRows, SeqTokens, Tokenizer, WeightFormat};
 
 use crate::common::real_model;

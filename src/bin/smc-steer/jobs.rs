@@ -7,54 +7,14 @@ use std::sync::Arc;
 
 use smc_steer::constraints::MaxWordLetters;
 use smc_steer::feynman_kac::StepUnit;
-use smc_steer::grammar::{Constrained, Grammar, GrammarConstraint};
+use smc_steer::grammar::{Grammar, GrammarConstraint};
 use smc_steer::lm::{ChatMessage, TransformerKernel};
-use smc_steer::potential::{DynPotential, Product, SharedPotential, Trivial};
-use smc_steer::{
-    Algorithm, FeynmanKac, Flow, Particle, Program, ProposalKind, Resampling, SmcConfig, Truncation,
-};
+use smc_steer::potential::{DynPotential, Product, Trivial};
+use smc_steer::{Algorithm, FeynmanKac, ProposalKind, Resampling, SmcConfig, Truncation};
 
 use crate::args::{JobOptions, ProposalArg};
 use crate::failure::Failure;
 use crate::files::{read_text, MAX_CONSTRAINT_BYTES};
-
-/// The program a job runs: a Feynman-Kac model, or generation under a grammar.
-#[derive(Clone)]
-pub enum JobProgram {
-    Plain(FeynmanKac),
-    Grammar(Box<Constrained>),
-}
-
-impl Program for JobProgram {
-    fn check(&self, vocab: &smc_steer::Vocabulary) -> smc_steer::Result<()> {
-        match self {
-            JobProgram::Plain(p) => p.check(vocab),
-            JobProgram::Grammar(p) => p.check(vocab),
-        }
-    }
-    fn start(&mut self, p: &mut Particle<'_>) -> smc_steer::Result<()> {
-        match self {
-            JobProgram::Plain(m) => m.start(p),
-            JobProgram::Grammar(m) => m.start(p),
-        }
-    }
-    fn step(&mut self, p: &mut Particle<'_>) -> smc_steer::Result<Flow> {
-        match self {
-            JobProgram::Plain(m) => m.step(p),
-            JobProgram::Grammar(m) => m.step(p),
-        }
-    }
-    fn at_token_limit(
-        &mut self,
-        p: &mut Particle<'_>,
-        policy: Truncation,
-    ) -> smc_steer::Result<()> {
-        match self {
-            JobProgram::Plain(m) => m.at_token_limit(p, policy),
-            JobProgram::Grammar(m) => m.at_token_limit(p, policy),
-        }
-    }
-}
 
 /// A job's constraints, checked without the model.
 pub struct Spec {
@@ -137,15 +97,18 @@ pub fn build_program(
     spec: &Spec,
     job: &JobOptions,
     vocab: &smc_steer::Vocabulary,
-) -> Result<JobProgram, Failure> {
+) -> Result<FeynmanKac, Failure> {
     if let Some(g) = &spec.grammar {
+        // The grammar conditions the proposal (the mask sampler); the job's other hard
+        // constraints, if any, are the potential.
         let c = GrammarConstraint::new(vocab, g.clone())
             .map_err(|e| Failure::constraint(e.to_string()))?;
-        let mut program = Constrained::new(c);
-        if spec.has_hard {
-            program = program.with_potential(SharedPotential::from_arc(spec.potential.clone()));
-        }
-        return Ok(JobProgram::Grammar(Box::new(program)));
+        let potential: Arc<dyn DynPotential> = if spec.has_hard {
+            spec.potential.clone()
+        } else {
+            Arc::new(Trivial)
+        };
+        return Ok(FeynmanKac::from_arc(potential).with_proposal(ProposalKind::Mask(Arc::new(c))));
     }
     let potential = spec.potential.clone();
     let proposal = match (job.proposal, spec.has_hard) {
@@ -159,11 +122,9 @@ pub fn build_program(
     } else {
         StepUnit::Token
     };
-    Ok(JobProgram::Plain(
-        FeynmanKac::from_arc(potential)
-            .with_proposal(proposal)
-            .with_step_unit(unit),
-    ))
+    Ok(FeynmanKac::from_arc(potential)
+        .with_proposal(proposal)
+        .with_step_unit(unit))
 }
 
 /// Sequences a job keeps in the cache at once: particles, times K under SMC-steer.

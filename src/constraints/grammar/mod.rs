@@ -20,12 +20,6 @@
 
 #[cfg(feature = "grammar")]
 mod llg;
-// Hidden stand-in for the CLI until it builds the model itself (see the file).
-#[cfg(feature = "grammar")]
-mod program;
 
 #[cfg(feature = "grammar")]
 pub use llg::{Grammar, GrammarConstraint, GrammarError, GrammarMatcher, Mask};
-#[cfg(feature = "grammar")]
-#[doc(hidden)]
-pub use program::Constrained;
