@@ -30,10 +30,11 @@ impl Linear {
     }
 
     /// The map on `device`; a quantized matrix leaves the CPU as dense f32.
-    pub(super) fn to_device(&self, device: &Device) -> candle_core::Result<Self> {
+    /// With `dense`, quantized maps become dense f32 on the CPU too.
+    pub(super) fn to_device(&self, device: &Device, dense: bool) -> candle_core::Result<Self> {
         match self {
             Linear::Dense(wt) => Ok(Linear::Dense(wt.to_device(device)?)),
-            Linear::Quant(_) | Linear::Int(_) if device.is_cpu() => Ok(self.clone()),
+            Linear::Quant(_) | Linear::Int(_) if device.is_cpu() && !dense => Ok(self.clone()),
             Linear::Int(q) => {
                 let [rows, cols] = q.dims();
                 let w = Tensor::from_vec(q.dequantize(), (rows, cols), &candle_core::Device::Cpu)?;
@@ -135,24 +136,24 @@ impl Proj {
         })
     }
 
-    /// The maps on `device`.
-    pub(super) fn to_device(&self, device: &Device) -> candle_core::Result<Self> {
+    /// The maps on `device` (with `dense`, as dense f32 matrices).
+    pub(super) fn to_device(&self, device: &Device, dense: bool) -> candle_core::Result<Self> {
         match self {
             Proj::Fused { wt, sizes } => Ok(Proj::Fused {
                 wt: wt.to_device(device)?,
                 sizes: sizes.clone(),
             }),
-            Proj::FusedInt { .. } if device.is_cpu() => Ok(self.clone()),
+            Proj::FusedInt { .. } if device.is_cpu() && !dense => Ok(self.clone()),
             // Elsewhere the parts become dense f32 matrices, fused again.
             Proj::FusedInt { .. } => Proj::new(
                 self.parts()?
                     .iter()
-                    .map(|l| l.to_device(device))
+                    .map(|l| l.to_device(device, dense))
                     .collect::<candle_core::Result<_>>()?,
             ),
             Proj::Split(ls) => Ok(Proj::Split(
                 ls.iter()
-                    .map(|l| l.to_device(device))
+                    .map(|l| l.to_device(device, dense))
                     .collect::<candle_core::Result<_>>()?,
             )),
         }
@@ -238,13 +239,13 @@ pub(super) struct Layer {
 }
 
 impl Layer {
-    /// The block's weights on `device`.
-    pub(super) fn to_device(&self, device: &Device) -> candle_core::Result<Self> {
+    /// The block's weights on `device` (with `dense`, every matrix as dense f32).
+    pub(super) fn to_device(&self, device: &Device, dense: bool) -> candle_core::Result<Self> {
         let t = |x: &Tensor| x.to_device(device);
         let opt = |x: &Option<Tensor>| x.as_ref().map(t).transpose();
         Ok(Self {
             attn_norm: t(&self.attn_norm)?,
-            qkv: self.qkv.to_device(device)?,
+            qkv: self.qkv.to_device(device, dense)?,
             qkv_bias: match &self.qkv_bias {
                 Some([a, b, c]) => Some([t(a)?, t(b)?, t(c)?]),
                 None => None,
@@ -253,11 +254,11 @@ impl Layer {
                 Some([a, b]) => Some([t(a)?, t(b)?]),
                 None => None,
             },
-            wo: self.wo.to_device(device)?,
+            wo: self.wo.to_device(device, dense)?,
             post_attn_norm: opt(&self.post_attn_norm)?,
             ffn_norm: t(&self.ffn_norm)?,
-            gate_up: self.gate_up.to_device(device)?,
-            w_down: self.w_down.to_device(device)?,
+            gate_up: self.gate_up.to_device(device, dense)?,
+            w_down: self.w_down.to_device(device, dense)?,
             post_ffw_norm: opt(&self.post_ffw_norm)?,
             scores: self.scores,
             rope: self.rope,

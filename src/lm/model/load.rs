@@ -601,16 +601,31 @@ impl LlamaModel {
         if device.same_device(self.embed.device()) {
             return Ok(self);
         }
+        self.convert(device, false)
+    }
+
+    /// The same model with every quantized matrix dequantized to dense f32 (the same
+    /// weights, multiplied in f32): the reference against which the quantized products are
+    /// tested.
+    ///
+    /// # Errors
+    /// [`LmError::Candle`] when the dense matrices cannot be built.
+    pub fn to_dense(self) -> LmResult<Self> {
+        let device = self.embed.device().clone();
+        self.convert(&device, true)
+    }
+
+    fn convert(self, device: &Device, dense: bool) -> LmResult<Self> {
         let layers = self
             .layers
             .iter()
-            .map(|l| l.to_device(device))
+            .map(|l| l.to_device(device, dense))
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self {
             embed: self.embed.to_device(device)?,
             layers,
             norm: self.norm.to_device(device)?,
-            lm_head: self.lm_head.to_device(device)?,
+            lm_head: self.lm_head.to_device(device, dense)?,
             ..self
         })
     }

@@ -306,6 +306,57 @@ mod tests {
         }
     }
 
+    /// Our quantizers give the weights of candle's port of ggml's reference quantizers
+    /// (`quantize_row_q8_0`, `_q4_0`, `_q4_1`), to f16 rounding of the scales.
+    #[test]
+    fn quantizers_match_ggml() {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        use candle_core::{Device, Tensor};
+        let mut rng = Pcg64::seed_from_u64(SEED + 1);
+        let (rows, cols) = (8, 256);
+        let w = random(&mut rng, rows * cols);
+        let t = Tensor::from_vec(w.clone(), (rows, cols), &Device::Cpu).unwrap();
+        for (format, dtype) in [
+            (QFormat::Q8_0, GgmlDType::Q8_0),
+            (QFormat::Q4_0, GgmlDType::Q4_0),
+            (QFormat::Q4_1, GgmlDType::Q4_1),
+        ] {
+            let theirs = QTensor::quantize(&t, dtype)
+                .unwrap()
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let ours = QMatrix::quantize(format, &w, rows, cols)
+                .unwrap()
+                .dequantize();
+            // ggml stores scales as f16: a relative difference of 2^-11 per weight, plus
+            // a level where rounding of a value exactly between two levels differs.
+            let step = |i: usize| {
+                let b = &w[i / BLOCK * BLOCK..(i / BLOCK + 1) * BLOCK];
+                b.iter().fold(0f32, |m, v| m.max(v.abs())) / 4.0
+            };
+            let bad = (0..w.len())
+                .filter(|&i| (ours[i] - theirs[i]).abs() > 1e-3 * (1.0 + ours[i].abs()))
+                .filter(|&i| (ours[i] - theirs[i]).abs() > step(i))
+                .count();
+            let differ = (0..w.len())
+                .filter(|&i| (ours[i] - theirs[i]).abs() > 1e-3 * (1.0 + ours[i].abs()))
+                .count();
+            assert_eq!(
+                bad, 0,
+                "{format:?}: {bad} weights differ by more than a level"
+            );
+            assert!(
+                differ * 100 <= w.len(),
+                "{format:?}: {differ} of {} weights differ",
+                w.len()
+            );
+        }
+    }
+
     /// GGUF blocks decode as llama.cpp defines them.
     #[test]
     fn gguf_blocks_decode() {
