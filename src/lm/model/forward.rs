@@ -98,28 +98,35 @@ impl LlamaModel {
                 pos,
             })
             .collect();
-        // Angles of every token's position, `[tokens, 1, head_dim / 2]` per kind of layer: the
-        // rotary kernels then treat each token as its own batch entry, so the particles'
-        // different positions need no padding.
+        // Angles of every token's position, `[tokens, head_dim / 2]` per kind of layer. On a
+        // device other than the CPU they also go there as `[tokens, 1, head_dim / 2]` tensors:
+        // candle's rotary kernels then treat each token as its own batch entry, so the
+        // particles' different positions need no padding.
         let half = hd / 2;
         let max_pos = meta.iter().map(|m| m.1).max().unwrap_or(0);
+        let on_host = dev.is_cpu();
         let angles = self
             .ropes
             .iter()
             .map(|r| {
                 let (cos, sin) = r.tables(meta.iter().map(|m| m.1), max_pos);
-                Ok((
-                    Tensor::from_vec(cos, (n_tok, 1, half), dev)?,
-                    Tensor::from_vec(sin, (n_tok, 1, half), dev)?,
-                ))
+                let tables = if on_host {
+                    None
+                } else {
+                    Some((
+                        Tensor::from_slice(&cos, (n_tok, 1, half), dev)?,
+                        Tensor::from_slice(&sin, (n_tok, 1, half), dev)?,
+                    ))
+                };
+                Ok(Angles { cos, sin, tables })
             })
             .collect::<LmResult<Vec<_>>>()?;
         let mut x = self.embed_tokens(&Tensor::from_vec(ids, n_tok, dev)?)?;
         for (li, layer) in self.layers.iter().enumerate() {
-            let (cos, sin) = &angles[layer.rope];
+            let angles = &angles[layer.rope];
             let [q, k, v] = self.qkv(layer, &x, true)?;
-            let q = self.rope(&q, nh, cos, sin)?;
-            let k = self.rope(&k, nkv, cos, sin)?;
+            let q = self.rope(&q, nh, angles)?;
+            let k = self.rope(&k, nkv, angles)?;
             cache.write(li, &slots, &k, &v)?;
             let a = cache
                 .attend(li, &q, &queries, nh, layer.scores)?
@@ -142,18 +149,49 @@ impl LlamaModel {
         self.logits(&x)
     }
 
-    /// Rotate the heads of `t` (`[tokens, heads * head_dim]`) by each token's angles
-    /// (`cos`, `sin`: `[tokens, 1, head_dim / 2]`), with candle's rotary kernels (available on
-    /// every device).
-    fn rope(&self, t: &Tensor, heads: usize, cos: &Tensor, sin: &Tensor) -> LmResult<Tensor> {
+    /// Rotate the heads of `t` (`[tokens, heads * head_dim]`) by each token's angles: on the
+    /// CPU in place on the host (a few multiply-adds per value; candle's rotary kernel costs
+    /// more in task overhead at one token per batch entry), elsewhere with candle's rotary
+    /// kernels.
+    fn rope(&self, t: &Tensor, heads: usize, angles: &Angles) -> LmResult<Tensor> {
         let (n, width) = t.dims2()?;
         let hd = self.config.head_dim;
-        let x = t.contiguous()?.reshape((n, heads, 1, hd))?;
-        let y = match self.config.rope_style {
-            RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(&x, cos, sin)?,
-            RopeStyle::Half => candle_nn::rotary_emb::rope(&x, cos, sin)?,
-        };
-        Ok(y.reshape((n, width))?)
+        if let Some((cos, sin)) = &angles.tables {
+            let x = t.contiguous()?.reshape((n, heads, 1, hd))?;
+            let y = match self.config.rope_style {
+                RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(&x, cos, sin)?,
+                RopeStyle::Half => candle_nn::rotary_emb::rope(&x, cos, sin)?,
+            };
+            return Ok(y.reshape((n, width))?);
+        }
+        let mut v = t.flatten_all()?.to_vec1::<f32>()?;
+        let half = hd / 2;
+        for (i, row) in v.chunks_exact_mut(width).enumerate() {
+            let (c, s) = (
+                &angles.cos[i * half..(i + 1) * half],
+                &angles.sin[i * half..(i + 1) * half],
+            );
+            for head in row.chunks_exact_mut(hd) {
+                match self.config.rope_style {
+                    RopeStyle::Interleaved => {
+                        for (j, pair) in head.chunks_exact_mut(2).enumerate() {
+                            let (x0, x1) = (pair[0], pair[1]);
+                            pair[0] = x0 * c[j] - x1 * s[j];
+                            pair[1] = x0 * s[j] + x1 * c[j];
+                        }
+                    }
+                    RopeStyle::Half => {
+                        let (a, b) = head.split_at_mut(half);
+                        for j in 0..half {
+                            let (x0, x1) = (a[j], b[j]);
+                            a[j] = x0 * c[j] - x1 * s[j];
+                            b[j] = x0 * s[j] + x1 * c[j];
+                        }
+                    }
+                }
+            }
+        }
+        Ok(Tensor::from_vec(v, (n, width), t.device())?)
     }
 
     /// Embedding rows of `ids` (Gemma: times `sqrt(hidden_size)`, rounded to f32 first as
@@ -257,4 +295,15 @@ impl LlamaModel {
             None => logits,
         })
     }
+}
+
+/// RoPE angles of the tokens of one forward call for one kind of layer.
+struct Angles {
+    /// `cos` of every token's angles, `[tokens, head_dim / 2]` row-major.
+    cos: Vec<f32>,
+    /// `sin`, likewise.
+    sin: Vec<f32>,
+    /// The same as `[tokens, 1, head_dim / 2]` tensors on the model's device, when it is not
+    /// the CPU.
+    tables: Option<(Tensor, Tensor)>,
 }
