@@ -125,8 +125,10 @@ pub enum LayerKind {
     Sliding,
 }
 
-/// Everything beyond [`LlamaConfig`]'s dimensions that a family changes. See the
-/// [module documentation](self).
+/// Everything beyond [`LlamaConfig`]'s dimensions that a family changes (biases, query/key
+/// norms, Gemma's extra norms, soft-caps and scaled embeddings, sliding windows, RoPE
+/// scaling), read from `config.json` ([`parse_hf_config`]) or GGUF metadata. See
+/// `docs/models.md`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ArchOptions {
     /// The family.

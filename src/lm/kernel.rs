@@ -207,7 +207,9 @@ enum Row {
     Padding,
 }
 
-/// The transformer kernel. See the [module documentation](self).
+/// The transformer kernel: a [`LlamaModel`], its tokenizer and chat template and one
+/// [`PagedKvCache`] for the whole population, as a [`crate::Kernel`]: one batched forward
+/// pass per step, next-token log-probabilities in f64 with stop tokens merged into EOS.
 #[derive(Debug)]
 pub struct TransformerKernel {
     model: LlamaModel,

@@ -8,7 +8,7 @@ use crate::lm::LmResult;
 /// Largest absolute difference between two equally shaped tensors.
 ///
 /// # Errors
-/// [`LmError::Candle`] on shape mismatch.
+/// [`crate::lm::LmError::Candle`] on shape mismatch.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> LmResult<f32> {
     Ok((a - b)?
         .abs()?

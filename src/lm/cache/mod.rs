@@ -172,7 +172,11 @@ impl ScoreOptions {
     }
 }
 
-/// The paged KV cache. See the [module documentation](self).
+/// The paged, reference-counted KV cache shared by a particle population: fixed-size blocks
+/// from one pool, a block table per sequence, forks that share blocks, copy-on-write of a
+/// shared partial block, typed exhaustion ([`LmError::CacheExhausted`]) that leaves the cache
+/// usable, and two attention back-ends ([`AttentionPath`]). Layout and sizing:
+/// `docs/cache.md`.
 #[derive(Debug)]
 pub struct PagedKvCache {
     layout: CacheLayout,

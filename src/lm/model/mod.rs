@@ -56,7 +56,10 @@ pub struct SeqTokens<'a> {
     pub tokens: &'a [u32],
 }
 
-/// The weights of a llama-family model. See the [module documentation](self).
+/// The weights of a llama-family model (the families are data: [`ArchOptions`]). The weights
+/// are immutable; all per-sequence state lives in a [`PagedKvCache`] passed to
+/// [`LlamaModel::forward`], so one model serves a whole particle population whose sequences
+/// share prefixes. Supported families and how each is verified: `docs/models.md`.
 #[derive(Debug, Clone)]
 pub struct LlamaModel {
     config: LlamaConfig,
