@@ -197,7 +197,7 @@ impl LlamaModel {
     /// Embedding rows of `ids` (Gemma: times `sqrt(hidden_size)`, rounded to f32 first as
     /// transformers does).
     pub(super) fn embed_tokens(&self, ids: &Tensor) -> LmResult<Tensor> {
-        let x = self.embed.index_select(ids, 0)?;
+        let x = self.embed.lookup(ids, self.device())?;
         if self.arch.scale_embeddings {
             let s = (self.config.hidden_size as f32).sqrt();
             return Ok((x * f64::from(s))?);

@@ -49,6 +49,14 @@ impl Linear {
         }
     }
 
+    /// The block matrix, when the map is block-quantized.
+    pub(super) fn blocks(&self) -> Option<&Arc<QMatrix>> {
+        match self {
+            Linear::Int(q) => Some(q),
+            _ => None,
+        }
+    }
+
     /// Bytes the weights occupy.
     pub(super) fn bytes(&self) -> usize {
         match self {
@@ -81,6 +89,51 @@ fn int_forward(q: &QMatrix, x: &Tensor) -> candle_core::Result<Tensor> {
         .flatten_all()?
         .to_vec1::<f32>()?;
     Tensor::from_vec(q.matmul(&xs, n), (n, q.dims()[0]), x.device())
+}
+
+/// The token embedding: dense rows, or (CPU, block formats) block-quantized rows decoded
+/// on lookup, shared with a tied output layer.
+#[derive(Debug, Clone)]
+pub(super) enum Embedding {
+    Dense(Tensor),
+    Blocks(Arc<QMatrix>),
+}
+
+impl Embedding {
+    /// Rows `ids` as `[ids, hidden]` f32 on `device`.
+    pub(super) fn lookup(&self, ids: &Tensor, device: &Device) -> candle_core::Result<Tensor> {
+        match self {
+            Embedding::Dense(t) => t.index_select(ids, 0),
+            Embedding::Blocks(q) => {
+                let ids = ids.to_vec1::<u32>()?;
+                let rows = q.rows_f32(&ids).ok_or_else(|| {
+                    candle_core::Error::Msg("token id outside the embedding".into())
+                })?;
+                Tensor::from_vec(rows, (ids.len(), q.dims()[1]), device)
+            }
+        }
+    }
+
+    /// Bytes of the rows (a block matrix shared with the output layer counts here).
+    pub(super) fn bytes(&self) -> usize {
+        match self {
+            Embedding::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            Embedding::Blocks(q) => q.bytes(),
+        }
+    }
+
+    /// The embedding on `device` (blocks stay only on the CPU without `dense`).
+    pub(super) fn to_device(&self, device: &Device, dense: bool) -> candle_core::Result<Self> {
+        match self {
+            Embedding::Dense(t) => Ok(Embedding::Dense(t.to_device(device)?)),
+            Embedding::Blocks(_) if device.is_cpu() && !dense => Ok(self.clone()),
+            Embedding::Blocks(q) => {
+                let [rows, cols] = q.dims();
+                let t = Tensor::from_vec(q.dequantize(), (rows, cols), &Device::Cpu)?;
+                Ok(Embedding::Dense(t.to_device(device)?))
+            }
+        }
+    }
 }
 
 /// Several linear maps applied to the same input. Dense maps are fused into one matrix

@@ -10,7 +10,7 @@ use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 
-use super::layers::{Layer, Linear, Proj, Rope};
+use super::layers::{Embedding, Layer, Linear, Proj, Rope};
 use super::LlamaModel;
 use crate::lm::cache::ScoreOptions;
 use crate::lm::checkpoint::{hf_config_full, hf_name_for};
@@ -26,7 +26,8 @@ use crate::lm::quant::{QFormat, QMatrix};
 /// their scale and multiply with integer dot products against activations quantized per
 /// block of 32 to int8, f32 accumulation (llama.cpp's approach; kernels chosen at run time
 /// from the CPU's features). A matrix stored in the file in the requested format is used as
-/// stored; any other is quantized at load. The embedding lookup stays f32. See
+/// stored; any other is quantized at load. The embedding's rows are stored in the same
+/// blocks (shared with a tied output layer) and decoded on lookup. See
 /// `docs/benchmarks.md` for speed and the KL divergence of each format to f32.
 #[allow(non_camel_case_types)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -317,6 +318,24 @@ impl LlamaModel {
                 _ => to_block_format(Linear::dense(embed.clone())?, block)?,
             },
         };
+        // In a block format the embedding's rows are blocks too, decoded on lookup: a tied
+        // output layer shares them; otherwise the file's own blocks (`native`) or the
+        // embedding quantized to the requested format.
+        let embed_blocks = match (&lm_head, c.tie_embeddings) {
+            (Linear::Int(q), true) => Some(q.clone()),
+            _ if weights == WeightFormat::Native => match src.linear("token_embd.weight")? {
+                Some(Linear::Int(q)) => Some(q),
+                _ => None,
+            },
+            _ => match to_block_format(Linear::dense(embed.clone())?, block)? {
+                Linear::Int(q) => Some(q),
+                _ => None,
+            },
+        };
+        let embed = match embed_blocks {
+            Some(q) if q.dims() == [c.vocab_size, h] => Embedding::Blocks(q),
+            _ => Embedding::Dense(embed),
+        };
         let norm = require(src.dense("output_norm.weight")?, "output_norm.weight")?;
         check_shape(&norm, &[h], "output_norm.weight")?;
         let mut ropes = vec![Rope::new(c.rope_theta, hd, &arch.rope_scaling)];
@@ -598,7 +617,7 @@ impl LlamaModel {
     /// # Errors
     /// [`LmError::Candle`] when the device cannot hold the weights.
     pub fn to_device(self, device: &Device) -> LmResult<Self> {
-        if device.same_device(self.embed.device()) {
+        if device.same_device(self.device()) {
             return Ok(self);
         }
         self.convert(device, false)
@@ -611,7 +630,7 @@ impl LlamaModel {
     /// # Errors
     /// [`LmError::Candle`] when the dense matrices cannot be built.
     pub fn to_dense(self) -> LmResult<Self> {
-        let device = self.embed.device().clone();
+        let device = self.device().clone();
         self.convert(&device, true)
     }
 
@@ -622,7 +641,7 @@ impl LlamaModel {
             .map(|l| l.to_device(device, dense))
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self {
-            embed: self.embed.to_device(device)?,
+            embed: self.embed.to_device(device, dense)?,
             layers,
             norm: self.norm.to_device(device)?,
             lm_head: self.lm_head.to_device(device, dense)?,

@@ -28,6 +28,8 @@ mod layers;
 mod load;
 mod reference;
 
+use std::sync::Arc;
+
 use candle_core::{Device, Tensor};
 
 pub use load::{LoadOptions, WeightFormat};
@@ -36,7 +38,7 @@ use crate::lm::cache::{AttentionPath, CacheSeq, PagedKvCache};
 use crate::lm::config::LlamaConfig;
 use crate::lm::error::{LmError, LmResult};
 use crate::lm::family::ArchOptions;
-use layers::{Layer, Linear, Rope};
+use layers::{Embedding, Layer, Linear, Rope};
 
 /// Which rows of logits [`LlamaModel::forward`] returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,7 +66,7 @@ pub struct SeqTokens<'a> {
 pub struct LlamaModel {
     config: LlamaConfig,
     arch: ArchOptions,
-    embed: Tensor,
+    embed: Embedding,
     layers: Vec<Layer>,
     norm: Tensor,
     lm_head: Linear,
@@ -102,13 +104,17 @@ impl LlamaModel {
                     + l.qk_norm.as_ref().map_or(0, |b| b.iter().map(t).sum())
             })
             .sum();
-        // A tied output layer is a transposed copy (or a quantized one) of the embedding.
-        t(&self.embed) + t(&self.norm) + layers + self.lm_head.bytes()
+        // A tied output layer is a transposed copy of the embedding, or shares its blocks.
+        let head = match (&self.embed, self.lm_head.blocks()) {
+            (Embedding::Blocks(e), Some(h)) if Arc::ptr_eq(e, h) => 0,
+            _ => self.lm_head.bytes(),
+        };
+        self.embed.bytes() + t(&self.norm) + layers + head
     }
 
     /// The device holding the weights (where the forward pass runs).
     pub fn device(&self) -> &Device {
-        self.embed.device()
+        self.norm.device()
     }
 
     /// The model's family options.

@@ -121,6 +121,24 @@ impl QMatrix {
         out
     }
 
+    /// Rows `ids` as row-major f32 (embedding lookups). `None` for a row out of range.
+    pub(crate) fn rows_f32(&self, ids: &[u32]) -> Option<Vec<f32>> {
+        let nb = self.cols / BLOCK;
+        let mut out = vec![0f32; ids.len() * self.cols];
+        for (&id, row) in ids.iter().zip(out.chunks_exact_mut(self.cols)) {
+            let r = id as usize;
+            if r >= self.rows {
+                return None;
+            }
+            let chunks = row.chunks_exact_mut(BLOCK);
+            match &self.data {
+                Rows::Q8(b) => chunks.zip(&b[r * nb..(r + 1) * nb]).for_each(|(o, b)| b.dequantize(o)),
+                Rows::Q4(b) => chunks.zip(&b[r * nb..(r + 1) * nb]).for_each(|(o, b)| b.dequantize(o)),
+            }
+        }
+        Some(out)
+    }
+
     /// Several matrices with the same `cols` and format stacked by rows (fused projections).
     pub(crate) fn stack(parts: &[&QMatrix]) -> Option<Self> {
         let first = parts.first()?;
