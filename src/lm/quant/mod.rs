@@ -132,8 +132,12 @@ impl QMatrix {
             }
             let chunks = row.chunks_exact_mut(BLOCK);
             match &self.data {
-                Rows::Q8(b) => chunks.zip(&b[r * nb..(r + 1) * nb]).for_each(|(o, b)| b.dequantize(o)),
-                Rows::Q4(b) => chunks.zip(&b[r * nb..(r + 1) * nb]).for_each(|(o, b)| b.dequantize(o)),
+                Rows::Q8(b) => chunks
+                    .zip(&b[r * nb..(r + 1) * nb])
+                    .for_each(|(o, b)| b.dequantize(o)),
+                Rows::Q4(b) => chunks
+                    .zip(&b[r * nb..(r + 1) * nb])
+                    .for_each(|(o, b)| b.dequantize(o)),
             }
         }
         Some(out)
