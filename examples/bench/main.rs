@@ -4,10 +4,10 @@
 //! ```text
 //! scripts/fetch-model.sh && cargo run --release --example bench -- [--json] [--ns 1,8,32,64]
 //!     [--steps 8] [--prompt-tokens 64] [--model PATH] [--skip-candle]
-//!     [--device cpu|cuda[:N]|metal[:N]] [--attention cpu|gather]
+//!     [--device cpu|cuda[:N]] [--attention cpu|gather]
 //! ```
 //!
-//! `--device` runs the kernel on a GPU (builds with `--features cuda` or `metal`); every
+//! `--device` runs the kernel on a GPU (builds with `--features cuda`); every
 //! figure then carries the device's name, and the stock-candle baseline (CPU only) is
 //! skipped. `--attention gather` measures the device-generic path on the CPU.
 //!

@@ -1,30 +1,27 @@
-//! Choosing the device the forward pass runs on: `cpu`, `cuda[:N]` or `metal[:N]`, checked
-//! against what this build supports.
+//! Choosing the device the forward pass runs on: `cpu` or `cuda[:N]`, checked against what
+//! this build supports. Metal is not offered: candle's Metal back-end compiles on Apple
+//! platforms only, so it could be neither built nor tested with this project's machines.
 
 use candle_core::Device;
 
 use super::error::{LmError, LmResult};
 
-/// The device kinds this build can run on (`cpu` always; `cuda` with the `cuda` feature,
-/// `metal` with the `metal` feature). Whether such a device is present is only known when
-/// [`parse_device`] opens it.
+/// The device kinds this build can run on (`cpu` always; `cuda` with the `cuda` feature).
+/// Whether such a device is present is only known when [`parse_device`] opens it.
 pub fn supported_devices() -> Vec<&'static str> {
     let mut v = vec!["cpu"];
     if candle_core::utils::cuda_is_available() {
         v.push("cuda");
     }
-    if candle_core::utils::metal_is_available() {
-        v.push("metal");
-    }
     v
 }
 
-/// Open a device from its name: `cpu`, `cuda`, `cuda:N`, `metal`, `metal:N` (ordinal `N`,
-/// default 0).
+/// Open a device from its name: `cpu`, `cuda`, `cuda:N` (ordinal `N`, default 0).
 ///
 /// # Errors
 /// [`LmError::DeviceUnavailable`] for an unknown name, a kind this build was compiled
-/// without (the message names the cargo feature), or a device that cannot be opened.
+/// without (the message names the cargo feature), `metal` (not offered), or a device that
+/// cannot be opened.
 pub fn parse_device(name: &str) -> LmResult<Device> {
     let unavailable = |reason: String| LmError::DeviceUnavailable {
         device: name.to_string(),
@@ -45,14 +42,14 @@ pub fn parse_device(name: &str) -> LmResult<Device> {
             "this build has no CUDA support (rebuild with `--features cuda`, see docs/gpu.md)"
                 .into(),
         )),
-        "metal" if !candle_core::utils::metal_is_available() => Err(unavailable(
-            "this build has no Metal support (rebuild with `--features metal` on macOS)".into(),
+        "metal" => Err(unavailable(
+            "Metal is not supported (candle's Metal back-end builds on Apple platforms only \
+             and was not built or tested for this crate; see docs/gpu.md)"
+                .into(),
         )),
         "cuda" => Device::new_cuda(ordinal).map_err(|e| unavailable(e.to_string())),
-        "metal" => Device::new_metal(ordinal).map_err(|e| unavailable(e.to_string())),
         _ => Err(unavailable(format!(
-            "unknown device kind `{kind}` (expected cpu, cuda[:N] or metal[:N]; this build \
-             supports {})",
+            "unknown device kind `{kind}` (expected cpu or cuda[:N]; this build supports {})",
             supported_devices().join(", ")
         ))),
     }
@@ -75,7 +72,7 @@ mod tests {
     fn names_parse_and_unknown_kinds_are_errors() {
         assert!(parse_device("cpu").unwrap().is_cpu());
         assert_eq!(device_name(&Device::Cpu), "cpu");
-        for bad in ["gpu", "cpu:1", "cuda:x", ""] {
+        for bad in ["gpu", "cpu:1", "cuda:x", "", "metal", "metal:0"] {
             let e = parse_device(bad).unwrap_err();
             assert!(matches!(e, LmError::DeviceUnavailable { .. }), "{bad}: {e}");
         }

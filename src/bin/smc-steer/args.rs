@@ -113,7 +113,7 @@ pub struct ModelArgs {
     /// Run requests even when their memory estimate exceeds the available memory.
     #[arg(long)]
     pub ignore_memory_check: bool,
-    /// Where the model runs: cpu, cuda[:N] (build with --features cuda) or metal[:N].
+    /// Where the model runs: cpu or cuda[:N] (build with --features cuda).
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Weight format: f32 (fastest at large batches), q8_0 (a quarter of the memory, fastest
