@@ -8,6 +8,7 @@
 use std::time::Instant;
 
 use smc_steer::lm::{LlamaConfig, LlamaModel, LoadOptions, LogitRows, SeqTokens, WeightFormat};
+use smc_steer::logspace::log_sum_exp;
 use smc_steer::TokenId;
 
 use super::{decode_ours, median, Args, Report};
@@ -43,9 +44,9 @@ fn log_probs(model: &LlamaModel, tokens: &[TokenId]) -> Result<Vec<Vec<f64>>, St
             )
             .map_err(e)?;
         for r in logits.to_vec2::<f32>().map_err(|e| e.to_string())? {
-            let max = r.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
-            let lse = max + r.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
-            rows.push(r.iter().map(|&v| v as f64 - lse).collect());
+            let r: Vec<f64> = r.iter().map(|&v| f64::from(v)).collect();
+            let lse = log_sum_exp(&r);
+            rows.push(r.iter().map(|&v| v - lse).collect());
         }
     }
     Ok(rows)

@@ -688,6 +688,28 @@ fn catalogue(f: &Fixtures, out: &Path) -> Vec<Case> {
         ),
         c("zero threads", run(&["--threads", "0"]), fail(2, "threads")),
         c(
+            "unknown weight format",
+            run(&["--weights", "q9"]),
+            fail(2, "q9"),
+        ),
+        c("unknown device", run(&["--device", "gpu"]), fail(2, "gpu")),
+        c(
+            "bad device number",
+            run(&["--device", "cuda:x"]),
+            fail(2, "cuda:x"),
+        ),
+        // The default build has no CUDA: the message says how to get it.
+        c(
+            "device not built in",
+            run(&["--device", "cuda:0"]),
+            fail(2, "--features cuda"),
+        ),
+        c(
+            "metal device",
+            run(&["--device", "metal"]),
+            fail(2, "Metal"),
+        ),
+        c(
             "zero max-word-letters",
             run(&["--max-word-letters", "0"]),
             fail(4, "max-word-letters"),

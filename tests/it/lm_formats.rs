@@ -18,6 +18,7 @@
 #![cfg(feature = "lm")]
 
 use smc_steer::lm::{LlamaModel, LoadOptions, LogitRows, SeqTokens, Tokenizer, WeightFormat};
+use smc_steer::logspace::log_sum_exp;
 
 use crate::common::real_model;
 
@@ -36,9 +37,9 @@ fn log_probs(model: &LlamaModel, tokens: &[u32]) -> Vec<Vec<f64>> {
         .unwrap()
         .into_iter()
         .map(|r| {
-            let max = r.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
-            let lse = max + r.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
-            r.iter().map(|&v| v as f64 - lse).collect()
+            let r: Vec<f64> = r.iter().map(|&v| f64::from(v)).collect();
+            let lse = log_sum_exp(&r);
+            r.iter().map(|&v| v - lse).collect()
         })
         .collect()
 }
