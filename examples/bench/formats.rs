@@ -65,7 +65,14 @@ pub fn run(report: &mut Report, args: &Args, text: &[TokenId]) -> Result<(), Str
     let path = super::model_path::resolve(args.model.as_deref());
     let text = &text[..KL_POSITIONS.min(text.len())];
     let mut reference: Option<Vec<Vec<f64>>> = None;
-    for &format in &args.formats {
+    let formats = args.formats.clone().unwrap_or(vec![
+        WeightFormat::F32,
+        WeightFormat::Q8_0,
+        WeightFormat::Q4_0,
+        WeightFormat::Q4_1,
+        WeightFormat::Native,
+    ]);
+    for &format in &formats {
         let imp = format!("smc-steer-{}", format.name());
         let t0 = Instant::now();
         let opts = LoadOptions {

@@ -4,7 +4,8 @@
 //! ```text
 //! scripts/fetch-model.sh && cargo run --release --example bench -- [--json] [--ns 1,8,32,64]
 //!     [--steps 8] [--prompt-tokens 64] [--model PATH] [--skip-candle]
-//!     [--device cpu|cuda[:N]] [--attention cpu|gather]
+//!     [--device cpu|cuda[:N]] [--attention cpu|gather] [--formats f32,q8_0,...]
+//!     [--sizes qwen3-0.6b,llama-3.2-1b]
 //! ```
 //!
 //! `--device` runs the kernel on a GPU (builds with `--features cuda`); every
@@ -15,6 +16,8 @@
 //! `value` (plus `unit`); derived ratios come last. Timings are medians over `--steps` steps.
 //! `SMC_BENCH_ONLY=cache`, `constraints` or `potentials` runs one group of figures;
 //! `SMC_BENCH_ONLY=formats` compares weight formats (`--formats f32,q8_0,...`);
+//! `SMC_BENCH_ONLY=sizes` runs random-weight models at the real sizes of Qwen3-0.6B and
+//! Llama-3.2-1B (`--sizes`, `--formats`; default f32 and q8_0);
 //! `SMC_BENCH_ONLY=scale` measures large populations (`--ns 256,512`) and the CPU
 //! utilisation of SMC steps; `SMC_BENCH_ONLY=decode` stops after the decode, SMC-step and KV-cache figures.
 
@@ -26,6 +29,7 @@ mod formats;
 mod model_path;
 mod potentials;
 mod scale;
+mod sizes;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -56,7 +60,10 @@ struct Args {
     skip_candle: bool,
     device: String,
     attention: AttentionPath,
-    formats: Vec<WeightFormat>,
+    /// `--formats`, when given (each group has its own default).
+    formats: Option<Vec<WeightFormat>>,
+    /// `--sizes`: the real-size models of `SMC_BENCH_ONLY=sizes` (all when empty).
+    sizes: Vec<String>,
 }
 
 fn parse() -> Result<Args, String> {
@@ -69,13 +76,8 @@ fn parse() -> Result<Args, String> {
         skip_candle: false,
         device: "cpu".into(),
         attention: AttentionPath::Cpu,
-        formats: vec![
-            WeightFormat::F32,
-            WeightFormat::Q8_0,
-            WeightFormat::Q4_0,
-            WeightFormat::Q4_1,
-            WeightFormat::Native,
-        ],
+        formats: None,
+        sizes: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -102,13 +104,22 @@ fn parse() -> Result<Args, String> {
             "--model" => a.model = Some(PathBuf::from(value("--model")?)),
             "--device" => a.device = value("--device")?,
             "--formats" => {
-                a.formats = value("--formats")?
+                a.formats = Some(
+                    value("--formats")?
+                        .split(',')
+                        .map(|s| {
+                            WeightFormat::from_name(s.trim())
+                                .ok_or(format!("--formats: unknown format `{s}`"))
+                        })
+                        .collect::<Result<_, _>>()?,
+                )
+            }
+            "--sizes" => {
+                a.sizes = value("--sizes")?
                     .split(',')
-                    .map(|s| {
-                        WeightFormat::from_name(s.trim())
-                            .ok_or(format!("--formats: unknown format `{s}`"))
-                    })
-                    .collect::<Result<_, _>>()?
+                    .map(|s| s.trim().to_string())
+                    .collect();
+                sizes::selected(&a.sizes)?;
             }
             "--attention" => {
                 a.attention = match value("--attention")?.as_str() {
@@ -248,8 +259,8 @@ fn decode_ours(
 }
 
 /// Full SMC steps (forward, sampling, a trivial potential, ESS, resampling when due).
-fn smc_steps(
-    kernel: TransformerKernel,
+fn smc_steps<K: Kernel>(
+    kernel: K,
     prompt: &[TokenId],
     n: usize,
     steps: usize,
@@ -334,6 +345,13 @@ fn run() -> Result<(), String> {
         let text = format!("{TEXT}\n\n{}", include_str!("../../README.md"));
         let text = kernel.encode(&text).map_err(|e| e.to_string())?;
         return formats::run(&mut report, &args, &text);
+    }
+    if only == "sizes" {
+        let formats = args
+            .formats
+            .clone()
+            .unwrap_or(vec![WeightFormat::F32, WeightFormat::Q8_0]);
+        return sizes::run(&mut report, &args, &formats);
     }
     if only == "scale" {
         let kernel = load(&args, 1, 64)?;

@@ -27,7 +27,7 @@ use crate::core::error::{Result, SmcError};
 use crate::core::kernel::{Extend, Extension, Kernel, SeqId};
 use crate::core::vocab::{TokenId, Vocabulary};
 
-/// Strings that end generation when the tokenizer knows them.
+/// Strings that end generation when the tokenizer has them as special (control) tokens.
 const STOP_STRINGS: &[&str] = &[
     "<|endoftext|>",
     "<|im_end|>",
@@ -305,8 +305,13 @@ impl TransformerKernel {
                         )));
                     }
                 }
-                let mut stop: Vec<u32> =
-                    STOP_STRINGS.iter().filter_map(|s| t.token_id(s)).collect();
+                // Only as special tokens: `</s>` is ordinary text in Qwen's vocabulary
+                // (id 128247) and an HTML tag in Gemma 3's (212, not special).
+                let mut stop: Vec<u32> = STOP_STRINGS
+                    .iter()
+                    .filter_map(|s| t.token_id(s))
+                    .filter(|&id| t.is_special(id))
+                    .collect();
                 stop.extend(t.eos_id());
                 stop.extend_from_slice(t.stop_ids());
                 stop.retain(|&s| (s as usize) < n);

@@ -11,7 +11,10 @@
 
 use std::path::{Path, PathBuf};
 
-use smc_steer::lm::{ChatMessage, ChatTemplate, Tokenizer};
+use smc_steer::lm::{
+    ChatMessage, ChatTemplate, KernelOptions, LlamaConfig, LlamaModel, RopeStyle, Tokenizer,
+    TransformerKernel,
+};
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -150,4 +153,45 @@ fn gemma3_tokenizer_matches_python() {
 #[test]
 fn llama2_tokenizer_matches_python() {
     check("llama2");
+}
+
+/// The kernel's stop tokens from each real tokenizer: the EOS and the end-of-turn tokens,
+/// only where they are special tokens. `</s>` is ordinary text in Qwen3's vocabulary (id
+/// 128247) and a non-special HTML tag in Gemma 3's (id 212): generating it must not end a
+/// sequence.
+#[test]
+fn stop_tokens_are_special_tokens_only() {
+    let expected: [(&str, &[u32]); 4] = [
+        ("llama3", &[128001, 128009]),
+        ("qwen3", &[151643, 151645]),
+        // Gemma 3's tokenizer names `<end_of_turn>` as its EOS; `<eos>` (1) comes from
+        // the checkpoint's generation_config.json, which is not part of the tokenizer.
+        ("gemma3", &[106]),
+        ("llama2", &[2]),
+    ];
+    for (name, want) in expected {
+        let Some(dir) = tokenizer_dir(name) else {
+            return;
+        };
+        let tok = Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
+        let config = LlamaConfig {
+            vocab_size: tok.vocab_size(),
+            hidden_size: 8,
+            intermediate_size: 8,
+            n_layers: 1,
+            n_heads: 1,
+            n_kv_heads: 1,
+            head_dim: 8,
+            rope_theta: 10_000.0,
+            rope_style: RopeStyle::Half,
+            rms_eps: 1e-5,
+            max_seq_len: 16,
+            tie_embeddings: true,
+        };
+        let model = LlamaModel::random(config, 1).unwrap();
+        let kernel =
+            TransformerKernel::from_parts(model, Some(tok), None, KernelOptions::default())
+                .unwrap();
+        assert_eq!(kernel.stop_tokens(), want, "{name}");
+    }
 }
