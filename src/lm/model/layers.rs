@@ -5,11 +5,40 @@ use candle_core::quantized::QMatMul;
 use std::sync::Arc;
 
 use candle_core::{Device, Module, Tensor};
+use rayon::prelude::*;
 
 use crate::lm::quant::QMatrix;
 
 use crate::lm::cache::ScoreOptions;
 use crate::lm::family::RopeScaling;
+
+/// Side of the square tiles of [`transpose`] (two 64 × 64 f32 tiles fit in L1).
+const TILE: usize = 64;
+
+/// The transpose `[cols, rows]` of a row-major `[rows, cols]` matrix, by tiles, with
+/// output row bands in parallel.
+fn transpose(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; rows * cols];
+    if rows == 0 || cols == 0 {
+        return out;
+    }
+    out.par_chunks_mut(rows * TILE)
+        .enumerate()
+        .for_each(|(band, dst)| {
+            let c0 = band * TILE;
+            let c1 = (c0 + TILE).min(cols);
+            for r0 in (0..rows).step_by(TILE) {
+                let r1 = (r0 + TILE).min(rows);
+                for c in c0..c1 {
+                    let d = &mut dst[(c - c0) * rows..];
+                    for r in r0..r1 {
+                        d[r] = w[r * cols + c];
+                    }
+                }
+            }
+        });
+    out
+}
 
 /// A linear map `y = x W^T` with `W: [out, in]`.
 #[derive(Debug, Clone)]
@@ -26,7 +55,15 @@ pub(super) enum Linear {
 impl Linear {
     /// A dense layer from `W: [out, in]`.
     pub(super) fn dense(w: Tensor) -> candle_core::Result<Self> {
-        Ok(Linear::Dense(w.t()?.contiguous()?))
+        if !w.device().is_cpu() {
+            return Ok(Linear::Dense(w.t()?.contiguous()?));
+        }
+        // candle's strided copy walks the source element by element (most of the load time
+        // of a 1B checkpoint); a tiled transpose in parallel is an order of magnitude faster.
+        let (rows, cols) = w.dims2()?;
+        let data = w.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let wt = transpose(&data, rows, cols);
+        Ok(Linear::Dense(Tensor::from_vec(wt, (cols, rows), w.device())?))
     }
 
     /// The map on `device`; a quantized matrix leaves the CPU as dense f32.
@@ -416,5 +453,25 @@ impl Rope {
             }
         }
         (cos, sin)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The tiled transpose equals the definition on shapes that are and are not multiples
+    /// of the tile, and on degenerate ones.
+    #[test]
+    fn transpose_matches_definition() {
+        for (rows, cols) in [(1, 1), (3, 130), (64, 64), (129, 65), (200, 7), (0, 5)] {
+            let w: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+            let t = transpose(&w, rows, cols);
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(t[c * rows + r], w[r * cols + c], "{rows}x{cols} at {r},{c}");
+                }
+            }
+        }
     }
 }

@@ -91,18 +91,17 @@ impl WeightFormat {
     }
 }
 
-/// A dense layer converted to a block format (`W` quantized from its f32 values); other
-/// layers as they are. Matrices whose width is not a multiple of 32 stay dense.
-fn to_block_format(l: Linear, format: Option<QFormat>) -> LmResult<Linear> {
-    let (Some(f), Linear::Dense(wt)) = (format, &l) else {
-        return Ok(l);
-    };
-    let (cols, rows) = wt.dims2()?;
-    let w = wt.t()?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-    Ok(match QMatrix::quantize(f, &w, rows, cols) {
-        Some(q) => Linear::Int(Arc::new(q)),
-        None => l,
-    })
+/// A linear layer from `W: [out, in]`: in the block `format`, quantized straight from W's
+/// f32 rows, or dense f32 without a format or when the width is not a multiple of 32.
+fn linear_from(w: Tensor, format: Option<QFormat>) -> LmResult<Linear> {
+    if let Some(f) = format {
+        let (rows, cols) = w.dims2()?;
+        let data = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        if let Some(q) = QMatrix::quantize(f, &data, rows, cols) {
+            return Ok(Linear::Int(Arc::new(q)));
+        }
+    }
+    Ok(Linear::dense(w)?)
 }
 
 /// Options for loading a model.
@@ -133,12 +132,12 @@ pub(super) trait WeightSource {
     fn dense(&mut self, name: &str) -> LmResult<Option<Tensor>>;
     /// Whether the tensor exists.
     fn has(&mut self, name: &str) -> bool;
-    /// A matrix for a linear layer, or `None` when absent.
-    fn linear(&mut self, name: &str) -> LmResult<Option<Linear>> {
+    /// A matrix for a linear layer in the block `format` (dense f32 for `None`), or `None`
+    /// when absent.
+    fn linear(&mut self, name: &str, format: Option<QFormat>) -> LmResult<Option<Linear>> {
         self.dense(name)?
-            .map(Linear::dense)
+            .map(|w| linear_from(w, format))
             .transpose()
-            .map_err(LmError::from)
     }
 }
 
@@ -193,7 +192,7 @@ impl LlamaModel {
         check_shape(&embed, &[c.vocab_size, h], "token_embd.weight")?;
         let lin =
             |src: &mut dyn WeightSource, name: String, dims: [usize; 2]| -> LmResult<Linear> {
-                let l = to_block_format(require(src.linear(&name)?, &name)?, block)?;
+                let l = require(src.linear(&name, block)?, &name)?;
                 if linear_dims(&l) != dims {
                     return Err(LmError::Format(format!(
                         "tensor `{name}` has shape {:?}, expected {dims:?}",
@@ -209,7 +208,7 @@ impl LlamaModel {
         };
         // Rows `[from, from + n)` of a fused `[out, in]` matrix as a dense layer.
         let rows = |w: &Tensor, from: usize, n: usize| -> LmResult<Linear> {
-            to_block_format(Linear::dense(w.narrow(0, from, n)?.contiguous()?)?, block)
+            linear_from(w.narrow(0, from, n)?.contiguous()?, block)
         };
         let has = |src: &mut dyn WeightSource, name: &str| src.has(name);
         let sliding_rope = usize::from(arch.rope_local_theta.is_some());
@@ -299,7 +298,7 @@ impl LlamaModel {
         let lm_head = if c.tie_embeddings {
             None
         } else {
-            src.linear("output.weight")?
+            src.linear("output.weight", block)?
         };
         let lm_head = match lm_head {
             Some(l) => {
@@ -310,12 +309,12 @@ impl LlamaModel {
                         [c.vocab_size, h]
                     )));
                 }
-                to_block_format(l, block)?
+                l
             }
             // Tied embeddings (or no separate output matrix in the file).
-            None => match src.linear("token_embd.weight")? {
-                Some(l @ (Linear::Quant(_) | Linear::Int(_))) => l,
-                _ => to_block_format(Linear::dense(embed.clone())?, block)?,
+            None => match src.linear("token_embd.weight", block)? {
+                Some(l) => l,
+                None => linear_from(embed.clone(), block)?,
             },
         };
         // In a block format the embedding's rows are blocks too, decoded on lookup: a tied
@@ -323,14 +322,17 @@ impl LlamaModel {
         // embedding quantized to the requested format.
         let embed_blocks = match (&lm_head, c.tie_embeddings) {
             (Linear::Int(q), true) => Some(q.clone()),
-            _ if weights == WeightFormat::Native => match src.linear("token_embd.weight")? {
-                Some(Linear::Int(q)) => Some(q),
-                _ => None,
-            },
-            _ => match to_block_format(Linear::dense(embed.clone())?, block)? {
+            _ if weights == WeightFormat::Native => {
+                match src.linear("token_embd.weight", block)? {
+                    Some(Linear::Int(q)) => Some(q),
+                    _ => None,
+                }
+            }
+            _ if block.is_some() => match linear_from(embed.clone(), block)? {
                 Linear::Int(q) => Some(q),
                 _ => None,
             },
+            _ => None,
         };
         let embed = match embed_blocks {
             Some(q) if q.dims() == [c.vocab_size, h] => Embedding::Blocks(q),
@@ -493,7 +495,7 @@ impl LlamaModel {
             fn has(&mut self, name: &str) -> bool {
                 self.g.content.tensor_infos.contains_key(name)
             }
-            fn linear(&mut self, name: &str) -> LmResult<Option<Linear>> {
+            fn linear(&mut self, name: &str, _: Option<QFormat>) -> LmResult<Option<Linear>> {
                 let Some(q) = self.g.qtensor(name)? else {
                     return Ok(None);
                 };
@@ -521,12 +523,12 @@ impl LlamaModel {
                         }
                     }
                 }
-                let dense = Linear::dense(q.dequantize(&Device::Cpu)?)?;
+                let w = q.dequantize(&Device::Cpu)?;
                 // `native` for block types without a kernel of ours (K-quants): Q8_0.
                 if self.weights == WeightFormat::Native && !float && stored.is_none() {
-                    return Ok(Some(to_block_format(dense, Some(QFormat::Q8_0))?));
+                    return Ok(Some(linear_from(w, Some(QFormat::Q8_0))?));
                 }
-                Ok(Some(dense))
+                Ok(Some(linear_from(w, wanted)?))
             }
         }
         let weights = opts.weights;
