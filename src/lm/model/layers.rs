@@ -7,6 +7,7 @@ use std::sync::Arc;
 use candle_core::{Device, Module, Tensor};
 use rayon::prelude::*;
 
+use super::small_batch;
 use crate::lm::quant::QMatrix;
 
 use crate::lm::cache::ScoreOptions;
@@ -61,9 +62,16 @@ impl Linear {
         // candle's strided copy walks the source element by element (most of the load time
         // of a 1B checkpoint); a tiled transpose in parallel is an order of magnitude faster.
         let (rows, cols) = w.dims2()?;
-        let data = w.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let data = w
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         let wt = transpose(&data, rows, cols);
-        Ok(Linear::Dense(Tensor::from_vec(wt, (cols, rows), w.device())?))
+        Ok(Linear::Dense(Tensor::from_vec(
+            wt,
+            (cols, rows),
+            w.device(),
+        )?))
     }
 
     /// The map on `device`; a quantized matrix leaves the CPU as dense f32.
@@ -108,11 +116,48 @@ impl Linear {
 
     pub(super) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            Linear::Dense(wt) => x.matmul(wt),
+            Linear::Dense(wt) => dense_forward(wt, x),
             Linear::Quant(q) => q.forward(x),
             Linear::Int(q) => int_forward(q, x),
         }
     }
+}
+
+/// `x Wᵀ` with a dense `Wᵀ`: the streaming loop for a few rows, candle's GEMM otherwise.
+fn dense_forward(wt: &Tensor, x: &Tensor) -> candle_core::Result<Tensor> {
+    match small_batch_forward(wt, x)? {
+        Some(y) => Ok(y),
+        None => x.matmul(wt),
+    }
+}
+
+/// `x Wᵀ` for a few rows of `x: [n, in]` (f32 on the CPU) by the streaming loop of
+/// [`small_batch`]; `None` for every other shape, left to candle's GEMM.
+fn small_batch_forward(wt: &Tensor, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    use candle_core::{DType, Storage};
+    let (n, k) = match x.dims() {
+        &[n, k] => (n, k),
+        _ => return Ok(None),
+    };
+    if n > small_batch::MAX_ROWS
+        || !wt.device().is_cpu()
+        || wt.dtype() != DType::F32
+        || x.dtype() != DType::F32
+    {
+        return Ok(None);
+    }
+    let (wk, m) = wt.dims2()?;
+    if wk != k {
+        candle_core::bail!("input width {k} for a matrix of {:?}", [m, wk]);
+    }
+    let xs = x.flatten_all()?.to_vec1::<f32>()?;
+    let (storage, layout) = wt.storage_and_layout();
+    let (Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) else {
+        return Ok(None);
+    };
+    let w = &cpu.as_slice::<f32>()?[start..end];
+    let y = small_batch::matmul(&xs, n, w, k, m);
+    Ok(Some(Tensor::from_vec(y, (n, m), x.device())?))
 }
 
 /// `x Wᵀ` with a block-quantized `W` (on the CPU; `x: [n, in]`).
@@ -261,7 +306,7 @@ impl Proj {
     /// All outputs (`[rows, out_i]` each; fused outputs are column views of one product).
     pub(super) fn forward(&self, x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
         let (y, sizes) = match self {
-            Proj::Fused { wt, sizes } => (x.matmul(wt)?, sizes),
+            Proj::Fused { wt, sizes } => (dense_forward(wt, x)?, sizes),
             Proj::FusedInt { q, sizes } => (int_forward(q, x)?, sizes),
             Proj::Split(ls) => return ls.iter().map(|l| l.forward(x)).collect(),
         };

@@ -27,6 +27,7 @@ mod forward;
 mod layers;
 mod load;
 mod reference;
+mod small_batch;
 
 use std::sync::Arc;
 
