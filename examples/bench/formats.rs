@@ -1,17 +1,25 @@
-//! Weight formats side by side: load time, weight memory, decode step and model GFLOP/s per
-//! batch size, and the accuracy of each format as the KL divergence of its next-token
-//! distributions from f32's over 1,000 positions of real text (the bench passage followed by
-//! the README, no repetition).
+//! Weight formats side by side: load time, weight memory, decode step, SMC step and model
+//! GFLOP/s per batch size, the accuracy of each format as the KL divergence of its
+//! next-token distributions from f32's over 1,000 positions of real text (the bench passage
+//! followed by the README, no repetition), LLaMPPL's example task end to end
+//! (`llamppl_task_s`), and llama.cpp's decode step on the same file in the same format when
+//! a build is given (`llamacpp_decode_step_ms`, `SMC_BENCH_LLAMA_CPP`; see `llamacpp.rs`).
 //!
 //! `SMC_BENCH_ONLY=formats cargo run --release --example bench -- --json [--formats f32,q8_0]`
 
 use std::time::Instant;
 
-use smc_steer::lm::{LlamaConfig, LlamaModel, LoadOptions, LogitRows, SeqTokens, WeightFormat};
-use smc_steer::logspace::log_sum_exp;
-use smc_steer::TokenId;
+use std::sync::Arc;
 
-use super::{decode_ours, median, Args, Report};
+use smc_steer::constraints::MaxWordLetters;
+use smc_steer::lm::{
+    LlamaConfig, LlamaModel, LoadOptions, LogitRows, SeqTokens, TransformerKernel, WeightFormat,
+};
+use smc_steer::logspace::log_sum_exp;
+use smc_steer::potential::DynPotential;
+use smc_steer::{FeynmanKac, ProposalKind, Smc, SmcConfig, TokenId};
+
+use super::{decode_ours, llamacpp, median, smc_steps, Args, Report};
 
 /// Positions of real text scored for the KL divergence.
 const KL_POSITIONS: usize = 1000;
@@ -116,7 +124,88 @@ pub fn run(report: &mut Report, args: &Args, text: &[TokenId]) -> Result<(), Str
                 flops * n as f64 / (step / 1e3) / 1e9,
                 "GFLOP/s",
             );
+            let times = smc_steps(&mut kernel, prompt, n, args.steps)?;
+            report.emit("smc_step_ms", &imp, n, median(times), "ms");
+        }
+        let task = llamppl_task(&mut kernel)?;
+        report.emit("llamppl_task_s", &imp, LLAMPPL_PARTICLES, task, "s");
+        report.emit(
+            "llamppl_speedup",
+            &imp,
+            LLAMPPL_PARTICLES,
+            LLAMPPL_PEER_S / task,
+            "ratio",
+        );
+        drop(kernel);
+        let Some(bin) = llamacpp::find() else {
+            continue;
+        };
+        let threads = rayon::current_num_threads();
+        let Some(rows) = llamacpp::decode_step_ms(
+            &bin,
+            &path,
+            format,
+            args.prompt_tokens,
+            args.steps,
+            &args.ns,
+            threads,
+        )?
+        else {
+            continue;
+        };
+        let peer = format!("llama.cpp-{}", format.name());
+        for (n, ms) in rows {
+            report.emit("llamacpp_decode_step_ms", &peer, n, ms, "ms");
+            for metric in ["decode_step_ms", "smc_step_ms"] {
+                if let Some(ours) = report.get(metric, &imp, n) {
+                    let name = format!("{}_vs_llamacpp", metric.trim_end_matches("_ms"));
+                    report.emit(&name, &imp, n, ours / ms, "ratio");
+                }
+            }
         }
     }
+    if llamacpp::find().is_none() {
+        eprintln!(
+            "llama.cpp: {} is not set to a directory with llama-batched-bench and \
+             llama-quantize (scripts/build-llama-cpp.sh); its figures are skipped",
+            llamacpp::ENV
+        );
+    }
     Ok(())
+}
+
+/// Particles and tokens of the LLaMPPL comparison task.
+const LLAMPPL_PARTICLES: usize = 32;
+const LLAMPPL_TOKENS: usize = 30;
+/// LLaMPPL 0.2.3's wall time on that task (HF transformers, f32, 2 torch threads, 2-core
+/// AVX-512 EPYC; `shared/REFERENCES.md`): the ratio is across machines, see
+/// docs/benchmarks.md.
+const LLAMPPL_PEER_S: f64 = 28.7;
+/// Seed of the task's run.
+const LLAMPPL_SEED: u64 = 7;
+
+/// LLaMPPL's example task as `smc-steer run --prompt "The Fed says" --max-word-letters 5
+/// -n 32 --max-tokens 30` runs it (the constraint's mask as the proposal): wall seconds
+/// from the prompt to the weighted posterior.
+fn llamppl_task(kernel: &mut TransformerKernel) -> Result<f64, String> {
+    let e = |e: smc_steer::SmcError| e.to_string();
+    let prompt = kernel.encode("The Fed says").map_err(|e| e.to_string())?;
+    let constraint: Arc<dyn DynPotential> = Arc::new(MaxWordLetters::new(5));
+    let program =
+        FeynmanKac::from_arc(constraint.clone()).with_proposal(ProposalKind::Mask(constraint));
+    let config = SmcConfig {
+        particles: LLAMPPL_PARTICLES,
+        max_tokens: LLAMPPL_TOKENS,
+        seed: LLAMPPL_SEED,
+        ..SmcConfig::default()
+    };
+    kernel
+        .set_request(LLAMPPL_PARTICLES, LLAMPPL_TOKENS)
+        .map_err(|e| e.to_string())?;
+    let t0 = Instant::now();
+    Smc::new(kernel, program, &prompt, config)
+        .map_err(e)?
+        .run()
+        .map_err(e)?;
+    Ok(t0.elapsed().as_secs_f64())
 }

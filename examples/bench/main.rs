@@ -24,6 +24,7 @@
 mod cache;
 mod constraints;
 mod formats;
+mod llamacpp;
 /// Where the command line looks for a model by default, shared so the bench looks there too.
 #[path = "../../src/bin/smc-steer/model_path.rs"]
 mod model_path;

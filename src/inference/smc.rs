@@ -503,8 +503,15 @@ impl<K: Kernel, P: Program> Smc<K, P> {
                 )));
             }
             let vocab = self.kernel.vocab();
+            // A log-sum-exp over the vocabulary per particle: in parallel (serial, it was
+            // a large part of an SMC step's overhead over the forward pass at n = 512).
+            // The first failure in batch order is reported, whatever the thread count.
+            let checks: Vec<Result<()>> = out
+                .par_iter()
+                .map(|ext| check_dist::<K>(&ext.next_log_probs, vocab))
+                .collect();
+            checks.into_iter().collect::<Result<()>>()?;
             for ((&(i, j, _), ext), toks) in owners.iter().zip(out).zip(&pending) {
-                check_dist::<K>(&ext.next_log_probs, vocab)?;
                 let p = &mut self.particles[i];
                 let scored = std::mem::take(&mut p.contexts[j].pending_scored);
                 for (k, lp) in ext.inner_log_probs.iter().enumerate() {

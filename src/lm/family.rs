@@ -201,6 +201,20 @@ fn unsupported(mt: &str, option: impl Into<String>) -> LmError {
     }
 }
 
+/// transformers' `Gemma3TextConfig` defaults: what a multimodal Gemma 3 `config.json`
+/// leaves out of its `text_config` (gemma-3-4b-it lists only hidden and intermediate
+/// sizes, layers, `rope_scaling` and `sliding_window`).
+const GEMMA3_TEXT_DEFAULTS: &str = r#"{
+    "vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216,
+    "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4,
+    "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
+    "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+    "attention_bias": false, "query_pre_attn_scalar": 256, "sliding_window": 4096,
+    "final_logit_softcapping": null, "attn_logit_softcapping": null, "rope_scaling": null,
+    "rope_local_base_freq": 10000.0, "sliding_window_pattern": 6,
+    "tie_word_embeddings": true
+}"#;
+
 /// Read a `config.json` (text) into the decoder's dimensions and family options.
 ///
 /// # Errors
@@ -213,17 +227,26 @@ pub fn parse_hf_config(text: &str) -> LmResult<(LlamaConfig, ArchOptions)> {
     let Some(o) = v.as_object() else {
         return Err(LmError::Format("config.json is not a JSON object".into()));
     };
-    // Multimodal wrappers (Gemma 3 4b+: `gemma3` with a `text_config`) name their decoder
-    // weights `language_model.*` next to a vision tower: not loaded.
-    if o.get("text_config").is_some_and(|x| !x.is_null()) {
+    // Multimodal wrappers name their decoder's options in a `text_config`. Gemma 3 4b+
+    // (`gemma3`): the text decoder is loaded (its weights are renamed by the loader, the
+    // vision tower is left out); its `text_config` lists only what differs from
+    // transformers' `Gemma3TextConfig`, so those defaults fill the rest.
+    if let Some(tc) = o.get("text_config").filter(|x| !x.is_null()) {
         let mt = o
             .get("model_type")
             .and_then(Value::as_str)
             .unwrap_or("unknown");
-        return Err(unsupported(
-            mt,
-            "multimodal checkpoint (`text_config`); use the text-only model",
-        ));
+        let Some(fields) = tc.as_object().filter(|_| mt == "gemma3") else {
+            return Err(unsupported(
+                mt,
+                "multimodal checkpoint (`text_config`) of this family; use a text-only model",
+            ));
+        };
+        let mut merged: serde_json::Map<String, Value> = serde_json::from_str(GEMMA3_TEXT_DEFAULTS)
+            .map_err(|e| LmError::Format(format!("Gemma 3 text defaults: {e}")))?;
+        merged.extend(fields.iter().map(|(k, v)| (k.clone(), v.clone())));
+        merged.insert("model_type".into(), Value::from("gemma3_text"));
+        return parse_hf_config(&Value::Object(merged).to_string());
     }
     let mt_name = o
         .get("model_type")

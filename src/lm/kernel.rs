@@ -691,16 +691,31 @@ fn check_request(c: &LlamaConfig, opts: &KernelOptions, prompt_tokens: usize) ->
 }
 
 fn hf_chat_template(dir: &Path, tok: &Tokenizer) -> LmResult<Option<ChatTemplate>> {
-    let Ok(text) = std::fs::read_to_string(dir.join("tokenizer_config.json")) else {
-        return Ok(None);
+    let json = |file: &str| -> LmResult<Option<serde_json::Value>> {
+        match std::fs::read_to_string(dir.join(file)) {
+            Ok(text) => serde_json::from_str(&text)
+                .map(Some)
+                .map_err(|e| LmError::Tokenizer(format!("{file}: {e}"))),
+            Err(_) => Ok(None),
+        }
     };
-    let cfg: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| LmError::Tokenizer(e.to_string()))?;
-    let Some(src) = cfg["chat_template"].as_str() else {
+    // Where transformers looks: `tokenizer_config.json`, then the separate files newer
+    // checkpoints (and multimodal ones, `chat_template.json`) carry.
+    let template = match json("tokenizer_config.json")?
+        .and_then(|c| c["chat_template"].as_str().map(str::to_string))
+    {
+        Some(t) => Some(t),
+        None => match std::fs::read_to_string(dir.join("chat_template.jinja")) {
+            Ok(t) => Some(t),
+            Err(_) => json("chat_template.json")?
+                .and_then(|c| c["chat_template"].as_str().map(str::to_string)),
+        },
+    };
+    let Some(src) = template else {
         return Ok(None);
     };
     let name = |id: Option<u32>| id.map(|i| tok.decode(&[i])).unwrap_or_default();
-    ChatTemplate::new(src, name(tok.bos_id()), name(tok.eos_id())).map(Some)
+    ChatTemplate::new(&src, name(tok.bos_id()), name(tok.eos_id())).map(Some)
 }
 
 impl Kernel for TransformerKernel {

@@ -237,6 +237,107 @@ fn phi3_longrope_hf_matches_transformers() {
     check("phi3_longrope", &hf("phi3_longrope"));
 }
 
+/// Gemma 3 4b+ checkpoints are multimodal: `config.json` wraps the decoder's options in a
+/// `text_config`, and the decoder's tensors sit under `language_model.model.*` (as
+/// released) or `model.language_model.*` (transformers ≥ 4.52) next to a vision tower. The
+/// gemma3 fixture rewritten both ways (with vision tensors added) must load as the text
+/// model and match transformers' log-probs as before.
+#[test]
+fn gemma3_multimodal_checkpoints_load_their_text_decoder() {
+    let src = fixture("gemma3");
+    let text_config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    let tensors =
+        candle_core::safetensors::load(src.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    for prefix in ["language_model.model.", "model.language_model."] {
+        let dir = std::env::temp_dir().join(format!(
+            "smc-steer-gemma3-mm-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = serde_json::json!({
+            "architectures": ["Gemma3ForConditionalGeneration"],
+            "model_type": "gemma3",
+            "image_token_index": 262144,
+            "mm_tokens_per_image": 256,
+            "text_config": text_config,
+            "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 8,
+                "num_hidden_layers": 1, "num_attention_heads": 1, "patch_size": 14}
+        });
+        std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+        let mut wrapped: std::collections::HashMap<String, Tensor> = tensors
+            .iter()
+            .map(|(k, v)| {
+                let rest = k.strip_prefix("model.").unwrap_or(k);
+                (format!("{prefix}{rest}"), v.clone())
+            })
+            .collect();
+        let junk = Tensor::ones(8, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+        wrapped.insert(
+            "vision_tower.vision_model.post_layernorm.weight".into(),
+            junk.clone(),
+        );
+        wrapped.insert("multi_modal_projector.mm_soft_emb_norm.weight".into(), junk);
+        candle_core::safetensors::save(&wrapped, dir.join("model.safetensors")).unwrap();
+        let model = LlamaModel::from_safetensors(&dir, &LoadOptions::default())
+            .unwrap_or_else(|e| panic!("{prefix}: {e}"));
+        check("gemma3", &model);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
+
+/// The released gemma-3-4b-it `config.json` lists only what differs from transformers'
+/// `Gemma3TextConfig` in its `text_config`: the defaults fill the rest (8 query and 4
+/// key/value heads of 256, vocabulary 262,208, every sixth layer global, local RoPE base
+/// 10 000, scores scaled by 256^-1/2); another family's multimodal wrapper is refused.
+#[test]
+fn gemma3_4b_config_takes_transformers_text_defaults() {
+    let config = r#"{"architectures": ["Gemma3ForConditionalGeneration"],
+        "boi_token_index": 255999, "eoi_token_index": 256000, "eos_token_id": [1, 106],
+        "image_token_index": 262144, "initializer_range": 0.02, "mm_tokens_per_image": 256,
+        "model_type": "gemma3",
+        "text_config": {"hidden_size": 2560, "intermediate_size": 10240,
+            "model_type": "gemma3_text", "num_hidden_layers": 34,
+            "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "sliding_window": 1024},
+        "torch_dtype": "bfloat16",
+        "vision_config": {"hidden_size": 1152, "image_size": 896, "intermediate_size": 4304,
+            "model_type": "siglip_vision_model", "num_attention_heads": 16,
+            "num_hidden_layers": 27, "patch_size": 14, "vision_use_head": false}}"#;
+    let (c, a) = smc_steer::lm::parse_hf_config(config).unwrap();
+    assert_eq!(
+        (c.vocab_size, c.hidden_size, c.intermediate_size, c.n_layers),
+        (262_208, 2560, 10_240, 34)
+    );
+    assert_eq!((c.n_heads, c.n_kv_heads, c.head_dim), (8, 4, 256));
+    assert_eq!(c.rope_theta, 1_000_000.0);
+    assert!(c.tie_embeddings);
+    assert_eq!(a.model_type, smc_steer::lm::ModelType::Gemma3);
+    assert_eq!(a.sliding_window, Some(1024));
+    let global: Vec<usize> = (0..34)
+        .filter(|&i| a.layers[i] == smc_steer::lm::LayerKind::Global)
+        .collect();
+    assert_eq!(global, vec![5, 11, 17, 23, 29]);
+    assert_eq!(a.rope_local_theta, Some(10_000.0));
+    assert!(
+        (a.attn_scale - 1.0 / 16.0).abs() < 1e-12,
+        "{}",
+        a.attn_scale
+    );
+    assert!(
+        matches!(a.rope_scaling, RopeScaling::Linear { factor } if factor == 8.0),
+        "{:?}",
+        a.rope_scaling
+    );
+    let llava = r#"{"model_type": "llava", "text_config": {"model_type": "llama"}}"#;
+    let err = smc_steer::lm::parse_hf_config(llava).unwrap_err();
+    assert!(
+        matches!(&err, LmError::UnsupportedOption { model_type, .. } if model_type == "llava"),
+        "{err}"
+    );
+}
+
 /// An edit of a `config.json`.
 type Edit = Box<dyn FnOnce(&mut serde_json::Value)>;
 

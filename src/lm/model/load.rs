@@ -104,6 +104,34 @@ fn linear_from(w: Tensor, format: Option<QFormat>) -> LmResult<Linear> {
     Ok(Linear::dense(w)?)
 }
 
+/// The text decoder's tensors under their text-only names. Multimodal checkpoints (Gemma 3
+/// 4b+) hold the decoder as `language_model.model.*` (as released) or
+/// `model.language_model.*` (as transformers ≥ 4.52 saves them) next to a vision tower and
+/// projector, which are dropped; text-only checkpoints pass through unchanged.
+fn text_decoder_tensors(tensors: HashMap<String, Tensor>) -> HashMap<String, Tensor> {
+    let rename = |k: &str| -> Option<String> {
+        if let Some(rest) = k
+            .strip_prefix("language_model.model.")
+            .or_else(|| k.strip_prefix("model.language_model."))
+        {
+            return Some(format!("model.{rest}"));
+        }
+        matches!(k, "language_model.lm_head.weight" | "lm_head.weight")
+            .then(|| "lm_head.weight".to_string())
+    };
+    let wrapped = !tensors.contains_key("model.embed_tokens.weight")
+        && tensors
+            .keys()
+            .any(|k| k.starts_with("language_model.") || k.starts_with("model.language_model."));
+    if !wrapped {
+        return tensors;
+    }
+    tensors
+        .into_iter()
+        .filter_map(|(k, v)| rename(&k).map(|k| (k, v)))
+        .collect()
+}
+
 /// Options for loading a model.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
@@ -572,6 +600,7 @@ impl LlamaModel {
             })?;
             tensors.extend(t);
         }
+        let tensors = text_decoder_tensors(tensors);
         if !tensors.contains_key("lm_head.weight") {
             config.tie_embeddings = true;
         }

@@ -41,6 +41,9 @@ pub(crate) struct QMatrix {
 /// Output rows per parallel task: enough work per task to amortise scheduling, small enough
 /// to spread a 576-row matrix over every core.
 const ROWS_PER_TASK: usize = 16;
+/// Element counts below which the activation quantization and the final transpose run on
+/// the calling thread (a parallel region costs more than the work).
+const SERIAL_BELOW: usize = 1 << 14;
 
 impl QMatrix {
     /// Quantize a row-major f32 matrix. `None` when `cols` is not a multiple of 32 or the
@@ -208,7 +211,12 @@ impl QMatrix {
     fn matmul_with(&self, k: dot::Kernels, x: &[f32], n: usize) -> Vec<f32> {
         let nb = self.cols / BLOCK;
         debug_assert_eq!(x.len(), n * self.cols);
-        let xq: Vec<BlockX> = x.par_chunks_exact(BLOCK).map(BlockX::quantize).collect();
+        // A few rows are quantized in less time than a parallel region takes to start.
+        let xq: Vec<BlockX> = if x.len() < SERIAL_BELOW {
+            x.chunks_exact(BLOCK).map(BlockX::quantize).collect()
+        } else {
+            x.par_chunks_exact(BLOCK).map(BlockX::quantize).collect()
+        };
         // Output transposed, `[rows, n]`: each task owns a run of weight rows, which stay in
         // cache while every activation row passes over them.
         let mut yt = vec![0f32; self.rows * n];
@@ -246,13 +254,18 @@ impl QMatrix {
             return yt;
         }
         let mut y = vec![0f32; n * self.rows];
-        y.par_chunks_mut(self.rows)
-            .enumerate()
-            .for_each(|(i, row)| {
-                for (j, v) in row.iter_mut().enumerate() {
-                    *v = yt[j * n + i];
-                }
-            });
+        let untranspose = |(i, row): (usize, &mut [f32])| {
+            for (j, v) in row.iter_mut().enumerate() {
+                *v = yt[j * n + i];
+            }
+        };
+        if y.len() < SERIAL_BELOW {
+            y.chunks_mut(self.rows).enumerate().for_each(untranspose);
+        } else {
+            y.par_chunks_mut(self.rows)
+                .enumerate()
+                .for_each(untranspose);
+        }
         y
     }
 }
