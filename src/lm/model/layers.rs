@@ -13,6 +13,15 @@ use crate::lm::quant::QMatrix;
 use crate::lm::cache::ScoreOptions;
 use crate::lm::family::RopeScaling;
 
+/// A dense f32 or bf16 matrix on `device`: bf16 stays bf16 only on the CPU (where the
+/// streaming product widens it) and unless `dense` (the f32 reference) is asked for.
+fn dense_on(w: &Tensor, device: &Device, dense: bool) -> candle_core::Result<Tensor> {
+    if w.dtype() == candle_core::DType::BF16 && (dense || !device.is_cpu()) {
+        return w.to_dtype(candle_core::DType::F32)?.to_device(device);
+    }
+    w.to_device(device)
+}
+
 /// Side of the square tiles of [`transpose`] (two 64 × 64 f32 tiles fit in L1).
 const TILE: usize = 64;
 
@@ -78,7 +87,7 @@ impl Linear {
     /// With `dense`, quantized maps become dense f32 on the CPU too.
     pub(super) fn to_device(&self, device: &Device, dense: bool) -> candle_core::Result<Self> {
         match self {
-            Linear::Dense(wt) => Ok(Linear::Dense(wt.to_device(device)?)),
+            Linear::Dense(wt) => Ok(Linear::Dense(dense_on(wt, device, dense)?)),
             Linear::Quant(_) | Linear::Int(_) if device.is_cpu() && !dense => Ok(self.clone()),
             Linear::Int(q) => {
                 let [rows, cols] = q.dims();
@@ -127,22 +136,28 @@ impl Linear {
 fn dense_forward(wt: &Tensor, x: &Tensor) -> candle_core::Result<Tensor> {
     match small_batch_forward(wt, x)? {
         Some(y) => Ok(y),
+        // A bf16 matrix the streaming loop cannot read (a view of a fused one, in the
+        // reference path): widened for this product.
+        None if wt.dtype() == candle_core::DType::BF16 => {
+            x.matmul(&wt.to_dtype(candle_core::DType::F32)?)
+        }
         None => x.matmul(wt),
     }
 }
 
-/// `x Wᵀ` for a few rows of `x: [n, in]` (f32 on the CPU) by the streaming loop of
-/// [`small_batch`]; `None` for every other shape, left to candle's GEMM.
+/// `x Wᵀ` by the streaming loop of [`small_batch`]: f32 `Wᵀ` for a few rows of
+/// `x: [n, in]`, bf16 `Wᵀ` for any number (in groups of [`small_batch::MAX_ROWS`] rows: the
+/// GEMM has no bf16 × f32 product). `None` for every other case, left to candle's GEMM.
 fn small_batch_forward(wt: &Tensor, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
     use candle_core::{DType, Storage};
     let (n, k) = match x.dims() {
         &[n, k] => (n, k),
         _ => return Ok(None),
     };
-    if n > small_batch::MAX_ROWS
-        || !wt.device().is_cpu()
-        || wt.dtype() != DType::F32
+    let bf16 = wt.dtype() == DType::BF16;
+    if !wt.device().is_cpu()
         || x.dtype() != DType::F32
+        || !(wt.dtype() == DType::F32 && n <= small_batch::MAX_ROWS || bf16)
     {
         return Ok(None);
     }
@@ -155,8 +170,16 @@ fn small_batch_forward(wt: &Tensor, x: &Tensor) -> candle_core::Result<Option<Te
     let (Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) else {
         return Ok(None);
     };
-    let w = &cpu.as_slice::<f32>()?[start..end];
-    let y = small_batch::matmul(&xs, n, w, k, m);
+    let y = if bf16 {
+        let w = &cpu.as_slice::<half::bf16>()?[start..end];
+        let mut y = Vec::with_capacity(n * m);
+        for rows in xs.chunks(small_batch::MAX_ROWS * k) {
+            y.extend(small_batch::matmul(rows, rows.len() / k.max(1), w, k, m));
+        }
+        y
+    } else {
+        small_batch::matmul(&xs, n, &cpu.as_slice::<f32>()?[start..end], k, m)
+    };
     Ok(Some(Tensor::from_vec(y, (n, m), x.device())?))
 }
 
@@ -185,7 +208,8 @@ impl Embedding {
     /// Rows `ids` as `[ids, hidden]` f32 on `device`.
     pub(super) fn lookup(&self, ids: &Tensor, device: &Device) -> candle_core::Result<Tensor> {
         match self {
-            Embedding::Dense(t) => t.index_select(ids, 0),
+            // bf16 rows are widened (a no-op for f32).
+            Embedding::Dense(t) => t.index_select(ids, 0)?.to_dtype(candle_core::DType::F32),
             Embedding::Blocks(q) => {
                 let ids = ids.to_vec1::<u32>()?;
                 let rows = q.rows_f32(&ids).ok_or_else(|| {
@@ -207,7 +231,7 @@ impl Embedding {
     /// The embedding on `device` (blocks stay only on the CPU without `dense`).
     pub(super) fn to_device(&self, device: &Device, dense: bool) -> candle_core::Result<Self> {
         match self {
-            Embedding::Dense(t) => Ok(Embedding::Dense(t.to_device(device)?)),
+            Embedding::Dense(t) => Ok(Embedding::Dense(dense_on(t, device, dense)?)),
             Embedding::Blocks(_) if device.is_cpu() && !dense => Ok(self.clone()),
             Embedding::Blocks(q) => {
                 let [rows, cols] = q.dims();
@@ -275,7 +299,7 @@ impl Proj {
     pub(super) fn to_device(&self, device: &Device, dense: bool) -> candle_core::Result<Self> {
         match self {
             Proj::Fused { wt, sizes } => Ok(Proj::Fused {
-                wt: wt.to_device(device)?,
+                wt: dense_on(wt, device, dense)?,
                 sizes: sizes.clone(),
             }),
             Proj::FusedInt { .. } if device.is_cpu() && !dense => Ok(self.clone()),

@@ -49,11 +49,15 @@ pub enum WeightFormat {
     /// As stored in the GGUF file: `Q8_0`, `Q4_0` and `Q4_1` matrices as they are, float
     /// matrices as f32, other block types (K-quants) requantized to `Q8_0`.
     Native,
+    /// bfloat16 matrices and embedding (half of f32's memory and memory traffic; weights
+    /// rounded to 8 significant bits), multiplied in f32 (each weight widened on the fly,
+    /// f32 accumulation). On other devices than the CPU the weights are widened to f32.
+    Bf16,
 }
 
 impl WeightFormat {
     /// The format's name as the command line spells it (`f32`, `candle-quantized`, `q8_0`,
-    /// `q4_0`, `q4_1`, `native`).
+    /// `q4_0`, `q4_1`, `native`, `bf16`).
     pub fn name(self) -> &'static str {
         match self {
             WeightFormat::F32 => "f32",
@@ -62,17 +66,19 @@ impl WeightFormat {
             WeightFormat::Q4_0 => "q4_0",
             WeightFormat::Q4_1 => "q4_1",
             WeightFormat::Native => "native",
+            WeightFormat::Bf16 => "bf16",
         }
     }
 
     /// Every format, in the order of [`WeightFormat::name`].
-    pub const ALL: [WeightFormat; 6] = [
+    pub const ALL: [WeightFormat; 7] = [
         WeightFormat::F32,
         WeightFormat::Quantized,
         WeightFormat::Q8_0,
         WeightFormat::Q4_0,
         WeightFormat::Q4_1,
         WeightFormat::Native,
+        WeightFormat::Bf16,
     ];
 
     /// The format named `name` (see [`WeightFormat::name`]).
@@ -102,6 +108,17 @@ fn linear_from(w: Tensor, format: Option<QFormat>) -> LmResult<Linear> {
         }
     }
     Ok(Linear::dense(w)?)
+}
+
+/// A dense layer in the storage of `weights` (bf16 for [`WeightFormat::Bf16`]); other
+/// layers as they are.
+fn stored(l: Linear, weights: WeightFormat) -> LmResult<Linear> {
+    Ok(match l {
+        Linear::Dense(wt) if weights == WeightFormat::Bf16 => {
+            Linear::Dense(wt.to_dtype(DType::BF16)?)
+        }
+        other => other,
+    })
 }
 
 /// The text decoder's tensors under their text-only names. Multimodal checkpoints (Gemma 3
@@ -220,7 +237,7 @@ impl LlamaModel {
         check_shape(&embed, &[c.vocab_size, h], "token_embd.weight")?;
         let lin =
             |src: &mut dyn WeightSource, name: String, dims: [usize; 2]| -> LmResult<Linear> {
-                let l = require(src.linear(&name, block)?, &name)?;
+                let l = stored(require(src.linear(&name, block)?, &name)?, weights)?;
                 if linear_dims(&l) != dims {
                     return Err(LmError::Format(format!(
                         "tensor `{name}` has shape {:?}, expected {dims:?}",
@@ -236,7 +253,10 @@ impl LlamaModel {
         };
         // Rows `[from, from + n)` of a fused `[out, in]` matrix as a dense layer.
         let rows = |w: &Tensor, from: usize, n: usize| -> LmResult<Linear> {
-            linear_from(w.narrow(0, from, n)?.contiguous()?, block)
+            stored(
+                linear_from(w.narrow(0, from, n)?.contiguous()?, block)?,
+                weights,
+            )
         };
         let has = |src: &mut dyn WeightSource, name: &str| src.has(name);
         let sliding_rope = usize::from(arch.rope_local_theta.is_some());
@@ -362,8 +382,10 @@ impl LlamaModel {
             },
             _ => None,
         };
+        let lm_head = stored(lm_head, weights)?;
         let embed = match embed_blocks {
             Some(q) if q.dims() == [c.vocab_size, h] => Embedding::Blocks(q),
+            _ if weights == WeightFormat::Bf16 => Embedding::Dense(embed.to_dtype(DType::BF16)?),
             _ => Embedding::Dense(embed),
         };
         let norm = require(src.dense("output_norm.weight")?, "output_norm.weight")?;

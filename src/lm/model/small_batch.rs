@@ -17,6 +17,26 @@
 
 use rayon::prelude::*;
 
+/// A stored weight, widened to f32 in the loop.
+pub(super) trait Weight: Copy + Send + Sync {
+    fn widen(self) -> f32;
+}
+
+impl Weight for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+}
+
+impl Weight for half::bf16 {
+    /// bf16 is the upper half of an f32: a shift, which vectorises.
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        f32::from_bits(u32::from(self.to_bits()) << 16)
+    }
+}
+
 /// Largest number of activation rows handled here; larger batches use the GEMM, which
 /// reuses each weight for many rows better (the crossover measured above).
 pub(super) const MAX_ROWS: usize = 32;
@@ -32,7 +52,7 @@ const COLUMN_BLOCK: usize = 512;
 
 /// `y = x Wᵀ` for `x: [n, k]` (row-major) and `Wᵀ: [k, m]` (row-major), `n ≤ MAX_ROWS`.
 /// Returns `y: [n, m]`.
-pub(super) fn matmul(x: &[f32], n: usize, wt: &[f32], k: usize, m: usize) -> Vec<f32> {
+pub(super) fn matmul<W: Weight>(x: &[f32], n: usize, wt: &[W], k: usize, m: usize) -> Vec<f32> {
     debug_assert!(n <= MAX_ROWS && x.len() == n * k && wt.len() == k * m);
     if k == 0 {
         return vec![0.0; n * m];
@@ -62,36 +82,44 @@ pub(super) fn matmul(x: &[f32], n: usize, wt: &[f32], k: usize, m: usize) -> Vec
 }
 
 /// The partial product of rows `[i0, i1)` of `Wᵀ`: `[n, m]`.
-fn rows(x: &[f32], n: usize, wt: &[f32], k: usize, m: usize, i0: usize, i1: usize) -> Vec<f32> {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has AVX2 and FMA (checked just above).
-        return unsafe { rows_avx2(x, n, wt, k, m, i0, i1) };
-    }
-    rows_body::<false>(x, n, wt, k, m, i0, i1)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn rows_avx2(
+fn rows<W: Weight>(
     x: &[f32],
     n: usize,
-    wt: &[f32],
+    wt: &[W],
     k: usize,
     m: usize,
     i0: usize,
     i1: usize,
 ) -> Vec<f32> {
-    rows_body::<true>(x, n, wt, k, m, i0, i1)
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has AVX2 and FMA (checked just above).
+        return unsafe { rows_avx2(x, n, wt, k, m, i0, i1) };
+    }
+    rows_body::<W, false>(x, n, wt, k, m, i0, i1)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn rows_avx2<W: Weight>(
+    x: &[f32],
+    n: usize,
+    wt: &[W],
+    k: usize,
+    m: usize,
+    i0: usize,
+    i1: usize,
+) -> Vec<f32> {
+    rows_body::<W, true>(x, n, wt, k, m, i0, i1)
 }
 
 /// The loop itself, inlined into each compiled variant so that it is vectorised for that
 /// variant's instruction set.
 #[inline(always)]
-fn rows_body<const FMA: bool>(
+fn rows_body<W: Weight, const FMA: bool>(
     x: &[f32],
     n: usize,
-    wt: &[f32],
+    wt: &[W],
     k: usize,
     m: usize,
     i0: usize,
@@ -111,9 +139,10 @@ fn rows_body<const FMA: bool>(
                 let out = &mut acc[r * m + c0..r * m + c1];
                 if g == 4 {
                     let (a, b, c, d) = (xr[0], xr[1], xr[2], xr[3]);
-                    for ((((o, &p), &q), &s), &t) in
+                    for ((((o, p), q), s), t) in
                         out.iter_mut().zip(w(0)).zip(w(1)).zip(w(2)).zip(w(3))
                     {
+                        let (p, q, s, t) = (p.widen(), q.widen(), s.widen(), t.widen());
                         *o = if FMA {
                             t.mul_add(d, s.mul_add(c, q.mul_add(b, p.mul_add(a, *o))))
                         } else {
@@ -122,7 +151,8 @@ fn rows_body<const FMA: bool>(
                     }
                 } else {
                     for (j, &a) in xr.iter().enumerate() {
-                        for (o, &p) in out.iter_mut().zip(w(j)) {
+                        for (o, p) in out.iter_mut().zip(w(j)) {
+                            let p = p.widen();
                             *o = if FMA { p.mul_add(a, *o) } else { *o + a * p };
                         }
                     }
@@ -178,10 +208,27 @@ mod tests {
         let wt: Vec<f32> = (0..k * m)
             .map(|i| ((i * 5 % 11) as f32 - 5.0) / 16.0)
             .collect();
-        let plain = rows_body::<false>(&x, n, &wt, k, m, 0, k);
-        let fused = rows_body::<true>(&x, n, &wt, k, m, 0, k);
+        let plain = rows_body::<f32, false>(&x, n, &wt, k, m, 0, k);
+        let fused = rows_body::<f32, true>(&x, n, &wt, k, m, 0, k);
         for (a, b) in plain.iter().zip(&fused) {
             assert!((a - b).abs() <= 1e-5 * (1.0 + a.abs()), "{a} vs {b}");
         }
+    }
+
+    /// bf16 weights: the product of the widened weights, exactly as f32 weights holding the
+    /// same (bf16-representable) values give it.
+    #[test]
+    fn bf16_weights_multiply_as_their_f32_values() {
+        let (n, k, m) = (5, 130, 300);
+        let x: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 7 % 13) as f32 - 6.0) / 8.0)
+            .collect();
+        let wide: Vec<f32> = (0..k * m)
+            .map(|i| ((i * 5 % 11) as f32 - 5.0) / 16.0 + 1e-3)
+            .collect();
+        let narrow: Vec<half::bf16> = wide.iter().map(|&v| half::bf16::from_f32(v)).collect();
+        let rounded: Vec<f32> = narrow.iter().map(|v| v.to_f32()).collect();
+        assert_ne!(rounded, wide, "the test weights must round");
+        assert_eq!(matmul(&x, n, &narrow, k, m), matmul(&x, n, &rounded, k, m));
     }
 }
