@@ -19,11 +19,13 @@ pub fn sample_log_categorical<R: Rng + ?Sized>(log_w: &[f64], rng: &mut R) -> Op
     if !max.is_finite() {
         return None;
     }
-    let total: f64 = log_w.iter().map(|&x| (x - max).exp()).sum();
+    // Each exponential once (kept for the scan: a second pass of `exp` over a 49,152-token
+    // vocabulary cost more than the buffer); the same values, so the same draws.
+    let ps: Vec<f64> = log_w.iter().map(|&x| (x - max).exp()).collect();
+    let total: f64 = ps.iter().sum();
     let mut u = rng.random::<f64>() * total;
     let mut last = None;
-    for (i, &x) in log_w.iter().enumerate() {
-        let p = (x - max).exp();
+    for (i, &p) in ps.iter().enumerate() {
         if p > 0.0 {
             last = Some(i);
             if u < p {

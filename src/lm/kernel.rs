@@ -723,6 +723,11 @@ impl Kernel for TransformerKernel {
         &self.vocab
     }
 
+    /// Every distribution is `z − log Σ exp z` of its own row (`distribution`).
+    fn normalised_by_construction(&self) -> bool {
+        true
+    }
+
     fn start(&mut self, prompt: &[TokenId]) -> Result<(SeqId, Vec<f64>)> {
         self.start_inner(prompt).map_err(SmcError::from)
     }

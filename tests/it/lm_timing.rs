@@ -1,7 +1,7 @@
 //! Hand-run timing check (not a timed test; it asserts nothing about speed):
 //!
 //! ```text
-//! cargo test --test lm_timing -- --ignored --nocapture   (test profile: opt-level 2)
+//! cargo test --release --test it lm_timing -- --ignored --nocapture
 //! ```
 //!
 //! Decode step time at batch 1/8/32/64 after a 64-token prompt, for our model (f32 weights,

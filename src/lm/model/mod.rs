@@ -20,8 +20,11 @@
 //!
 //! Loading: GGUF files (llama.cpp's format, read with candle's GGUF reader) and Hugging Face
 //! checkpoints (`config.json` + `*.safetensors`). Weights are dequantized to f32 by default
-//! ([`WeightFormat::F32`], the fastest choice on CPU at batch ≥ 8); [`WeightFormat::Quantized`]
-//! keeps GGUF's quantized matrices and multiplies with candle's `QMatMul`.
+//! ([`WeightFormat::F32`], the reference); [`WeightFormat::Bf16`] halves them, the block
+//! formats ([`WeightFormat::Q8_0`], [`WeightFormat::Native`], ...) multiply with int8 dot
+//! products, and [`WeightFormat::Quantized`] keeps GGUF's quantized matrices for candle's
+//! `QMatMul`. Dense products of up to 32 rows stream the weights in their own loop
+//! (`small_batch`); larger ones go through candle's GEMM.
 
 mod forward;
 mod layers;
