@@ -8,6 +8,7 @@ use candle_core::{Device, Module, Tensor};
 use rayon::prelude::*;
 
 use super::small_batch;
+use super::tiled;
 use crate::lm::quant::QMatrix;
 
 use crate::lm::cache::ScoreOptions;
@@ -145,9 +146,11 @@ fn dense_forward(wt: &Tensor, x: &Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
-/// `x Wᵀ` by the streaming loop of [`small_batch`]: f32 `Wᵀ` for a few rows of
-/// `x: [n, in]`, bf16 `Wᵀ` for any number (in groups of [`small_batch::MAX_ROWS`] rows: the
-/// GEMM has no bf16 × f32 product). `None` for every other case, left to candle's GEMM.
+/// `x Wᵀ` by our own CPU loops: f32 `Wᵀ` for a few rows of `x: [n, in]` by the streaming
+/// loop of [`small_batch`], for more rows by the register tiles of [`tiled`] (AVX2+FMA);
+/// bf16 `Wᵀ` for any number of rows by the streaming loop (in groups of
+/// [`small_batch::MAX_ROWS`] rows: the GEMM has no bf16 × f32 product). `None` for every
+/// other case, left to candle's GEMM.
 fn small_batch_forward(wt: &Tensor, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
     use candle_core::{DType, Storage};
     let (n, k) = match x.dims() {
@@ -155,9 +158,10 @@ fn small_batch_forward(wt: &Tensor, x: &Tensor) -> candle_core::Result<Option<Te
         _ => return Ok(None),
     };
     let bf16 = wt.dtype() == DType::BF16;
+    let tiled = wt.dtype() == DType::F32 && n > small_batch::MAX_ROWS && tiled::available();
     if !wt.device().is_cpu()
         || x.dtype() != DType::F32
-        || !(wt.dtype() == DType::F32 && n <= small_batch::MAX_ROWS || bf16)
+        || !(wt.dtype() == DType::F32 && n <= small_batch::MAX_ROWS || bf16 || tiled)
     {
         return Ok(None);
     }
@@ -177,6 +181,12 @@ fn small_batch_forward(wt: &Tensor, x: &Tensor) -> candle_core::Result<Option<Te
             y.extend(small_batch::matmul(rows, rows.len() / k.max(1), w, k, m));
         }
         y
+    } else if tiled {
+        let w = &cpu.as_slice::<f32>()?[start..end];
+        match tiled::matmul(&xs, n, w, k, m) {
+            Some(y) => y,
+            None => return Ok(None),
+        }
     } else {
         small_batch::matmul(&xs, n, &cpu.as_slice::<f32>()?[start..end], k, m)
     };

@@ -23,14 +23,16 @@
 //! ([`WeightFormat::F32`], the reference); [`WeightFormat::Bf16`] halves them, the block
 //! formats ([`WeightFormat::Q8_0`], [`WeightFormat::Native`], ...) multiply with int8 dot
 //! products, and [`WeightFormat::Quantized`] keeps GGUF's quantized matrices for candle's
-//! `QMatMul`. Dense products of up to 32 rows stream the weights in their own loop
-//! (`small_batch`); larger ones go through candle's GEMM.
+//! `QMatMul`. Dense products of up to 24 rows stream the weights in their own loop
+//! (`small_batch`); larger ones use register tiles over packed strips (`tiled`, AVX2+FMA)
+//! or, without those instructions, candle's GEMM.
 
 mod forward;
 mod layers;
 mod load;
 mod reference;
 mod small_batch;
+mod tiled;
 
 use std::sync::Arc;
 

@@ -4,7 +4,11 @@
 //! Measured on SmolLM2-135M (2-core AVX2 VM, `SMC_BENCH_ONLY=formats --formats f32`,
 //! decode step in ms, this loop / candle's GEMM): n = 1: 24.8 / 47.4; n = 8: 51.7 / 108.6;
 //! n = 16: 88.5 / 126.7; n = 32: 169.1 / 192.5; n = 48: 278.1 / 241.4 (the GEMM wins from
-//! there). So the choice is made per call from the number of rows.
+//! there). The register-tiled kernel of `tiled.rs` beats both from about 24 rows (n = 20:
+//! this loop 116 ms, the tiles 126–149; n = 32: 184–203 against 159–171; n = 48: the tiles
+//! 211 against the GEMM's 241; n = 64: 257 against 329). So the choice is made per call
+//! from the number of rows: up to [`MAX_ROWS`] here, more in the tiles, or in candle's GEMM
+//! on a CPU without AVX2 and FMA.
 //!
 //! With `Wᵀ: [in, out]` row-major, `y = x Wᵀ` is a sum over `i` of `x[·, i] · Wᵀ[i, ·]`:
 //! the rows of `Wᵀ` are cut into a fixed number of contiguous pieces; every task streams
@@ -37,9 +41,9 @@ impl Weight for half::bf16 {
     }
 }
 
-/// Largest number of activation rows handled here; larger batches use the GEMM, which
-/// reuses each weight for many rows better (the crossover measured above).
-pub(super) const MAX_ROWS: usize = 32;
+/// Largest number of activation rows handled here; larger batches use the tiled kernel
+/// (or the GEMM), which reuse each weight for many rows better (the crossover above).
+pub(super) const MAX_ROWS: usize = 24;
 /// Pieces the rows of `Wᵀ` are split into (fixed, so that the sums do not depend on the
 /// thread count); each piece is a contiguous run of memory.
 const PIECES: usize = 16;
