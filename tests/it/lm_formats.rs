@@ -44,50 +44,72 @@ fn log_probs(model: &LlamaModel, tokens: &[u32]) -> Vec<Vec<f64>> {
         .collect()
 }
 
+/// The real model's f32 run on the test text: what every format is compared with.
+struct F32Run {
+    path: std::path::PathBuf,
+    tokens: Vec<u32>,
+    log_probs: Vec<Vec<f64>>,
+    weight_bytes: usize,
+}
+
+impl F32Run {
+    /// `None` (skipped, with a message) when the model is absent outside CI.
+    fn new() -> Option<Self> {
+        let path = real_model()?;
+        let gguf = smc_steer::lm::GgufFile::open(&path).unwrap();
+        let tokens = Tokenizer::from_gguf(&gguf).unwrap().encode(TEXT).unwrap();
+        assert!(tokens.len() > 40);
+        let model = load(&path, WeightFormat::F32);
+        Some(Self {
+            log_probs: log_probs(&model, &tokens),
+            weight_bytes: model.weight_bytes(),
+            path,
+            tokens,
+        })
+    }
+}
+
+fn load(path: &std::path::Path, weights: WeightFormat) -> LlamaModel {
+    let opts = LoadOptions {
+        weights,
+        ..LoadOptions::default()
+    };
+    LlamaModel::from_gguf(path, &opts).unwrap()
+}
+
+/// Mean and max over positions of KL(p ‖ q).
+fn mean_kl(p: &[Vec<f64>], q: &[Vec<f64>]) -> (f64, f64) {
+    let kls: Vec<f64> = p
+        .iter()
+        .zip(q)
+        .map(|(p, q)| p.iter().zip(q).map(|(&a, &b)| a.exp() * (a - b)).sum())
+        .collect();
+    let max = kls.iter().copied().fold(0.0, f64::max);
+    (kls.iter().sum::<f64>() / kls.len() as f64, max)
+}
+
 #[test]
 fn every_weight_format_agrees_with_f32() {
-    let Some(path) = real_model() else { return };
-    let gguf = smc_steer::lm::GgufFile::open(&path).unwrap();
-    let tokens = Tokenizer::from_gguf(&gguf).unwrap().encode(TEXT).unwrap();
-    assert!(tokens.len() > 40);
-    let load = |weights| {
-        let opts = LoadOptions {
-            weights,
-            ..LoadOptions::default()
-        };
-        LlamaModel::from_gguf(&path, &opts).unwrap()
-    };
-    let f32_model = load(WeightFormat::F32);
-    let reference = log_probs(&f32_model, &tokens);
-    let f32_bytes = f32_model.weight_bytes();
-    drop(f32_model);
-    let mean_kl = |p: &[Vec<f64>], q: &[Vec<f64>]| {
-        let kls: Vec<f64> = p
-            .iter()
-            .zip(q)
-            .map(|(p, q)| p.iter().zip(q).map(|(&a, &b)| a.exp() * (a - b)).sum())
-            .collect();
-        let max = kls.iter().copied().fold(0.0, f64::max);
-        (kls.iter().sum::<f64>() / kls.len() as f64, max)
-    };
+    let Some(f32_run) = F32Run::new() else { return };
     for (format, loss_tolerance) in [
         (WeightFormat::Q8_0, 0.01),
         (WeightFormat::Native, 0.01),
         (WeightFormat::Q4_0, 2.0),
         (WeightFormat::Q4_1, 2.0),
     ] {
-        let model = load(format);
+        let model = load(&f32_run.path, format);
+        let f32_bytes = f32_run.weight_bytes;
         assert!(
             model.weight_bytes() * 2 < f32_bytes,
             "{}: {} bytes vs f32 {f32_bytes}",
             format.name(),
             model.weight_bytes()
         );
-        let got = log_probs(&model, &tokens);
+        let got = log_probs(&model, &f32_run.tokens);
         let bytes = model.weight_bytes();
-        let same_weights = log_probs(&model.to_dense().unwrap(), &tokens);
+        let same_weights = log_probs(&model.to_dense().unwrap(), &f32_run.tokens);
         let (kernel_kl, kernel_max) = mean_kl(&same_weights, &got);
-        let (loss, loss_max) = mean_kl(&reference, &got);
+        let (loss, loss_max) = mean_kl(&f32_run.log_probs, &got);
         eprintln!(
             "{:>7}: int8 products vs f32 products of the same weights: mean KL {kernel_kl:.5} \
              (max {kernel_max:.4}); vs the file's f32 model: mean KL {loss:.5} (max \
@@ -116,42 +138,21 @@ fn every_weight_format_agrees_with_f32() {
 /// take half of f32's memory.
 #[test]
 fn bf16_weights_agree_with_f32() {
-    let Some(path) = real_model() else { return };
-    let gguf = smc_steer::lm::GgufFile::open(&path).unwrap();
-    let tokens = Tokenizer::from_gguf(&gguf).unwrap().encode(TEXT).unwrap();
-    let load = |weights| {
-        let opts = LoadOptions {
-            weights,
-            ..LoadOptions::default()
-        };
-        LlamaModel::from_gguf(&path, &opts).unwrap()
-    };
-    let f32_model = load(WeightFormat::F32);
-    let reference = log_probs(&f32_model, &tokens);
-    let f32_bytes = f32_model.weight_bytes();
-    drop(f32_model);
-    let model = load(WeightFormat::Bf16);
+    let Some(f32_run) = F32Run::new() else { return };
+    let f32_bytes = f32_run.weight_bytes;
+    let model = load(&f32_run.path, WeightFormat::Bf16);
     // Half, but for the norm vectors (kept in f32).
     assert!(
         100 * model.weight_bytes() <= 51 * f32_bytes,
         "bf16: {} bytes vs f32 {f32_bytes}",
         model.weight_bytes()
     );
-    let got = log_probs(&model, &tokens);
-    let widened = log_probs(&model.to_dense().unwrap(), &tokens);
-    let mean_kl = |p: &[Vec<f64>], q: &[Vec<f64>]| {
-        p.iter()
-            .zip(q)
-            .map(|(p, q)| {
-                p.iter()
-                    .zip(q)
-                    .map(|(&a, &b)| a.exp() * (a - b))
-                    .sum::<f64>()
-            })
-            .sum::<f64>()
-            / p.len() as f64
-    };
-    let (products, loss) = (mean_kl(&widened, &got), mean_kl(&reference, &got));
+    let got = log_probs(&model, &f32_run.tokens);
+    let widened = log_probs(&model.to_dense().unwrap(), &f32_run.tokens);
+    let (products, loss) = (
+        mean_kl(&widened, &got).0,
+        mean_kl(&f32_run.log_probs, &got).0,
+    );
     eprintln!("bf16: vs f32 products of the same weights: mean KL {products:.2e}; vs the file's f32 model: mean KL {loss:.5}");
     assert!(products.abs() <= 1e-6, "bf16 products: mean KL {products}");
     assert!(

@@ -54,6 +54,23 @@ const MIN_PIECE_ROWS: usize = 64;
 /// activation row uses it).
 const COLUMN_BLOCK: usize = 512;
 
+/// The operands of one product: `x: [n, k]` and `Wᵀ: [k, m]`, both row-major.
+struct Operands<'a, W> {
+    x: &'a [f32],
+    n: usize,
+    wt: &'a [W],
+    k: usize,
+    m: usize,
+}
+
+// Copy without requiring `W: Copy` of the derive's bounds.
+impl<W> Clone for Operands<'_, W> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<W> Copy for Operands<'_, W> {}
+
 /// `y = x Wᵀ` for `x: [n, k]` (row-major) and `Wᵀ: [k, m]` (row-major), `n ≤ MAX_ROWS`.
 /// Returns `y: [n, m]`.
 pub(super) fn matmul<W: Weight>(x: &[f32], n: usize, wt: &[W], k: usize, m: usize) -> Vec<f32> {
@@ -67,7 +84,7 @@ pub(super) fn matmul<W: Weight>(x: &[f32], n: usize, wt: &[W], k: usize, m: usiz
         .into_par_iter()
         .map(|p| {
             let i0 = p * piece;
-            rows(x, n, wt, k, m, i0, (i0 + piece).min(k))
+            rows(Operands { x, n, wt, k, m }, i0, (i0 + piece).min(k))
         })
         .collect();
     // Partial sums added in piece order (deterministic), columns in parallel.
@@ -86,49 +103,26 @@ pub(super) fn matmul<W: Weight>(x: &[f32], n: usize, wt: &[W], k: usize, m: usiz
 }
 
 /// The partial product of rows `[i0, i1)` of `Wᵀ`: `[n, m]`.
-fn rows<W: Weight>(
-    x: &[f32],
-    n: usize,
-    wt: &[W],
-    k: usize,
-    m: usize,
-    i0: usize,
-    i1: usize,
-) -> Vec<f32> {
+fn rows<W: Weight>(op: Operands<'_, W>, i0: usize, i1: usize) -> Vec<f32> {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU has AVX2 and FMA (checked just above).
-        return unsafe { rows_avx2(x, n, wt, k, m, i0, i1) };
+        return unsafe { rows_avx2(op, i0, i1) };
     }
-    rows_body::<W, false>(x, n, wt, k, m, i0, i1)
+    rows_body::<W, false>(op, i0, i1)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn rows_avx2<W: Weight>(
-    x: &[f32],
-    n: usize,
-    wt: &[W],
-    k: usize,
-    m: usize,
-    i0: usize,
-    i1: usize,
-) -> Vec<f32> {
-    rows_body::<W, true>(x, n, wt, k, m, i0, i1)
+unsafe fn rows_avx2<W: Weight>(op: Operands<'_, W>, i0: usize, i1: usize) -> Vec<f32> {
+    rows_body::<W, true>(op, i0, i1)
 }
 
 /// The loop itself, inlined into each compiled variant so that it is vectorised for that
 /// variant's instruction set.
 #[inline(always)]
-fn rows_body<W: Weight, const FMA: bool>(
-    x: &[f32],
-    n: usize,
-    wt: &[W],
-    k: usize,
-    m: usize,
-    i0: usize,
-    i1: usize,
-) -> Vec<f32> {
+fn rows_body<W: Weight, const FMA: bool>(op: Operands<'_, W>, i0: usize, i1: usize) -> Vec<f32> {
+    let Operands { x, n, wt, k, m } = op;
     let mut acc = vec![0.0f32; n * m];
     // Four weight rows at a time (a quarter of the accumulator traffic), in column blocks
     // that stay in L1 while every activation row uses them.
@@ -169,8 +163,43 @@ fn rows_body<W: Weight, const FMA: bool>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
+
+    /// Test operands of a product `[n, k] × [k, m]`: small exact values (multiples of
+    /// 1/16), not all equal.
+    pub(in crate::lm::model) fn operands(n: usize, k: usize, m: usize) -> (Vec<f32>, Vec<f32>) {
+        let x = (0..n * k)
+            .map(|i| ((i * 7 % 13) as f32 - 6.0) / 8.0)
+            .collect();
+        let wt = (0..k * m)
+            .map(|i| ((i * 5 % 11) as f32 - 5.0) / 16.0)
+            .collect();
+        (x, wt)
+    }
+
+    /// `y` equals `x Wᵀ` computed in f64 (relative 1e-5: f32 sums of up to ~300 terms).
+    pub(in crate::lm::model) fn assert_product(
+        x: &[f32],
+        wt: &[f32],
+        y: &[f32],
+        n: usize,
+        k: usize,
+        m: usize,
+    ) {
+        for r in 0..n {
+            for c in 0..m {
+                let want: f64 = (0..k)
+                    .map(|i| f64::from(x[r * k + i]) * f64::from(wt[i * m + c]))
+                    .sum();
+                let got = f64::from(y[r * m + c]);
+                assert!(
+                    (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                    "{n}x{k}x{m} at {r},{c}: {got} vs {want}"
+                );
+            }
+        }
+    }
 
     /// Agrees with the definition (in f64) on shapes with and without whole pieces and
     /// groups of four weight rows, for every row count handled.
@@ -178,25 +207,8 @@ mod tests {
     fn matches_the_definition() {
         for (k, m) in [(1, 1), (7, 300), (64, 256), (130, 513), (300, 1100)] {
             for n in 1..=MAX_ROWS {
-                let x: Vec<f32> = (0..n * k)
-                    .map(|i| ((i * 7 % 13) as f32 - 6.0) / 8.0)
-                    .collect();
-                let wt: Vec<f32> = (0..k * m)
-                    .map(|i| ((i * 5 % 11) as f32 - 5.0) / 16.0)
-                    .collect();
-                let y = matmul(&x, n, &wt, k, m);
-                for r in 0..n {
-                    for c in 0..m {
-                        let want: f64 = (0..k)
-                            .map(|i| f64::from(x[r * k + i]) * f64::from(wt[i * m + c]))
-                            .sum();
-                        let got = f64::from(y[r * m + c]);
-                        assert!(
-                            (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                            "{n}x{k}x{m} at {r},{c}: {got} vs {want}"
-                        );
-                    }
-                }
+                let (x, wt) = operands(n, k, m);
+                assert_product(&x, &wt, &matmul(&x, n, &wt, k, m), n, k, m);
             }
         }
     }
@@ -206,14 +218,16 @@ mod tests {
     #[test]
     fn both_variants_agree() {
         let (n, k, m) = (3, 70, 600);
-        let x: Vec<f32> = (0..n * k)
-            .map(|i| ((i * 7 % 13) as f32 - 6.0) / 8.0)
-            .collect();
-        let wt: Vec<f32> = (0..k * m)
-            .map(|i| ((i * 5 % 11) as f32 - 5.0) / 16.0)
-            .collect();
-        let plain = rows_body::<f32, false>(&x, n, &wt, k, m, 0, k);
-        let fused = rows_body::<f32, true>(&x, n, &wt, k, m, 0, k);
+        let (x, wt) = operands(n, k, m);
+        let op = Operands {
+            x: &x,
+            n,
+            wt: &wt,
+            k,
+            m,
+        };
+        let plain = rows_body::<f32, false>(op, 0, k);
+        let fused = rows_body::<f32, true>(op, 0, k);
         for (a, b) in plain.iter().zip(&fused) {
             assert!((a - b).abs() <= 1e-5 * (1.0 + a.abs()), "{a} vs {b}");
         }
@@ -224,12 +238,8 @@ mod tests {
     #[test]
     fn bf16_weights_multiply_as_their_f32_values() {
         let (n, k, m) = (5, 130, 300);
-        let x: Vec<f32> = (0..n * k)
-            .map(|i| ((i * 7 % 13) as f32 - 6.0) / 8.0)
-            .collect();
-        let wide: Vec<f32> = (0..k * m)
-            .map(|i| ((i * 5 % 11) as f32 - 5.0) / 16.0 + 1e-3)
-            .collect();
+        let (x, wt) = operands(n, k, m);
+        let wide: Vec<f32> = wt.iter().map(|w| w + 1e-3).collect();
         let narrow: Vec<half::bf16> = wide.iter().map(|&v| half::bf16::from_f32(v)).collect();
         let rounded: Vec<f32> = narrow.iter().map(|v| v.to_f32()).collect();
         assert_ne!(rounded, wide, "the test weights must round");

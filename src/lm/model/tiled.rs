@@ -122,6 +122,9 @@ mod x86 {
                     _mm256_loadu_ps(wp.add(i * m + c + 8)),
                 )
             };
+            // A fixed trip count over indices (unrolled, accumulators in registers; the
+            // iterator form measured ~25% slower at n = 64), rows past `rows` skipped.
+            #[allow(clippy::needless_range_loop)]
             for r in 0..TILE_ROWS {
                 if r < rows {
                     // SAFETY (caller): r0 + r < n and i < k.
@@ -131,11 +134,11 @@ mod x86 {
                 }
             }
         }
-        for r in 0..rows {
+        for (out, ar) in acc.iter_mut().zip(&a).take(rows) {
             // SAFETY: each row of `acc` holds 16 floats.
             unsafe {
-                _mm256_storeu_ps(acc[r].as_mut_ptr(), a[r][0]);
-                _mm256_storeu_ps(acc[r].as_mut_ptr().add(8), a[r][1]);
+                _mm256_storeu_ps(out.as_mut_ptr(), ar[0]);
+                _mm256_storeu_ps(out.as_mut_ptr().add(8), ar[1]);
             }
         }
     }
@@ -143,6 +146,7 @@ mod x86 {
 
 #[cfg(test)]
 mod tests {
+    use super::super::small_batch::tests::{assert_product, operands};
     use super::*;
 
     /// Agrees with the definition (in f64) on shapes with and without whole tiles of rows
@@ -154,25 +158,9 @@ mod tests {
             return;
         }
         for (n, k, m) in [(1, 3, 16), (7, 33, 70), (13, 64, 130), (40, 100, 200)] {
-            let x: Vec<f32> = (0..n * k)
-                .map(|i| ((i * 7 % 13) as f32 - 6.0) / 8.0)
-                .collect();
-            let wt: Vec<f32> = (0..k * m)
-                .map(|i| ((i * 5 % 11) as f32 - 5.0) / 16.0)
-                .collect();
+            let (x, wt) = operands(n, k, m);
             let y = matmul(&x, n, &wt, k, m).unwrap();
-            for r in 0..n {
-                for c in 0..m {
-                    let want: f64 = (0..k)
-                        .map(|i| f64::from(x[r * k + i]) * f64::from(wt[i * m + c]))
-                        .sum();
-                    let got = f64::from(y[r * m + c]);
-                    assert!(
-                        (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                        "{n}x{k}x{m} at {r},{c}: {got} vs {want}"
-                    );
-                }
-            }
+            assert_product(&x, &wt, &y, n, k, m);
         }
     }
 }
