@@ -159,7 +159,8 @@ fn small_batch_forward(wt: &Tensor, x: &Tensor) -> candle_core::Result<Option<Te
     };
     let bf16 = wt.dtype() == DType::BF16;
     let tiled = wt.dtype() == DType::F32 && n > small_batch::MAX_ROWS && tiled::available();
-    if !wt.device().is_cpu()
+    if k == 0
+        || !wt.device().is_cpu()
         || x.dtype() != DType::F32
         || !(wt.dtype() == DType::F32 && n <= small_batch::MAX_ROWS || bf16 || tiled)
     {
