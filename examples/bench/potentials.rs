@@ -99,21 +99,7 @@ fn measure<P: Potential>(
     vocab: &Vocabulary,
     tokens: &[TokenId],
 ) -> Result<(), String> {
-    let us = AT
-        .iter()
-        .map(|&n| step_us(p, vocab, tokens, n, 0))
-        .collect::<Result<Vec<f64>, _>>()?;
-    for (n, v) in AT.iter().zip(&us) {
-        report.emit("potential_us_per_token", label, *n, *v, "us");
-    }
-    report.emit(
-        "potential_growth",
-        label,
-        AT[1],
-        us[1] / us[0].max(1e-9),
-        "ratio",
-    );
-    Ok(())
+    measure_after(report, label, p, vocab, tokens, 0, "")
 }
 
 /// As [`measure`], but the timed token is the second after the fork: what llguidance's
@@ -126,15 +112,35 @@ fn measure_settled<P: Potential>(
     vocab: &Vocabulary,
     tokens: &[TokenId],
 ) -> Result<(), String> {
+    measure_after(report, label, p, vocab, tokens, 1, "_settled")
+}
+
+/// Time the token `skip` tokens after the fork at each length of [`AT`]; the metrics'
+/// names end in `suffix`.
+fn measure_after<P: Potential>(
+    report: &mut Report,
+    label: &str,
+    p: &P,
+    vocab: &Vocabulary,
+    tokens: &[TokenId],
+    skip: usize,
+    suffix: &str,
+) -> Result<(), String> {
     let us = AT
         .iter()
-        .map(|&n| step_us(p, vocab, tokens, n, 1))
+        .map(|&n| step_us(p, vocab, tokens, n, skip))
         .collect::<Result<Vec<f64>, _>>()?;
     for (n, v) in AT.iter().zip(&us) {
-        report.emit("potential_us_per_token_settled", label, *n, *v, "us");
+        report.emit(
+            &format!("potential_us_per_token{suffix}"),
+            label,
+            *n,
+            *v,
+            "us",
+        );
     }
     report.emit(
-        "potential_growth_settled",
+        &format!("potential_growth{suffix}"),
         label,
         AT[1],
         us[1] / us[0].max(1e-9),

@@ -19,23 +19,31 @@ pub fn sample_log_categorical<R: Rng + ?Sized>(log_w: &[f64], rng: &mut R) -> Op
     if !max.is_finite() {
         return None;
     }
-    // Each exponential once (kept for the scan: a second pass of `exp` over a 49,152-token
-    // vocabulary cost more than the buffer); the same values, so the same draws.
-    let ps: Vec<f64> = log_w.iter().map(|&x| (x - max).exp()).collect();
-    let total: f64 = ps.iter().sum();
-    let mut u = rng.random::<f64>() * total;
-    let mut last = None;
-    for (i, &p) in ps.iter().enumerate() {
-        if p > 0.0 {
-            last = Some(i);
-            if u < p {
-                return Some(i);
-            }
-            u -= p;
-        }
+    // Each exponential once, kept for the scan (a second pass of `exp` over a 49,152-token
+    // vocabulary cost more than the buffer), in a per-thread buffer so that drawing does
+    // not allocate once warm; the same values, so the same draws.
+    thread_local! {
+        static EXPS: std::cell::RefCell<Vec<f64>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-    // Rounding left `u` just above the total: the last positive entry takes it.
-    last
+    EXPS.with(|buf| {
+        let mut ps = buf.borrow_mut();
+        ps.clear();
+        ps.extend(log_w.iter().map(|&x| (x - max).exp()));
+        let total: f64 = ps.iter().sum();
+        let mut u = rng.random::<f64>() * total;
+        let mut last = None;
+        for (i, &p) in ps.iter().enumerate() {
+            if p > 0.0 {
+                last = Some(i);
+                if u < p {
+                    return Some(i);
+                }
+                u -= p;
+            }
+        }
+        // Rounding left `u` just above the total: the last positive entry takes it.
+        last
+    })
 }
 
 /// `log_p` restricted to the symbols for which `allowed(i)` holds (`-inf` elsewhere), and

@@ -236,10 +236,15 @@ pub fn parse_hf_config(text: &str) -> LmResult<(LlamaConfig, ArchOptions)> {
             .get("model_type")
             .and_then(Value::as_str)
             .unwrap_or("unknown");
-        let Some(fields) = tc.as_object().filter(|_| mt == "gemma3") else {
+        if mt != "gemma3" {
             return Err(unsupported(
                 mt,
                 "multimodal checkpoint (`text_config`) of this family; use a text-only model",
+            ));
+        }
+        let Some(fields) = tc.as_object() else {
+            return Err(LmError::Format(
+                "config.json: `text_config` is not a JSON object".into(),
             ));
         };
         let mut merged: serde_json::Map<String, Value> = serde_json::from_str(GEMMA3_TEXT_DEFAULTS)

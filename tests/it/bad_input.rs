@@ -247,6 +247,10 @@ impl Fixtures {
         let mut negative = hf_config_json();
         negative["num_hidden_layers"] = serde_json::json!(-2);
         write_hf(&p("hf-negative"), negative);
+        write_hf(
+            &p("hf-text-config"),
+            serde_json::json!({"model_type": "gemma3", "text_config": "gemma3_text"}),
+        );
         write_hf(&p("hf-badjson"), hf_config_json());
         std::fs::write(p("hf-badjson").join("config.json"), b"{\"vocab_size\": 40,").unwrap();
 
@@ -577,6 +581,11 @@ fn catalogue(f: &Fixtures, out: &Path) -> Vec<Case> {
             "hf truncated config",
             model(&p("hf-badjson")),
             fail(3, "corrupt"),
+        ),
+        c(
+            "hf multimodal text_config not an object",
+            model(&p("hf-text-config")),
+            fail(3, "text_config"),
         ),
         // Numeric flags.
         c(

@@ -288,10 +288,66 @@ fn gemma3_multimodal_checkpoints_load_their_text_decoder() {
     }
 }
 
+/// Chat templates outside `tokenizer_config.json`: `chat_template.jinja`, then
+/// `chat_template.json` (where newer and multimodal checkpoints keep them), give the same
+/// template; a malformed `chat_template.json` is a typed error naming the file.
+#[test]
+fn chat_templates_from_their_own_files() {
+    use smc_steer::lm::{ChatMessage, KernelOptions, TransformerKernel};
+    let src = fixture("llama3");
+    let messages = [ChatMessage::new("user", "Hi")];
+    let load = |dir: &Path| TransformerKernel::load(dir, KernelOptions::default());
+    let want = load(&src)
+        .unwrap()
+        .apply_chat_template(&messages, true)
+        .unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("tokenizer_config.json")).unwrap())
+            .unwrap();
+    let template = cfg["chat_template"].as_str().unwrap().to_string();
+    cfg.as_object_mut().unwrap().remove("chat_template");
+    let files: [(&str, Option<String>); 3] = [
+        ("chat_template.jinja", Some(template.clone())),
+        (
+            "chat_template.json",
+            Some(serde_json::json!({ "chat_template": template }).to_string()),
+        ),
+        ("chat_template.json", None),
+    ];
+    for (file, content) in files {
+        let dir = with_config("llama3", |_| {});
+        for f in ["tokenizer.json", "generation_config.json"] {
+            if src.join(f).is_file() {
+                std::fs::copy(src.join(f), dir.join(f)).unwrap();
+            }
+        }
+        std::fs::write(dir.join("tokenizer_config.json"), cfg.to_string()).unwrap();
+        match content {
+            Some(text) => {
+                std::fs::write(dir.join(file), text).unwrap();
+                let got = load(&dir)
+                    .unwrap()
+                    .apply_chat_template(&messages, true)
+                    .unwrap();
+                assert_eq!(got, want, "{file}");
+            }
+            None => {
+                std::fs::write(dir.join(file), "{\"chat_template\": ").unwrap();
+                let Err(err) = load(&dir) else {
+                    panic!("a malformed chat_template.json loaded");
+                };
+                assert!(err.to_string().contains(file), "{err}");
+            }
+        }
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
+
 /// The released gemma-3-4b-it `config.json` lists only what differs from transformers'
 /// `Gemma3TextConfig` in its `text_config`: the defaults fill the rest (8 query and 4
 /// key/value heads of 256, vocabulary 262,208, every sixth layer global, local RoPE base
-/// 10 000, scores scaled by 256^-1/2); another family's multimodal wrapper is refused.
+/// 10 000, scores scaled by 256^-1/2); a `text_config` that is not an object is a format
+/// error, and another family's multimodal wrapper is refused.
 #[test]
 fn gemma3_4b_config_takes_transformers_text_defaults() {
     let config = r#"{"architectures": ["Gemma3ForConditionalGeneration"],
@@ -329,6 +385,12 @@ fn gemma3_4b_config_takes_transformers_text_defaults() {
         matches!(a.rope_scaling, RopeScaling::Linear { factor } if factor == 8.0),
         "{:?}",
         a.rope_scaling
+    );
+    let bad = r#"{"model_type": "gemma3", "text_config": "gemma3_text"}"#;
+    let err = smc_steer::lm::parse_hf_config(bad).unwrap_err();
+    assert!(
+        matches!(&err, LmError::Format(m) if m.contains("text_config")),
+        "{err}"
     );
     let llava = r#"{"model_type": "llava", "text_config": {"model_type": "llama"}}"#;
     let err = smc_steer::lm::parse_hf_config(llava).unwrap_err();
