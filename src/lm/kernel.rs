@@ -729,7 +729,13 @@ impl Kernel for TransformerKernel {
     }
 
     fn start(&mut self, prompt: &[TokenId]) -> Result<(SeqId, Vec<f64>)> {
-        self.start_inner(prompt).map_err(SmcError::from)
+        // A forward pass runs hundreds of short parallel regions (one per matrix product,
+        // norm and attention). Started from a thread outside rayon's pool, each region is
+        // handed over to the pool and waited for; started on a worker, the worker takes part
+        // in it and only the other cores need waking. Measured on SmolLM2-135M, one
+        // particle, 2-core AVX2 VM, alternating within one process: `q8_0` decode step
+        // 7–15% faster, f32 about 4%.
+        rayon::scope(|_| self.start_inner(prompt)).map_err(SmcError::from)
     }
 
     fn fork(&mut self, seq: SeqId) -> Result<SeqId> {
@@ -746,6 +752,7 @@ impl Kernel for TransformerKernel {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        self.run(batch).map_err(SmcError::from)
+        // On a worker of the thread pool (see `start_inner`).
+        rayon::scope(|_| self.run(batch)).map_err(SmcError::from)
     }
 }
