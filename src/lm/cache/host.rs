@@ -61,7 +61,50 @@ impl HostStore {
         })
     }
 
+    /// [`Self::attend_one`], compiled for AVX2 where the CPU has it (chosen at run time).
+    /// The loops only get wider vectors: no operation is fused or reordered (no FMA), so
+    /// both builds give the same bits.
     #[allow(clippy::too_many_arguments)]
+    fn attend_one_best(
+        layout: &CacheLayout,
+        keys: &[f32],
+        values: &[f32],
+        q: &[f32],
+        meta: QueryMeta<'_>,
+        kv_head: usize,
+        opts: ScoreOptions,
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2 (checked just above).
+            return unsafe {
+                Self::attend_one_avx2(layout, keys, values, q, meta, kv_head, opts, scores, out)
+            };
+        }
+        Self::attend_one(layout, keys, values, q, meta, kv_head, opts, scores, out)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn attend_one_avx2(
+        layout: &CacheLayout,
+        keys: &[f32],
+        values: &[f32],
+        q: &[f32],
+        meta: QueryMeta<'_>,
+        kv_head: usize,
+        opts: ScoreOptions,
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+    ) {
+        Self::attend_one(layout, keys, values, q, meta, kv_head, opts, scores, out)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
     fn attend_one(
         layout: &CacheLayout,
         keys: &[f32],
@@ -242,7 +285,7 @@ impl KvStore for HostStore {
             .for_each_init(Vec::new, |scores: &mut Vec<f32>, (row, o)| {
                 let (t, h) = (row / n_heads, row % n_heads);
                 let qv = &q[row * hd..(row + 1) * hd];
-                Self::attend_one(
+                Self::attend_one_best(
                     layout,
                     keys,
                     values,
@@ -263,7 +306,7 @@ impl KvStore for HostStore {
 }
 
 /// Dot product with eight independent accumulators (vectorises without fast-math).
-#[inline]
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let ca = a.chunks_exact(8);
@@ -282,7 +325,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// `out += a * x`.
-#[inline]
+#[inline(always)]
 fn axpy(a: f32, x: &[f32], out: &mut [f32]) {
     for (o, &v) in out.iter_mut().zip(x) {
         *o += a * v;
@@ -299,5 +342,56 @@ mod tests {
         let b: Vec<f32> = (0..19).map(|i| 1.0 - i as f32).collect();
         let naive: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
         assert!((dot(&a, &b) - naive).abs() < 1e-3);
+    }
+
+    /// The build chosen at run time gives the bits of the portable build (uneven head
+    /// dimension, partial last block, a window, a soft cap).
+    #[test]
+    fn attention_builds_agree_bit_for_bit() {
+        let layout = CacheLayout {
+            n_layers: 1,
+            n_kv_heads: 2,
+            head_dim: 20,
+            block_size: 4,
+            num_blocks: 5,
+        };
+        let floats = block_floats(&layout) * layout.num_blocks;
+        let val = |i: usize, k: f32| ((i * 2_654_435_761) % 1000) as f32 / 500.0 - 1.0 + k;
+        let keys: Vec<f32> = (0..floats).map(|i| val(i, 0.0)).collect();
+        let values: Vec<f32> = (0..floats).map(|i| val(i + 7, 0.1)).collect();
+        let q: Vec<f32> = (0..20).map(|i| val(i + 3, -0.2)).collect();
+        let blocks = [3u32, 0, 4, 1];
+        for (pos, opts) in [
+            (
+                13,
+                ScoreOptions {
+                    scale: 0.22,
+                    softcap: None,
+                    window: None,
+                },
+            ),
+            (
+                14,
+                ScoreOptions {
+                    scale: 0.5,
+                    softcap: Some(5.0),
+                    window: Some(6),
+                },
+            ),
+        ] {
+            let meta = QueryMeta {
+                blocks: &blocks,
+                pos,
+            };
+            let (mut s1, mut s2) = (Vec::new(), Vec::new());
+            let (mut o1, mut o2) = (vec![0f32; 20], vec![0f32; 20]);
+            HostStore::attend_one(&layout, &keys, &values, &q, meta, 1, opts, &mut s1, &mut o1);
+            HostStore::attend_one_best(
+                &layout, &keys, &values, &q, meta, 1, opts, &mut s2, &mut o2,
+            );
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&o1), bits(&o2));
+            assert!(o1.iter().all(|x| x.is_finite() && *x != 0.0));
+        }
     }
 }
