@@ -15,8 +15,10 @@ use crate::potential::{Potential, SeqView};
 /// crate's one UTF-8 rule ([`crate::core::vocab::prefix_text`] for prefixes,
 /// [`crate::core::vocab::complete_text`] at EOS).
 ///
-/// Its state is the trailing word's letter count (O(1) per token), and its
-/// [`Potential::log_weight_next`] walks each token's bytes once from there.
+/// Its state is the trailing word's letter count (O(1) per token). Each token's letter
+/// profile (letters before its first whitespace, the longest word after it) is read once
+/// per run, in [`Potential::start`], so [`Potential::log_weight_next`] compares two numbers
+/// per token; only after a held-back incomplete character does it walk the joined bytes.
 ///
 /// # Example
 /// ```
@@ -81,6 +83,41 @@ impl MaxWordLetters {
         }
     }
 
+    /// The letter profile of every token read alone (see [`TokenLetters`]).
+    fn profiles(vocab: &Vocabulary) -> Vec<TokenLetters> {
+        let cap = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        vocab
+            .tokens()
+            .iter()
+            .map(|t| {
+                let (mut lead, mut rest, mut run, mut split) = (0usize, 0usize, 0usize, false);
+                for c in prefix_text(t).chars() {
+                    if c.is_whitespace() {
+                        split = true;
+                        run = 0;
+                    } else if Self::is_letter(c) {
+                        run += 1;
+                        if split {
+                            rest = rest.max(run);
+                        } else {
+                            lead = run;
+                        }
+                    }
+                }
+                TokenLetters {
+                    lead: cap(lead),
+                    rest: cap(rest),
+                }
+            })
+            .collect()
+    }
+
+    /// Whether a token of profile `p` may follow a trailing word of `run` letters (the
+    /// same answer as [`Self::allows`] with no held-back bytes).
+    fn allows_profile(&self, run: usize, p: TokenLetters) -> bool {
+        run.saturating_add(p.lead as usize) <= self.max && p.rest as usize <= self.max
+    }
+
     #[cfg(test)]
     fn ok(&self, text: &str) -> bool {
         self.extends(0, text)
@@ -95,9 +132,19 @@ impl MaxWordLetters {
     }
 }
 
+/// Letters of a token read alone: before its first whitespace (`lead`, all of them when it
+/// has none) and in its longest word after it (`rest`, 0 when it has none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct TokenLetters {
+    lead: u32,
+    rest: u32,
+}
+
 /// The state of [`MaxWordLetters`]: O(1) per token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WordState {
+    /// Every token's letter profile, shared by all particles of a run.
+    profiles: std::sync::Arc<Vec<TokenLetters>>,
     /// Whether every word so far is within the limit.
     ok: bool,
     /// Letters in the trailing word of the text read so far.
@@ -113,8 +160,9 @@ impl Potential for MaxWordLetters {
         "max-word-letters"
     }
 
-    fn start(&self, _: &Vocabulary) -> WordState {
+    fn start(&self, vocab: &Vocabulary) -> WordState {
         WordState {
+            profiles: std::sync::Arc::new(Self::profiles(vocab)),
             ok: true,
             run: 0,
             tail: Vec::new(),
@@ -162,9 +210,16 @@ impl Potential for MaxWordLetters {
             out.fill(f64::NEG_INFINITY);
             return Ok(());
         }
-        let mut buf = Vec::with_capacity(state.tail.len() + 16);
-        for (v, o) in out.iter_mut().enumerate().take(seq.vocab.len()) {
-            *o = Self::value(self.allows(state, seq.vocab.bytes(v as TokenId), &mut buf));
+        let n = seq.vocab.len();
+        if state.tail.is_empty() && state.profiles.len() == n {
+            for (o, &p) in out.iter_mut().zip(state.profiles.iter()) {
+                *o = Self::value(self.allows_profile(state.run, p));
+            }
+        } else {
+            let mut buf = Vec::with_capacity(state.tail.len() + 16);
+            for (v, o) in out.iter_mut().enumerate().take(n) {
+                *o = Self::value(self.allows(state, seq.vocab.bytes(v as TokenId), &mut buf));
+            }
         }
         if let Some(o) = out.get_mut(seq.vocab.len()) {
             *o = self.complete(state, seq);
@@ -184,6 +239,11 @@ impl Potential for MaxWordLetters {
         }
         if token == seq.vocab.eos() {
             return Ok(self.complete(state, seq));
+        }
+        if let (true, Some(&p)) = (state.tail.is_empty(), state.profiles.get(token as usize)) {
+            if state.profiles.len() == seq.vocab.len() {
+                return Ok(Self::value(self.allows_profile(state.run, p)));
+            }
         }
         let mut buf = Vec::new();
         Ok(Self::value(self.allows(
@@ -259,6 +319,66 @@ mod tests {
             c.log_weight_next(&state, &view, &mut fast).unwrap();
             crate::potential::SeqPotential::log_weight_next(&slow, &view, &mut reference);
             assert_eq!(fast, reference, "prefix {prefix:?}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod profiles {
+    use super::*;
+
+    /// The per-token profile gives the walk's answer for every trailing-word length, on
+    /// tokens with several words, leading/trailing/inner whitespace, non-ASCII letters,
+    /// symbols, invalid bytes and an incomplete last character.
+    #[test]
+    fn profiles_agree_with_the_walk() {
+        let mut toks: Vec<Vec<u8>> = [
+            "abc",
+            " abc",
+            "abc ",
+            "ab cdefg",
+            "a b c",
+            "  ",
+            "",
+            "é\u{e8}x",
+            "x—y",
+            "12ab",
+            "ab\tcdefgh ij",
+            "abcdef",
+            " abcdef",
+            "abcdef ",
+            "wait\u{2014}wh",
+            "\n\nab",
+        ]
+        .iter()
+        .map(|t| t.as_bytes().to_vec())
+        .collect();
+        toks.extend([
+            vec![0xC3, b'a', b'b'],
+            vec![b'a', 0xC3],
+            vec![0xFF, 0xFE, b' ', b'x'],
+        ]);
+        let v = Vocabulary::new(toks).unwrap();
+        for max in [0, 1, 3, 5] {
+            let c = MaxWordLetters::new(max);
+            let profiles = MaxWordLetters::profiles(&v);
+            let mut buf = Vec::new();
+            for run in 0..=max {
+                let state = WordState {
+                    profiles: std::sync::Arc::new(profiles.clone()),
+                    ok: true,
+                    run,
+                    tail: Vec::new(),
+                };
+                for (t, &p) in profiles.iter().enumerate() {
+                    assert_eq!(
+                        c.allows_profile(run, p),
+                        c.allows(&state, v.bytes(t as TokenId), &mut buf),
+                        "max {max}, run {run}, token {:?}",
+                        v.bytes(t as TokenId)
+                    );
+                }
+            }
         }
     }
 }
