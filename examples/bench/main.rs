@@ -15,7 +15,10 @@
 //! With `--json` every figure is one JSON object per line with `metric`, `impl`, `n` and
 //! `value` (plus `unit`); derived ratios come last. Timings are medians over `--steps` steps.
 //! `SMC_BENCH_ONLY=cache`, `constraints` or `potentials` runs one group of figures;
-//! `SMC_BENCH_ONLY=formats` compares weight formats (`--formats f32,q8_0,...`);
+//! `SMC_BENCH_ONLY=formats` compares weight formats (`--formats f32,q8_0,...`), with
+//! llama.cpp's step in the same run when `SMC_BENCH_LLAMA_CPP` names its build and
+//! LLaMPPL's task time on this machine when `SMC_BENCH_LLAMPPL_S` gives it
+//! (`scripts/llamppl-task.py`);
 //! `SMC_BENCH_ONLY=sizes` runs random-weight models at the real sizes of Qwen3-0.6B and
 //! Llama-3.2-1B (`--sizes`, `--formats`; default f32 and q8_0);
 //! `SMC_BENCH_ONLY=scale` measures large populations (`--ns 256,512`) and the CPU
