@@ -1,5 +1,7 @@
 //! Ready-made constraints with fast next-token weights.
 
+use std::sync::{Arc, Mutex};
+
 use crate::core::vocab::{complete_text, incomplete_tail_start, prefix_text, TokenId, Vocabulary};
 use crate::potential::{Potential, SeqView};
 
@@ -132,6 +134,27 @@ impl MaxWordLetters {
     }
 }
 
+/// The profiles of `vocab`'s tokens, built once per vocabulary and shared: every particle
+/// starts its own state, and a table per particle would cost O(vocabulary) time and memory
+/// each (a few most recent vocabularies are kept).
+fn shared_profiles(vocab: &Vocabulary) -> Arc<Vec<TokenLetters>> {
+    const KEEP: usize = 4;
+    static CACHE: Mutex<Vec<(u64, Arc<Vec<TokenLetters>>)>> = Mutex::new(Vec::new());
+    // A poisoned lock only means another thread panicked while holding it; the cache is a
+    // list of finished tables, valid either way.
+    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, p)) = cache.iter().find(|(id, _)| *id == vocab.id()) {
+        return Arc::clone(p);
+    }
+    // Built under the lock: particles starting together wait for one table.
+    let p = Arc::new(MaxWordLetters::profiles(vocab));
+    if cache.len() == KEEP {
+        cache.remove(0);
+    }
+    cache.push((vocab.id(), Arc::clone(&p)));
+    p
+}
+
 /// Letters of a token read alone: before its first whitespace (`lead`, all of them when it
 /// has none) and in its longest word after it (`rest`, 0 when it has none).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,8 +166,8 @@ struct TokenLetters {
 /// The state of [`MaxWordLetters`]: O(1) per token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WordState {
-    /// Every token's letter profile, shared by all particles of a run.
-    profiles: std::sync::Arc<Vec<TokenLetters>>,
+    /// Every token's letter profile, shared by all particles (and runs) on a vocabulary.
+    profiles: Arc<Vec<TokenLetters>>,
     /// Whether every word so far is within the limit.
     ok: bool,
     /// Letters in the trailing word of the text read so far.
@@ -162,7 +185,7 @@ impl Potential for MaxWordLetters {
 
     fn start(&self, vocab: &Vocabulary) -> WordState {
         WordState {
-            profiles: std::sync::Arc::new(Self::profiles(vocab)),
+            profiles: shared_profiles(vocab),
             ok: true,
             run: 0,
             tail: Vec::new(),
@@ -362,10 +385,15 @@ mod profiles {
         for max in [0, 1, 3, 5] {
             let c = MaxWordLetters::new(max);
             let profiles = MaxWordLetters::profiles(&v);
+            assert_eq!(*shared_profiles(&v), profiles);
+            assert!(Arc::ptr_eq(
+                &shared_profiles(&v),
+                &shared_profiles(&v.clone())
+            ));
             let mut buf = Vec::new();
             for run in 0..=max {
                 let state = WordState {
-                    profiles: std::sync::Arc::new(profiles.clone()),
+                    profiles: Arc::new(profiles.clone()),
                     ok: true,
                     run,
                     tail: Vec::new(),

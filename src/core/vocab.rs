@@ -12,10 +12,22 @@ use crate::core::error::{Result, SmcError};
 pub type TokenId = u32;
 
 /// The byte strings of a kernel's tokens; EOS is implicit and has no bytes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Vocabulary {
     tokens: Vec<Vec<u8>>,
+    /// Distinct for every vocabulary built (clones share it): a vocabulary never changes
+    /// once built, so potentials may cache what they derive from it under this key.
+    id: u64,
 }
+
+/// Equal when the tokens are equal (whatever their [`Vocabulary::id`]).
+impl PartialEq for Vocabulary {
+    fn eq(&self, other: &Self) -> bool {
+        self.tokens == other.tokens
+    }
+}
+
+impl Eq for Vocabulary {}
 
 impl Vocabulary {
     /// Build a vocabulary from token byte strings.
@@ -41,7 +53,15 @@ impl Vocabulary {
                 "vocabulary too large for u32 token ids".into(),
             ));
         }
-        Ok(Self { tokens })
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(Self { tokens, id })
+    }
+
+    /// A key for this vocabulary's contents, distinct for every vocabulary built and shared
+    /// by its clones: what a potential derives from the tokens can be cached under it.
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// Build a vocabulary from strings (one token each).
@@ -164,6 +184,17 @@ pub fn complete_text(bytes: &[u8]) -> Cow<'_, str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Clones share an id; every vocabulary built gets its own, and equality reads only the
+    /// tokens.
+    #[test]
+    fn ids_follow_construction_not_contents() {
+        let a = Vocabulary::from_strs(&["x", "yz"]).unwrap();
+        let b = Vocabulary::from_strs(&["x", "yz"]).unwrap();
+        assert_eq!(a.clone().id(), a.id());
+        assert_ne!(a.id(), b.id());
+        assert_eq!(a, b);
+    }
 
     #[test]
     fn eos_is_last_and_has_no_bytes() {
