@@ -19,8 +19,9 @@ use crate::potential::{Potential, SeqView};
 ///
 /// Its state is the trailing word's letter count (O(1) per token). Each token's letter
 /// profile (letters before its first whitespace, the longest word after it) is read once
-/// per run, in [`Potential::start`], so [`Potential::log_weight_next`] compares two numbers
-/// per token; only after a held-back incomplete character does it walk the joined bytes.
+/// per vocabulary (keyed by [`Vocabulary::id`], shared by every particle), so
+/// [`Potential::log_weight_next`] compares two numbers per token; only after a held-back
+/// incomplete character does it walk the joined bytes.
 ///
 /// # Example
 /// ```
