@@ -64,58 +64,33 @@ impl HostStore {
     /// [`Self::attend_one`], compiled for AVX2 where the CPU has it (chosen at run time).
     /// The loops only get wider vectors: no operation is fused or reordered (no FMA), so
     /// both builds give the same bits.
-    #[allow(clippy::too_many_arguments)]
-    fn attend_one_best(
-        layout: &CacheLayout,
-        keys: &[f32],
-        values: &[f32],
-        q: &[f32],
-        meta: QueryMeta<'_>,
-        kv_head: usize,
-        opts: ScoreOptions,
-        scores: &mut Vec<f32>,
-        out: &mut [f32],
-    ) {
+    fn attend_one_best(head: &HeadQuery<'_>, scores: &mut Vec<f32>, out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU has AVX2 (checked just above).
-            return unsafe {
-                Self::attend_one_avx2(layout, keys, values, q, meta, kv_head, opts, scores, out)
-            };
+            return unsafe { Self::attend_one_avx2(head, scores, out) };
         }
-        Self::attend_one(layout, keys, values, q, meta, kv_head, opts, scores, out)
+        Self::attend_one(head, scores, out)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn attend_one_avx2(
-        layout: &CacheLayout,
-        keys: &[f32],
-        values: &[f32],
-        q: &[f32],
-        meta: QueryMeta<'_>,
-        kv_head: usize,
-        opts: ScoreOptions,
-        scores: &mut Vec<f32>,
-        out: &mut [f32],
-    ) {
-        Self::attend_one(layout, keys, values, q, meta, kv_head, opts, scores, out)
+    unsafe fn attend_one_avx2(head: &HeadQuery<'_>, scores: &mut Vec<f32>, out: &mut [f32]) {
+        Self::attend_one(head, scores, out)
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// One query head's attention output into `out` (`scores` is scratch space).
     #[inline(always)]
-    fn attend_one(
-        layout: &CacheLayout,
-        keys: &[f32],
-        values: &[f32],
-        q: &[f32],
-        meta: QueryMeta<'_>,
-        kv_head: usize,
-        opts: ScoreOptions,
-        scores: &mut Vec<f32>,
-        out: &mut [f32],
-    ) {
+    fn attend_one(head: &HeadQuery<'_>, scores: &mut Vec<f32>, out: &mut [f32]) {
+        let HeadQuery {
+            layout,
+            keys,
+            values,
+            q,
+            meta,
+            kv_head,
+            opts,
+        } = *head;
         let (bs, hd) = (layout.block_size, layout.head_dim);
         let n = meta.pos + 1;
         // With a sliding window, blocks wholly before the window are skipped (never read);
@@ -163,6 +138,18 @@ impl HostStore {
             }
         }
     }
+}
+
+/// One query head against one key/value head of one layer's cache.
+#[derive(Clone, Copy)]
+struct HeadQuery<'a> {
+    layout: &'a CacheLayout,
+    keys: &'a [f32],
+    values: &'a [f32],
+    q: &'a [f32],
+    meta: QueryMeta<'a>,
+    kv_head: usize,
+    opts: ScoreOptions,
 }
 
 impl KvStore for HostStore {
@@ -285,17 +272,16 @@ impl KvStore for HostStore {
             .for_each_init(Vec::new, |scores: &mut Vec<f32>, (row, o)| {
                 let (t, h) = (row / n_heads, row % n_heads);
                 let qv = &q[row * hd..(row + 1) * hd];
-                Self::attend_one_best(
+                let head = HeadQuery {
                     layout,
                     keys,
                     values,
-                    qv,
-                    queries[t],
-                    h / group,
+                    q: qv,
+                    meta: queries[t],
+                    kv_head: h / group,
                     opts,
-                    scores,
-                    o,
-                );
+                };
+                Self::attend_one_best(&head, scores, o);
             });
         Ok(Tensor::from_vec(
             out,
@@ -383,12 +369,19 @@ mod tests {
                 blocks: &blocks,
                 pos,
             };
+            let head = HeadQuery {
+                layout: &layout,
+                keys: &keys,
+                values: &values,
+                q: &q,
+                meta,
+                kv_head: 1,
+                opts,
+            };
             let (mut s1, mut s2) = (Vec::new(), Vec::new());
             let (mut o1, mut o2) = (vec![0f32; 20], vec![0f32; 20]);
-            HostStore::attend_one(&layout, &keys, &values, &q, meta, 1, opts, &mut s1, &mut o1);
-            HostStore::attend_one_best(
-                &layout, &keys, &values, &q, meta, 1, opts, &mut s2, &mut o2,
-            );
+            HostStore::attend_one(&head, &mut s1, &mut o1);
+            HostStore::attend_one_best(&head, &mut s2, &mut o2);
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&o1), bits(&o2));
             assert!(o1.iter().all(|x| x.is_finite() && *x != 0.0));
