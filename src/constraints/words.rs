@@ -177,6 +177,15 @@ pub struct WordState {
     tail: Vec<u8>,
 }
 
+impl WordState {
+    /// The token profiles, when they decide the next token alone: nothing is held back
+    /// (else the token's bytes join the held-back ones) and they are `vocab`'s.
+    fn profiles_for(&self, vocab: &Vocabulary) -> Option<&[TokenLetters]> {
+        (self.tail.is_empty() && self.profiles.len() == vocab.len())
+            .then_some(self.profiles.as_slice())
+    }
+}
+
 impl Potential for MaxWordLetters {
     type State = WordState;
 
@@ -235,8 +244,8 @@ impl Potential for MaxWordLetters {
             return Ok(());
         }
         let n = seq.vocab.len();
-        if state.tail.is_empty() && state.profiles.len() == n {
-            for (o, &p) in out.iter_mut().zip(state.profiles.iter()) {
+        if let Some(profiles) = state.profiles_for(seq.vocab) {
+            for (o, &p) in out.iter_mut().zip(profiles) {
                 *o = Self::value(self.allows_profile(state.run, p));
             }
         } else {
@@ -264,10 +273,11 @@ impl Potential for MaxWordLetters {
         if token == seq.vocab.eos() {
             return Ok(self.complete(state, seq));
         }
-        if let (true, Some(&p)) = (state.tail.is_empty(), state.profiles.get(token as usize)) {
-            if state.profiles.len() == seq.vocab.len() {
-                return Ok(Self::value(self.allows_profile(state.run, p)));
-            }
+        if let Some(&p) = state
+            .profiles_for(seq.vocab)
+            .and_then(|ps| ps.get(token as usize))
+        {
+            return Ok(Self::value(self.allows_profile(state.run, p)));
         }
         let mut buf = Vec::new();
         Ok(Self::value(self.allows(

@@ -752,7 +752,7 @@ impl Kernel for TransformerKernel {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        // On a worker of the thread pool (see `start_inner`).
+        // On a worker of the thread pool (see `start`).
         rayon::scope(|_| self.run(batch)).map_err(SmcError::from)
     }
 }

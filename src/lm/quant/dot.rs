@@ -89,11 +89,15 @@ fn dot_q4_scalar(w: &[BlockQ4], x: &[BlockX]) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::super::blocks::{BlockQ4, BlockQ8, BlockX};
+
     /// How far ahead of the block being multiplied the weights are prefetched. Rows are
     /// contiguous, so this runs a few rows ahead; at one activation row the loop waits on
     /// memory and the hardware prefetcher alone lags. Measured on SmolLM2-135M `q8_0`, one
     /// particle, 2-core AVX2 VM, three alternating runs: decode step 14.9–15.8 ms without,
-    /// 12.4–14.2 ms at 2 KiB, 11.7–12.9 at 4 KiB, 13.1–13.7 at 512 B.
+    /// 11.4–14.2 ms at 2 KiB (two sets of runs), 11.7–12.9 at 4 KiB, 13.1–13.7 at 512 B.
     const PREFETCH_BYTES: usize = 2048;
 
     /// Ask for the weights `PREFETCH_BYTES` ahead of `p` (a hint: it never faults, so the
@@ -103,9 +107,6 @@ mod x86 {
         // SAFETY: prefetching reads nothing architecturally and cannot fault.
         unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast::<i8>().wrapping_add(PREFETCH_BYTES)) }
     }
-    use std::arch::x86_64::*;
-
-    use super::super::blocks::{BlockQ4, BlockQ8, BlockX};
 
     /// Horizontal sum of eight f32 lanes.
     #[target_feature(enable = "avx2,fma")]
