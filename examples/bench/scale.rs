@@ -2,12 +2,18 @@
 //! of the SMC steps (process CPU time over wall time, 200% = both cores of a 2-core
 //! machine busy all the time), to find serial stages.
 //!
+//! Also the draw of one token from a next-token distribution of the real vocabulary's size
+//! (`sample_row_us`), beside the same draw with libm's scalar `exp` and a sequential sum
+//! (`sample_row_libm_us`, the form it replaced) and their ratio, measured in this run.
+//!
 //! `SMC_BENCH_ONLY=scale cargo run --release --example bench -- --json [--ns 256,512]`
 
 use std::time::Instant;
 
+use rand::{Rng, SeedableRng};
 use smc_steer::potential::Trivial;
-use smc_steer::{FeynmanKac, Smc, SmcConfig, TokenId};
+use smc_steer::sampling::sample_log_categorical;
+use smc_steer::{FeynmanKac, Kernel, Smc, SmcConfig, TokenId};
 
 use super::{decode_ours, median, ms, Args, Report};
 
@@ -23,9 +29,79 @@ fn cpu_seconds() -> Option<f64> {
     Some(ticks / 100.0)
 }
 
+/// Seed of the sampling figure's draws.
+const SAMPLE_SEED: u64 = 11;
+/// Draws per repetition of the sampling figure.
+const SAMPLE_DRAWS: usize = 256;
+
+/// The draw `sample_log_categorical` made before its vectorised `exp`: libm's `exp` per
+/// entry, a sequential sum, then the same scan.
+fn sample_libm<R: Rng>(log_w: &[f64], rng: &mut R) -> Option<usize> {
+    let max = log_w.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if !max.is_finite() {
+        return None;
+    }
+    let ps: Vec<f64> = log_w.iter().map(|&x| (x - max).exp()).collect();
+    let total: f64 = ps.iter().sum();
+    let mut u = rng.random::<f64>() * total;
+    let mut last = None;
+    for (i, &p) in ps.iter().enumerate() {
+        if p > 0.0 {
+            last = Some(i);
+            if u < p {
+                return Some(i);
+            }
+            u -= p;
+        }
+    }
+    last
+}
+
+/// Microseconds per draw from rows of `vocab + 1` log-probabilities (a softmax of varied
+/// logits), ours and the libm form, alternating rounds; medians of five rounds.
+fn sampling_figures(report: &mut Report, vocab: usize) {
+    let rows: Vec<Vec<f64>> = (0..8u64)
+        .map(|r| {
+            let logits: Vec<f64> = (0..=vocab as u64)
+                .map(|i| ((i.wrapping_mul(2_654_435_761) ^ r) % 4096) as f64 / 256.0)
+                .collect();
+            let z = smc_steer::logspace::log_sum_exp(&logits);
+            logits.iter().map(|l| l - z).collect()
+        })
+        .collect();
+    let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(SAMPLE_SEED);
+    let (mut ours, mut libm) = (Vec::new(), Vec::new());
+    let mut checksum = 0usize;
+    for _ in 0..5 {
+        let t0 = Instant::now();
+        for i in 0..SAMPLE_DRAWS {
+            checksum += sample_log_categorical(&rows[i % rows.len()], &mut rng).unwrap_or(0);
+        }
+        ours.push(t0.elapsed().as_secs_f64() * 1e6 / SAMPLE_DRAWS as f64);
+        let t0 = Instant::now();
+        for i in 0..SAMPLE_DRAWS {
+            checksum += sample_libm(&rows[i % rows.len()], &mut rng).unwrap_or(0);
+        }
+        libm.push(t0.elapsed().as_secs_f64() * 1e6 / SAMPLE_DRAWS as f64);
+    }
+    std::hint::black_box(checksum);
+    let (ours, libm) = (median(ours), median(libm));
+    report.emit("sample_row_us", "smc-steer", vocab + 1, ours, "us");
+    report.emit("sample_row_libm_us", "libm-exp", vocab + 1, libm, "us");
+    report.emit(
+        "sample_row_speedup",
+        "smc-steer",
+        vocab + 1,
+        libm / ours,
+        "ratio",
+    );
+}
+
 pub fn run(report: &mut Report, args: &Args, prompt: &[TokenId]) -> Result<(), String> {
+    let mut vocab = None;
     for &n in &args.ns {
         let mut kernel = super::load(args, n, args.steps + 4)?;
+        vocab.get_or_insert(kernel.vocab().len());
         let (times, _) = decode_ours(&mut kernel, prompt, n, args.steps)?;
         let decode = median(times);
         report.emit("decode_step_ms", "smc-steer", n, decode, "ms");
@@ -57,6 +133,9 @@ pub fn run(report: &mut Report, args: &Args, prompt: &[TokenId]) -> Result<(), S
                 "%",
             );
         }
+    }
+    if let Some(v) = vocab {
+        sampling_figures(report, v);
     }
     Ok(())
 }

@@ -19,8 +19,7 @@ pub fn log_sum_exp(xs: &[f64]) -> f64 {
     if max == f64::INFINITY {
         return f64::INFINITY;
     }
-    let sum: f64 = xs.iter().map(|&x| (x - max).exp()).sum();
-    max + sum.ln()
+    max + crate::core::exp::sum_exp_shifted(xs, max).ln()
 }
 
 /// `log((1/n) Σ exp(x_i))`; `-inf` for an empty slice.
@@ -65,7 +64,9 @@ pub fn normalise(xs: &[f64]) -> Vec<f64> {
     if total == f64::NEG_INFINITY {
         return vec![0.0; xs.len()];
     }
-    xs.iter().map(|&x| (x - total).exp()).collect()
+    let mut out = Vec::new();
+    crate::core::exp::exp_shifted_into(xs, total, &mut out);
+    out
 }
 
 #[cfg(test)]

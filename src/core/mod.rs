@@ -2,6 +2,7 @@
 //! interface, log-space arithmetic, categorical sampling and the crate's error type.
 
 pub mod error;
+pub(crate) mod exp;
 pub mod kernel;
 pub mod logspace;
 pub mod sampling;

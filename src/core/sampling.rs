@@ -27,9 +27,7 @@ pub fn sample_log_categorical<R: Rng + ?Sized>(log_w: &[f64], rng: &mut R) -> Op
     }
     EXPS.with(|buf| {
         let mut ps = buf.borrow_mut();
-        ps.clear();
-        ps.extend(log_w.iter().map(|&x| (x - max).exp()));
-        let total: f64 = ps.iter().sum();
+        let total = crate::core::exp::exp_shifted_into(log_w, max, &mut ps);
         let mut u = rng.random::<f64>() * total;
         let mut last = None;
         for (i, &p) in ps.iter().enumerate() {

@@ -528,24 +528,19 @@ impl TransformerKernel {
                 max = max.max(f64::from(l) * inv_t);
             }
         }
-        let mut sum = 0.0;
+        // Tokens' shifted logits first (stop and padding rows stay `-inf`), their mass in
+        // one vectorised pass; the few stop rows' mass, pooled into the EOS entry, apart.
         let mut stop_sum = 0.0;
         let mut out = vec![f64::NEG_INFINITY; n + 1];
         for ((&l, &k), o) in logits.iter().zip(&self.kind).zip(out.iter_mut()) {
             let z = f64::from(l) * inv_t - max;
             match k {
-                Row::Token => {
-                    *o = z;
-                    sum += z.exp();
-                }
-                Row::Stop => {
-                    let e = z.exp();
-                    stop_sum += e;
-                    sum += e;
-                }
+                Row::Token => *o = z,
+                Row::Stop => stop_sum += z.exp(),
                 Row::Padding => {}
             }
         }
+        let sum = crate::core::exp::sum_exp_shifted(&out[..n], 0.0) + stop_sum;
         let lse = sum.ln();
         for o in out.iter_mut().take(n) {
             *o -= lse;

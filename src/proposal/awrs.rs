@@ -207,7 +207,8 @@ pub fn awrs<P: Potential + ?Sized, R: Rng + ?Sized>(
         });
     }
     // Masses relative to the largest; `max` turns them back into kernel mass.
-    let probs: Vec<f64> = log_p.iter().map(|x| (x - max).exp()).collect();
+    let mut probs = Vec::new();
+    crate::core::exp::exp_shifted_into(log_p, max, &mut probs);
     let mut cache: HashMap<usize, bool> = HashMap::new();
     let mut eval = |i: usize| -> Result<bool> {
         if let Some(&ok) = cache.get(&i) {
