@@ -21,8 +21,9 @@
 //! (`scripts/llamppl-task.py`);
 //! `SMC_BENCH_ONLY=sizes` runs random-weight models at the real sizes of Qwen3-0.6B and
 //! Llama-3.2-1B (`--sizes`, `--formats`; default f32 and q8_0);
-//! `SMC_BENCH_ONLY=scale` measures large populations (`--ns 256,512`) and the CPU
-//! utilisation of SMC steps; `SMC_BENCH_ONLY=decode` stops after the decode, SMC-step and KV-cache figures.
+//! `SMC_BENCH_ONLY=scale` measures large populations (`--ns 256,512`), the CPU
+//! utilisation of SMC steps, the engine's share of each step (`smc_overhead_in_step`)
+//! and one draw from a vocabulary-sized distribution against libm's `exp`; `SMC_BENCH_ONLY=decode` stops after the decode, SMC-step and KV-cache figures.
 
 mod cache;
 mod constraints;
