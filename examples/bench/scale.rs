@@ -80,27 +80,23 @@ const SAMPLE_SEED: u64 = 11;
 /// Draws per repetition of the sampling figure.
 const SAMPLE_DRAWS: usize = 256;
 
-/// The draw `sample_log_categorical` made before its vectorised `exp`: libm's `exp` per
-/// entry, a sequential sum, then the same scan.
+/// The draw as `sample_log_categorical` made it before its vectorised `exp`: libm's `exp`
+/// per entry and a sequential sum, then a scan of the running sum (the scan written with
+/// `position`; its cost is the library's).
 fn sample_libm<R: Rng>(log_w: &[f64], rng: &mut R) -> Option<usize> {
     let max = log_w.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     if !max.is_finite() {
         return None;
     }
     let ps: Vec<f64> = log_w.iter().map(|&x| (x - max).exp()).collect();
-    let total: f64 = ps.iter().sum();
-    let mut u = rng.random::<f64>() * total;
-    let mut last = None;
-    for (i, &p) in ps.iter().enumerate() {
-        if p > 0.0 {
-            last = Some(i);
-            if u < p {
-                return Some(i);
-            }
-            u -= p;
-        }
-    }
-    last
+    let u = rng.random::<f64>() * ps.iter().sum::<f64>();
+    let mut running = 0.0;
+    ps.iter()
+        .position(|&p| {
+            running += p;
+            u < running
+        })
+        .or_else(|| ps.iter().rposition(|&p| p > 0.0))
 }
 
 /// Microseconds per draw from rows of `vocab + 1` log-probabilities (a softmax of varied
