@@ -15,6 +15,17 @@ use rand::Rng;
 /// assert_eq!(i, Some(1));
 /// ```
 pub fn sample_log_categorical<R: Rng + ?Sized>(log_w: &[f64], rng: &mut R) -> Option<usize> {
+    sample_with_log_mass(log_w, rng).map(|(i, _)| i)
+}
+
+/// [`sample_log_categorical`]'s draw (the same index for the same RNG state) and the
+/// total `log Σ exp(log_w[i])` from the same exponentials, equal to
+/// [`log_sum_exp`](crate::core::logspace::log_sum_exp)`(log_w)`. `None` when every entry
+/// is `-inf`.
+pub(crate) fn sample_with_log_mass<R: Rng + ?Sized>(
+    log_w: &[f64],
+    rng: &mut R,
+) -> Option<(usize, f64)> {
     let max = log_w.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     if !max.is_finite() {
         return None;
@@ -26,21 +37,29 @@ pub fn sample_log_categorical<R: Rng + ?Sized>(log_w: &[f64], rng: &mut R) -> Op
         static EXPS: std::cell::RefCell<Vec<f64>> = const { std::cell::RefCell::new(Vec::new()) };
     }
     EXPS.with(|buf| {
-        let mut ps = buf.borrow_mut();
-        let total = crate::core::exp::exp_shifted_into(log_w, max, &mut ps);
+        // A fresh buffer only if a draw is already using this thread's (never in the
+        // engine; a potential drawing inside another draw).
+        let mut own = Vec::new();
+        let mut held = buf.try_borrow_mut();
+        let ps = match held.as_mut() {
+            Ok(b) => &mut **b,
+            Err(_) => &mut own,
+        };
+        let total = crate::core::exp::exp_shifted_into(log_w, max, ps);
+        let log_mass = max + total.ln();
         let mut u = rng.random::<f64>() * total;
         let mut last = None;
         for (i, &p) in ps.iter().enumerate() {
             if p > 0.0 {
                 last = Some(i);
                 if u < p {
-                    return Some(i);
+                    return Some((i, log_mass));
                 }
                 u -= p;
             }
         }
         // Rounding left `u` just above the total: the last positive entry takes it.
-        last
+        last.map(|i| (i, log_mass))
     })
 }
 
@@ -94,5 +113,33 @@ mod tests {
             sample_log_categorical(&[f64::NEG_INFINITY; 3], &mut rng),
             None
         );
+    }
+
+    /// The draw with its mass is the plain draw (same RNG state, same index) and the mass
+    /// is `log_sum_exp` bit for bit, with and without dead entries.
+    #[test]
+    fn draw_with_mass_is_the_draw_and_the_log_sum_exp() {
+        let rows: Vec<Vec<f64>> = (0..20u32)
+            .map(|r| {
+                (0..(37 + r))
+                    .map(|i| {
+                        if (i + r) % 5 == 0 {
+                            f64::NEG_INFINITY
+                        } else {
+                            -f64::from((i * 7 + r) % 23) * 0.37
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut a = rand_pcg::Pcg64Mcg::seed_from_u64(SEED);
+        let mut b = rand_pcg::Pcg64Mcg::seed_from_u64(SEED);
+        for row in &rows {
+            let (i, mass) = sample_with_log_mass(row, &mut a).unwrap();
+            assert_eq!(Some(i), sample_log_categorical(row, &mut b));
+            let want = crate::core::logspace::log_sum_exp(row);
+            assert_eq!(mass.to_bits(), want.to_bits());
+        }
+        assert_eq!(sample_with_log_mass(&[f64::NEG_INFINITY; 4], &mut a), None);
     }
 }

@@ -15,7 +15,7 @@ use rand_pcg::Pcg64Mcg;
 
 use crate::core::error::{Result, SmcError};
 use crate::core::logspace::{log_div, log_mul, log_sum_exp};
-use crate::core::sampling::sample_log_categorical;
+use crate::core::sampling::{sample_log_categorical, sample_with_log_mass};
 use crate::core::vocab::{TokenId, Vocabulary};
 use crate::potential::{AnyState, DynPotential, Potential, SeqView, SharedPotential};
 
@@ -102,14 +102,28 @@ pub fn weights_of<P: Potential + ?Sized>(
     state: &P::State,
     seq: &SeqView<'_>,
 ) -> Result<Vec<f64>> {
-    let mut w = vec![0.0; seq.vocab.dist_len()];
-    potential.log_weight_next(state, seq, &mut w)?;
+    let mut w = Vec::new();
+    weights_into(potential, state, seq, &mut w)?;
+    Ok(w)
+}
+
+/// [`weights_of`] into `w` (cleared and resized to the vocabulary plus EOS, every entry
+/// starting at 0, as `log_weight_next` expects).
+fn weights_into<P: Potential + ?Sized>(
+    potential: &P,
+    state: &P::State,
+    seq: &SeqView<'_>,
+    w: &mut Vec<f64>,
+) -> Result<()> {
+    w.clear();
+    w.resize(seq.vocab.dist_len(), 0.0);
+    potential.log_weight_next(state, seq, w)?;
     if w.iter().any(|x| x.is_nan()) {
         return Err(SmcError::NanPotential {
             name: potential.name().to_string(),
         });
     }
-    Ok(w)
+    Ok(())
 }
 
 /// A sampler's draw: the token and its log-weight.
@@ -279,26 +293,39 @@ impl TokenSampler for MaskSampler {
     }
     fn sample(&self, input: &mut SamplerInput<'_>) -> Result<Option<Draw>> {
         let state = constraint_state(self.name(), input.state)?;
-        // The constraint's weights become the masked kernel distribution in place: one
-        // vocabulary-sized buffer per draw.
-        let mut masked = weights_of(&self.constraint, state, &input.seq)?;
-        for (m, lp) in masked.iter_mut().zip(input.log_p) {
-            *m = if *m > f64::NEG_INFINITY {
-                *lp
-            } else {
-                f64::NEG_INFINITY
+        // The constraint's weights become the masked kernel distribution in place, in a
+        // per-thread buffer (no vocabulary-sized allocation per draw once warm); the draw
+        // and the mask's mass come from one pass of exponentials.
+        thread_local! {
+            static MASKED: std::cell::RefCell<Vec<f64>> =
+                const { std::cell::RefCell::new(Vec::new()) };
+        }
+        MASKED.with(|buf| {
+            // A fresh buffer only if this thread's is in use (a constraint sampling inside
+            // its own weights).
+            let mut own = Vec::new();
+            let mut held = buf.try_borrow_mut();
+            let masked = match held.as_mut() {
+                Ok(b) => &mut **b,
+                Err(_) => &mut own,
             };
-        }
-        let log_mass = log_sum_exp(&masked);
-        if log_mass == f64::NEG_INFINITY {
-            return Ok(None);
-        }
-        let token = input.draw(&masked)?;
-        Ok(Some(Draw {
-            token,
-            log_weight: log_mass,
-            potential: PotentialIncrement::Pending,
-        }))
+            weights_into(&self.constraint, state, &input.seq, masked)?;
+            for (m, lp) in masked.iter_mut().zip(input.log_p) {
+                *m = if *m > f64::NEG_INFINITY {
+                    *lp
+                } else {
+                    f64::NEG_INFINITY
+                };
+            }
+            let Some((token, log_mass)) = sample_with_log_mass(masked, input.rng) else {
+                return Ok(None);
+            };
+            Ok(Some(Draw {
+                token: token as TokenId,
+                log_weight: log_mass,
+                potential: PotentialIncrement::Pending,
+            }))
+        })
     }
 }
 
