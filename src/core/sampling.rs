@@ -36,15 +36,7 @@ pub(crate) fn sample_with_log_mass<R: Rng + ?Sized>(
     thread_local! {
         static EXPS: std::cell::RefCell<Vec<f64>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-    EXPS.with(|buf| {
-        // A fresh buffer only if a draw is already using this thread's (never in the
-        // engine; a potential drawing inside another draw).
-        let mut own = Vec::new();
-        let mut held = buf.try_borrow_mut();
-        let ps = match held.as_mut() {
-            Ok(b) => &mut **b,
-            Err(_) => &mut own,
-        };
+    with_row_buffer(&EXPS, |ps| {
         let total = crate::core::exp::exp_shifted_into(log_w, max, ps);
         let log_mass = max + total.ln();
         let mut u = rng.random::<f64>() * total;
@@ -60,6 +52,19 @@ pub(crate) fn sample_with_log_mass<R: Rng + ?Sized>(
         }
         // Rounding left `u` just above the total: the last positive entry takes it.
         last.map(|i| (i, log_mass))
+    })
+}
+
+/// A per-thread buffer of vocabulary-sized rows, kept between calls so that per-particle
+/// work does not allocate once warm.
+pub(crate) type RowBuffer = std::thread::LocalKey<std::cell::RefCell<Vec<f64>>>;
+
+/// `f` with this thread's buffer of `key`, or with a fresh one when the thread's is in use
+/// (a call nested in another, e.g. a potential drawing inside a draw: never in the engine).
+pub(crate) fn with_row_buffer<T>(key: &'static RowBuffer, f: impl FnOnce(&mut Vec<f64>) -> T) -> T {
+    key.with(|buf| match buf.try_borrow_mut() {
+        Ok(mut held) => f(&mut held),
+        Err(_) => f(&mut Vec::new()),
     })
 }
 

@@ -15,7 +15,7 @@ use rand_pcg::Pcg64Mcg;
 
 use crate::core::error::{Result, SmcError};
 use crate::core::logspace::{log_div, log_mul, log_sum_exp};
-use crate::core::sampling::{sample_log_categorical, sample_with_log_mass};
+use crate::core::sampling::{sample_log_categorical, sample_with_log_mass, with_row_buffer};
 use crate::core::vocab::{TokenId, Vocabulary};
 use crate::potential::{AnyState, DynPotential, Potential, SeqView, SharedPotential};
 
@@ -300,15 +300,7 @@ impl TokenSampler for MaskSampler {
             static MASKED: std::cell::RefCell<Vec<f64>> =
                 const { std::cell::RefCell::new(Vec::new()) };
         }
-        MASKED.with(|buf| {
-            // A fresh buffer only if this thread's is in use (a constraint sampling inside
-            // its own weights).
-            let mut own = Vec::new();
-            let mut held = buf.try_borrow_mut();
-            let masked = match held.as_mut() {
-                Ok(b) => &mut **b,
-                Err(_) => &mut own,
-            };
+        with_row_buffer(&MASKED, |masked| {
             weights_into(&self.constraint, state, &input.seq, masked)?;
             for (m, lp) in masked.iter_mut().zip(input.log_p) {
                 *m = if *m > f64::NEG_INFINITY {
