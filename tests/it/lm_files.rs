@@ -72,6 +72,18 @@ fn tokenizer_tokens(n: usize) -> (Vec<String>, Vec<i32>, Vec<String>) {
 
 fn write_gguf(path: &Path, arch: &str, n_tokens: usize, dtype: GgmlDType) {
     let c = config(RopeStyle::Interleaved);
+    write_gguf_with(path, arch, n_tokens, &c, |_| dtype);
+}
+
+/// A GGUF file of the random model of `c`, each matrix in the type `dtype(name)`.
+fn write_gguf_with(
+    path: &Path,
+    arch: &str,
+    n_tokens: usize,
+    c: &LlamaConfig,
+    dtype: impl Fn(&str) -> GgmlDType,
+) {
+    let c = c.clone();
     let tensors = LlamaModel::random_tensors(&c, 11).unwrap();
     let (tokens, types, merges) = tokenizer_tokens(n_tokens);
     let s = |x: &str| Value::String(x.to_string());
@@ -119,7 +131,11 @@ fn write_gguf(path: &Path, arch: &str, n_tokens: usize, dtype: GgmlDType) {
         .map(|n| {
             let t = &tensors[*n];
             // Norm vectors stay f32 (as in real files).
-            let dt = if t.rank() == 1 { GgmlDType::F32 } else { dtype };
+            let dt = if t.rank() == 1 {
+                GgmlDType::F32
+            } else {
+                dtype(n)
+            };
             ((*n).clone(), QTensor::quantize(t, dt).unwrap())
         })
         .collect();
@@ -170,6 +186,72 @@ fn tiny_gguf_loads_and_matches_in_memory_model() {
     let qm = LlamaModel::from_gguf(&qpath, &opts).unwrap();
     let d = max_abs_diff(&qm.forward_full(&ids).unwrap(), &full).unwrap();
     assert!(d < 0.1, "Q8_0 vs f32: {d}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// `native` on a file of `Q4_K` and `Q5_0` matrices (llama.cpp's usual 4-bit mixes) keeps
+/// their weights exactly: the model widened back to f32 computes what the file's weights
+/// dequantized by candle compute, the int8 products stay within activation rounding of it,
+/// and the weights take 4-bit room where the file is 4-bit. `Q4_K` needs rows of 256.
+#[test]
+fn native_keeps_q4_k_and_q5_0_weights_exactly() {
+    let dir = tmp_dir("gguf-kquant");
+    let path = dir.join("tiny-q4k.gguf");
+    let c = LlamaConfig {
+        hidden_size: 256,
+        intermediate_size: 512,
+        n_layers: 2,
+        n_heads: 4,
+        n_kv_heads: 2,
+        head_dim: 64,
+        ..config(RopeStyle::Interleaved)
+    };
+    // Values and the down projection in Q5_0 (as llama.cpp's Q4_K_M mixes put them in
+    // higher precision), the rest in Q4_K: a fused projection of both kinds too.
+    write_gguf_with(&path, "llama", VOCAB, &c, |name| {
+        if name.contains("attn_v") || name.contains("ffn_down") {
+            GgmlDType::Q5_0
+        } else {
+            GgmlDType::Q4K
+        }
+    });
+    let load = |weights| {
+        let opts = LoadOptions {
+            weights,
+            ..Default::default()
+        };
+        LlamaModel::from_gguf(&path, &opts).unwrap()
+    };
+    let ids = [3u32, 17, 5, 29, 31, 8, 12];
+    let file_weights = load(WeightFormat::F32);
+    let expected = file_weights.forward_full(&ids).unwrap();
+    let native = load(WeightFormat::Native);
+    let requantized = load(WeightFormat::Q8_0);
+    assert!(
+        native.weight_bytes() * 10 < requantized.weight_bytes() * 8,
+        "4-bit blocks: {} bytes vs {} as Q8_0",
+        native.weight_bytes(),
+        requantized.weight_bytes()
+    );
+    let got = native.forward_full(&ids).unwrap();
+    let widened = native.to_dense().unwrap().forward_full(&ids).unwrap();
+    let same = max_abs_diff(&widened, &expected).unwrap();
+    assert!(same < 1e-5, "the file's weights widened back: {same}");
+    // Activations are rounded to int8 per block of 32 (relative step 1/127 of the block's
+    // largest value) before every product: a few percent of the logits' scale end to end.
+    let products = max_abs_diff(&got, &expected).unwrap();
+    let scale = expected
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        products < 0.05 * scale,
+        "int8 products vs f32 products: {products} (logits up to {scale})"
+    );
+    eprintln!("native vs the file's weights in f32: {products} (logits up to {scale})");
     std::fs::remove_dir_all(&dir).ok();
 }
 

@@ -18,7 +18,7 @@ use crate::lm::config::{limits, LlamaConfig};
 use crate::lm::error::{LmError, LmResult};
 use crate::lm::family::{ArchOptions, LayerKind, ModelType, RopeScaling};
 use crate::lm::gguf::{gguf_arch, gguf_config, GgufFile};
-use crate::lm::quant::{QFormat, QMatrix};
+use crate::lm::quant::{GgufBlocks, QFormat, QMatrix};
 
 /// How weight matrices are stored and multiplied.
 ///
@@ -26,7 +26,8 @@ use crate::lm::quant::{QFormat, QMatrix};
 /// their scale and multiply with integer dot products against activations quantized per
 /// block of 32 to int8, f32 accumulation (llama.cpp's approach; kernels chosen at run time
 /// from the CPU's features). A matrix stored in the file in the requested format is used as
-/// stored; any other is quantized at load. The embedding's rows are stored in the same
+/// stored (a `Q5_0` matrix counts as `Q8_0` and a `Q4_K` one as `Q4_1`: they decode exactly
+/// into those blocks); any other is quantized at load. The embedding's rows are stored in the same
 /// blocks (shared with a tied output layer) and decoded on lookup. See
 /// `docs/benchmarks.md` for speed and the KL divergence of each format to f32.
 #[allow(non_camel_case_types)]
@@ -46,8 +47,10 @@ pub enum WeightFormat {
     Q4_0,
     /// 4-bit blocks with a minimum: `w = d · q + m`.
     Q4_1,
-    /// As stored in the GGUF file: `Q8_0`, `Q4_0` and `Q4_1` matrices as they are, float
-    /// matrices as f32, other block types (K-quants) requantized to `Q8_0`.
+    /// As stored in the GGUF file: `Q8_0`, `Q4_0` and `Q4_1` matrices as they are, `Q5_0`
+    /// as 8-bit and `Q4_K` as 4-bit blocks holding the same weights bit for bit, float
+    /// matrices as f32, other block types (`Q5_1`, `Q5_K`, `Q6_K`, ...) requantized to
+    /// `Q8_0`.
     Native,
     /// bfloat16 matrices and embedding (half of f32's memory and memory traffic; weights
     /// rounded to 8 significant bits), multiplied in f32 (each weight widened on the fly,
@@ -551,30 +554,34 @@ impl LlamaModel {
                 };
                 let float = matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
                 let stored = match q.dtype() {
-                    GgmlDType::Q8_0 => Some(QFormat::Q8_0),
-                    GgmlDType::Q4_0 => Some(QFormat::Q4_0),
-                    GgmlDType::Q4_1 => Some(QFormat::Q4_1),
+                    GgmlDType::Q8_0 => Some(GgufBlocks::Q8_0),
+                    GgmlDType::Q4_0 => Some(GgufBlocks::Q4_0),
+                    GgmlDType::Q4_1 => Some(GgufBlocks::Q4_1),
+                    GgmlDType::Q5_0 => Some(GgufBlocks::Q5_0),
+                    GgmlDType::Q4K => Some(GgufBlocks::Q4K),
                     _ => None,
                 };
                 let wanted = match self.weights {
                     WeightFormat::Quantized if !float => {
                         return Ok(Some(Linear::Quant(QMatMul::QTensor(Arc::new(q)))))
                     }
-                    WeightFormat::Native => stored,
+                    WeightFormat::Native => stored.map(GgufBlocks::format),
                     other => other.block_format(),
                 };
-                // Blocks as stored when the file holds the wanted format.
+                // The file's blocks, decoded exactly, when they are held in the wanted format
+                // (a `Q5_0` file for `q8_0`, `Q4_K` for `q4_1`: better than requantizing).
                 if let (Some(f), Some(s)) = (wanted, stored) {
-                    if f == s {
+                    if f == s.format() {
                         if let [rows, cols] = *q.shape().dims() {
-                            if let Some(m) = QMatrix::from_gguf(f, &q.data()?, rows, cols) {
+                            if let Some(m) = QMatrix::from_gguf(s, &q.data()?, rows, cols) {
                                 return Ok(Some(Linear::Int(Arc::new(m))));
                             }
                         }
                     }
                 }
                 let w = q.dequantize(&Device::Cpu)?;
-                // `native` for block types without a kernel of ours (K-quants): Q8_0.
+                // `native` for block types without an exact decoding of ours (`Q5_1`, `Q5_K`,
+                // `Q6_K`, ...): requantized to `Q8_0`.
                 if self.weights == WeightFormat::Native && !float && stored.is_none() {
                     return Ok(Some(linear_from(w, Some(QFormat::Q8_0))?));
                 }

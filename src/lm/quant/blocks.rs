@@ -7,7 +7,15 @@
 //! * `Q4_1`: `w = d · q + m`, same packing, 20 bytes per block on disk.
 //!
 //! In memory scales are f32 and a `Q4_0` block is stored as `Q4_1` with `m = −8 d`, so one
-//! kernel serves both.
+//! kernel serves both. Two more of llama.cpp's formats decode exactly into these blocks:
+//!
+//! * `Q5_0`: `w = d · (q − 16)`, `q` in 0..=31 (four low bits packed as `Q4_0`, the fifth bits
+//!   in a 32-bit mask), 22 bytes per block on disk: an 8-bit block with `q − 16` in −16..=15.
+//! * `Q4_K`: super-blocks of 256 weights (144 bytes on disk): f16 `d` and `dmin`, eight
+//!   6-bit sub-block scales `s_j` and minimums `m_j`, 4-bit `q`; sub-block `j` is
+//!   `w = (d s_j) · q − (dmin m_j)`, a 4-bit block with scale `d s_j` and minimum
+//!   `−dmin m_j`. Both products are exact in f32 (11 × 6 significant bits), so the
+//!   weights are llama.cpp's own, bit for bit.
 
 /// Weights per block.
 pub(crate) const BLOCK: usize = 32;
@@ -86,9 +94,74 @@ impl BlockQ8 {
         }
         Self { d, qs }
     }
+
+    /// A GGUF `Q5_0` block (f16 scale, the fifth bits as a little-endian `u32`, 16 bytes of
+    /// low nibbles packed as in `Q4_0`): `w = d · (q − 16)` held exactly as `d · i8`.
+    pub(crate) fn from_gguf_q5_0(b: &[u8]) -> Self {
+        let d = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+        let high = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+        let mut qs = [0i8; BLOCK];
+        for (j, &byte) in b[6..6 + BLOCK / 2].iter().enumerate() {
+            // Element `j`'s fifth bit is bit `j` of the mask, element `j + 16`'s bit `j + 16`.
+            let lo = (byte & 0x0F) | (((high >> j) & 1) as u8) << 4;
+            let hi = (byte >> 4) | (((high >> (j + 16)) & 1) as u8) << 4;
+            qs[j] = lo as i8 - 16;
+            qs[j + BLOCK / 2] = hi as i8 - 16;
+        }
+        Self { d, qs }
+    }
+}
+
+/// Weights per `Q4_K` super-block.
+pub(crate) const SUPER_BLOCK: usize = 256;
+/// Bytes of a `Q4_K` super-block on disk.
+pub(crate) const Q4_K_BYTES: usize = 144;
+
+/// The 6-bit scale and minimum of sub-block `j` of a `Q4_K` super-block, from its 12 bytes
+/// of packed scales: sub-blocks 0–3 in the low six bits of bytes `j` and `j + 4`; 4–7 as
+/// four low bits in byte `j + 4` (scale low nibble, minimum high nibble) and two high bits
+/// in the top bits of bytes `j − 4` (scale) and `j` (minimum).
+fn q4_k_scale_min(j: usize, packed: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (packed[j] & 63, packed[j + 4] & 63)
+    } else {
+        (
+            (packed[j + 4] & 0x0F) | ((packed[j - 4] >> 6) << 4),
+            (packed[j + 4] >> 4) | ((packed[j] >> 6) << 4),
+        )
+    }
 }
 
 impl BlockQ4 {
+    /// A GGUF `Q4_K` super-block as its eight 4-bit blocks (see the module's note). The
+    /// nibbles come in runs of 64 weights: 32 bytes whose low nibbles are the first 32
+    /// weights and high nibbles the next 32; they are repacked to this type's order.
+    pub(crate) fn from_gguf_q4_k(b: &[u8]) -> [Self; SUPER_BLOCK / BLOCK] {
+        let d = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+        let dmin = half::f16::from_le_bytes([b[2], b[3]]).to_f32();
+        let packed = &b[4..16];
+        let nibbles = &b[16..Q4_K_BYTES];
+        std::array::from_fn(|j| {
+            let (s, m) = q4_k_scale_min(j, packed);
+            let run = &nibbles[(j / 2) * 32..(j / 2) * 32 + 32];
+            let q = |i: usize| {
+                if j % 2 == 0 {
+                    run[i] & 0x0F
+                } else {
+                    run[i] >> 4
+                }
+            };
+            let mut qs = [0u8; BLOCK / 2];
+            for (i, byte) in qs.iter_mut().enumerate() {
+                *byte = q(i) | (q(i + BLOCK / 2) << 4);
+            }
+            Self {
+                d: d * f32::from(s),
+                m: -(dmin * f32::from(m)),
+                qs,
+            }
+        })
+    }
     /// Quantize 32 weights to `Q4_1` (`d = (max − min) / 15`, `m = min`).
     pub(crate) fn quantize(x: &[f32]) -> Self {
         let (lo, hi) = x

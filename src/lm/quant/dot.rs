@@ -18,6 +18,12 @@ pub(crate) type DotQ4 = fn(&[BlockQ4], &[BlockX]) -> f32;
 pub(crate) type DotQ8x4 = fn(&[BlockQ8], [&[BlockX]; 4]) -> [f32; 4];
 /// As [`DotQ8x4`] for 4-bit weights.
 pub(crate) type DotQ4x4 = fn(&[BlockQ4], [&[BlockX]; 4]) -> [f32; 4];
+/// Two weight rows against four activation rows: each weight block loaded once for four
+/// activation rows and each activation block once for two weight rows (eight running sums
+/// in registers). Each of the eight results is summed in the order of [`DotQ8x4`].
+pub(crate) type DotQ8x2x4 = fn([&[BlockQ8]; 2], [&[BlockX]; 4]) -> [[f32; 4]; 2];
+/// As [`DotQ8x2x4`] for 4-bit weights.
+pub(crate) type DotQ4x2x4 = fn([&[BlockQ4]; 2], [&[BlockX]; 4]) -> [[f32; 4]; 2];
 
 /// The kernels of one instruction set.
 #[derive(Debug, Clone, Copy)]
@@ -28,6 +34,8 @@ pub(crate) struct Kernels {
     pub(crate) q4: DotQ4,
     pub(crate) q8x4: DotQ8x4,
     pub(crate) q4x4: DotQ4x4,
+    pub(crate) q8x2x4: DotQ8x2x4,
+    pub(crate) q4x2x4: DotQ4x2x4,
 }
 
 pub(crate) const SCALAR: Kernels = Kernels {
@@ -36,6 +44,8 @@ pub(crate) const SCALAR: Kernels = Kernels {
     q4: dot_q4_scalar,
     q8x4: |w, x| x.map(|x| dot_q8_scalar(w, x)),
     q4x4: |w, x| x.map(|x| dot_q4_scalar(w, x)),
+    q8x2x4: |w, x| w.map(|w| x.map(|x| dot_q8_scalar(w, x))),
+    q4x2x4: |w, x| w.map(|w| x.map(|x| dot_q4_scalar(w, x))),
 };
 
 /// Every kernel set this CPU can run, the portable one first.
@@ -50,6 +60,8 @@ pub(crate) fn available() -> Vec<Kernels> {
             q4: x86::dot_q4,
             q8x4: x86::dot_q8x4,
             q4x4: x86::dot_q4x4,
+            q8x2x4: x86::dot_q8x2x4,
+            q4x2x4: x86::dot_q4x2x4,
         });
     }
     v
@@ -144,6 +156,83 @@ mod x86 {
     pub(super) fn dot_q4x4(w: &[BlockQ4], x: [&[BlockX]; 4]) -> [f32; 4] {
         // SAFETY: as above.
         unsafe { dot_q4x4_avx2(w, x) }
+    }
+
+    pub(super) fn dot_q8x2x4(w: [&[BlockQ8]; 2], x: [&[BlockX]; 4]) -> [[f32; 4]; 2] {
+        // SAFETY: as above.
+        unsafe { dot_q8x2x4_avx2(w, x) }
+    }
+
+    pub(super) fn dot_q4x2x4(w: [&[BlockQ4]; 2], x: [&[BlockX]; 4]) -> [[f32; 4]; 2] {
+        // SAFETY: as above.
+        unsafe { dot_q4x2x4_avx2(w, x) }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dot_q8x2x4_avx2(w: [&[BlockQ8]; 2], x: [&[BlockX]; 4]) -> [[f32; 4]; 2] {
+        let mut acc = [[_mm256_setzero_ps(); 4]; 2];
+        for (b, (a0, a1)) in w[0].iter().zip(w[1]).enumerate() {
+            prefetch(a0);
+            prefetch(a1);
+            // SAFETY: `qs` are 32 bytes; unaligned loads.
+            let (w0, w1) = unsafe {
+                (
+                    _mm256_loadu_si256(a0.qs.as_ptr().cast()),
+                    _mm256_loadu_si256(a1.qs.as_ptr().cast()),
+                )
+            };
+            let (u0, u1) = (_mm256_sign_epi8(w0, w0), _mm256_sign_epi8(w1, w1));
+            for r in 0..4 {
+                let xb = &x[r][b];
+                // SAFETY: as above.
+                let xv = unsafe { _mm256_loadu_si256(xb.qs.as_ptr().cast()) };
+                let s0 = dot_bytes(u0, _mm256_sign_epi8(xv, w0));
+                let s1 = dot_bytes(u1, _mm256_sign_epi8(xv, w1));
+                let (c0, c1) = (_mm256_set1_ps(a0.d * xb.d), _mm256_set1_ps(a1.d * xb.d));
+                acc[0][r] = _mm256_fmadd_ps(c0, _mm256_cvtepi32_ps(s0), acc[0][r]);
+                acc[1][r] = _mm256_fmadd_ps(c1, _mm256_cvtepi32_ps(s1), acc[1][r]);
+            }
+        }
+        acc.map(|row| row.map(|a| hsum(a)))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dot_q4x2x4_avx2(w: [&[BlockQ4]; 2], x: [&[BlockX]; 4]) -> [[f32; 4]; 2] {
+        let mut acc = [[_mm256_setzero_ps(); 4]; 2];
+        let mut mins = [[0f32; 4]; 2];
+        let low = _mm256_set1_epi8(0x0F);
+        let nibbles = |packed: __m128i| {
+            _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(packed), packed), low)
+        };
+        for (b, (a0, a1)) in w[0].iter().zip(w[1]).enumerate() {
+            prefetch(a0);
+            prefetch(a1);
+            // SAFETY: `qs` are 16 bytes; unaligned loads.
+            let (q0, q1) = unsafe {
+                (
+                    nibbles(_mm_loadu_si128(a0.qs.as_ptr().cast())),
+                    nibbles(_mm_loadu_si128(a1.qs.as_ptr().cast())),
+                )
+            };
+            for r in 0..4 {
+                let xb = &x[r][b];
+                // SAFETY: `qs` are 32 bytes; unaligned load.
+                let xv = unsafe { _mm256_loadu_si256(xb.qs.as_ptr().cast()) };
+                let (s0, s1) = (dot_bytes(q0, xv), dot_bytes(q1, xv));
+                let (c0, c1) = (_mm256_set1_ps(a0.d * xb.d), _mm256_set1_ps(a1.d * xb.d));
+                acc[0][r] = _mm256_fmadd_ps(c0, _mm256_cvtepi32_ps(s0), acc[0][r]);
+                acc[1][r] = _mm256_fmadd_ps(c1, _mm256_cvtepi32_ps(s1), acc[1][r]);
+                mins[0][r] += a0.m * xb.sum;
+                mins[1][r] += a1.m * xb.sum;
+            }
+        }
+        let mut out = acc.map(|row| row.map(|a| hsum(a)));
+        for (o, m) in out.iter_mut().zip(&mins) {
+            for r in 0..4 {
+                o[r] += m[r];
+            }
+        }
+        out
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -301,6 +390,14 @@ mod tests {
                 }
                 let (o8, o4) = ((SCALAR.q8)(&w8, &other), (SCALAR.q4)(&w4, &other));
                 assert!((b8[1] - o8).abs() <= tol(o8) && (b4[3] - o4).abs() <= tol(o4));
+                // The two-by-four kernels: each weight row gives what the four-row kernel
+                // gives for it, bit for bit (the same sums in the same order).
+                let w8r: Vec<BlockQ8> = w8.iter().rev().copied().collect();
+                let w4r: Vec<BlockQ4> = w4.iter().rev().copied().collect();
+                let t8 = (k.q8x2x4)([&w8, &w8r], rows);
+                let t4 = (k.q4x2x4)([&w4, &w4r], rows);
+                assert_eq!(t8, [b8, (k.q8x4)(&w8r, rows)], "{} q8x2x4", k.name);
+                assert_eq!(t4, [b4, (k.q4x4)(&w4r, rows)], "{} q4x2x4", k.name);
             }
         }
     }

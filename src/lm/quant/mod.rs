@@ -1,5 +1,6 @@
 //! Quantized weight matrices multiplied without dequantizing: 8- and 4-bit blocks of 32
-//! weights (llama.cpp's `Q8_0`, `Q4_0`, `Q4_1`), activations quantized per block of 32 to
+//! weights (llama.cpp's `Q8_0`, `Q4_0`, `Q4_1`; its `Q5_0` and `Q4_K` decode exactly into
+//! them, see `blocks.rs`), activations quantized per block of 32 to
 //! int8, integer dot products with f32 accumulation. The kernel is chosen at run time from
 //! the CPU's features (`dot.rs`): AVX2 where present, a portable scalar kernel elsewhere.
 
@@ -9,7 +10,7 @@ mod dot;
 use rayon::prelude::*;
 
 pub(crate) use blocks::BLOCK;
-use blocks::{BlockQ4, BlockQ8, BlockX};
+use blocks::{BlockQ4, BlockQ8, BlockX, Q4_K_BYTES, SUPER_BLOCK};
 
 /// The block format of a [`QMatrix`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,6 +21,41 @@ pub(crate) enum QFormat {
     Q4_0,
     /// 4-bit weights, scale and minimum per block.
     Q4_1,
+}
+
+/// A block type of GGUF files that is read without requantizing: each decodes exactly into
+/// the blocks of one [`QFormat`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum GgufBlocks {
+    Q8_0,
+    Q4_0,
+    Q4_1,
+    /// 5-bit weights, held as 8-bit blocks.
+    Q5_0,
+    /// 256-weight super-blocks with 6-bit sub-block scales, held as `Q4_1` blocks.
+    Q4K,
+}
+
+impl GgufBlocks {
+    /// The format the blocks are held in.
+    pub(crate) fn format(self) -> QFormat {
+        match self {
+            GgufBlocks::Q8_0 | GgufBlocks::Q5_0 => QFormat::Q8_0,
+            GgufBlocks::Q4_0 => QFormat::Q4_0,
+            GgufBlocks::Q4_1 | GgufBlocks::Q4K => QFormat::Q4_1,
+        }
+    }
+
+    /// Weights and bytes per block on disk.
+    fn block(self) -> (usize, usize) {
+        match self {
+            GgufBlocks::Q8_0 => (BLOCK, 34),
+            GgufBlocks::Q4_0 => (BLOCK, 18),
+            GgufBlocks::Q4_1 => (BLOCK, 20),
+            GgufBlocks::Q5_0 => (BLOCK, 22),
+            GgufBlocks::Q4K => (SUPER_BLOCK, Q4_K_BYTES),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -66,34 +102,29 @@ impl QMatrix {
         })
     }
 
-    /// A matrix from GGUF block data (`Q8_0`, `Q4_0` or `Q4_1`). `None` when the length does
-    /// not match.
+    /// A matrix from GGUF block data. `None` when `cols` is not a multiple of the block
+    /// size or the length does not match.
     pub(crate) fn from_gguf(
-        format: QFormat,
+        kind: GgufBlocks,
         bytes: &[u8],
         rows: usize,
         cols: usize,
     ) -> Option<Self> {
-        if !cols.is_multiple_of(BLOCK) {
-            return None;
-        }
-        let n = rows * cols / BLOCK;
-        let size = match format {
-            QFormat::Q8_0 => 34,
-            QFormat::Q4_0 => 18,
-            QFormat::Q4_1 => 20,
-        };
-        if bytes.len() != n * size {
+        let (per_block, size) = kind.block();
+        let expected = rows.checked_mul(cols / per_block)?.checked_mul(size)?;
+        if !cols.is_multiple_of(per_block) || bytes.len() != expected {
             return None;
         }
         let blocks = bytes.chunks_exact(size);
-        let data = match format {
-            QFormat::Q8_0 => Rows::Q8(blocks.map(BlockQ8::from_gguf).collect()),
-            QFormat::Q4_0 => Rows::Q4(blocks.map(BlockQ4::from_gguf_q4_0).collect()),
-            QFormat::Q4_1 => Rows::Q4(blocks.map(BlockQ4::from_gguf_q4_1).collect()),
+        let data = match kind {
+            GgufBlocks::Q8_0 => Rows::Q8(blocks.map(BlockQ8::from_gguf).collect()),
+            GgufBlocks::Q5_0 => Rows::Q8(blocks.map(BlockQ8::from_gguf_q5_0).collect()),
+            GgufBlocks::Q4_0 => Rows::Q4(blocks.map(BlockQ4::from_gguf_q4_0).collect()),
+            GgufBlocks::Q4_1 => Rows::Q4(blocks.map(BlockQ4::from_gguf_q4_1).collect()),
+            GgufBlocks::Q4K => Rows::Q4(blocks.flat_map(BlockQ4::from_gguf_q4_k).collect()),
         };
         Some(Self {
-            format,
+            format: kind.format(),
             rows,
             cols,
             data,
@@ -149,9 +180,12 @@ impl QMatrix {
     /// Several matrices with the same `cols` and format stacked by rows (fused projections).
     pub(crate) fn stack(parts: &[&QMatrix]) -> Option<Self> {
         let first = parts.first()?;
+        // Blocks of one layout stack whatever format they came from (`Q4_0` and `Q4_K`
+        // rows are `Q4_1` blocks in memory).
+        let layout = |m: &QMatrix| matches!(m.data, Rows::Q8(_));
         if parts
             .iter()
-            .any(|p| p.cols != first.cols || p.format != first.format)
+            .any(|p| p.cols != first.cols || layout(p) != layout(first))
         {
             return None;
         }
@@ -224,11 +258,22 @@ impl QMatrix {
             .enumerate()
             .for_each(|(task, out)| {
                 let first = task * ROWS_PER_TASK;
-                for (r, row_out) in out.chunks_exact_mut(n).enumerate() {
-                    let j = first + r;
-                    let x_row = |i: usize| &xq[i * nb..(i + 1) * nb];
-                    // Four activation rows per pass over the weight row, then the rest.
-                    let quads = n / 4;
+                let rows = out.len() / n;
+                let w8 = |j: usize| match &self.data {
+                    Rows::Q8(b) => &b[j * nb..(j + 1) * nb],
+                    Rows::Q4(_) => &[],
+                };
+                let w4 = |j: usize| match &self.data {
+                    Rows::Q4(b) => &b[j * nb..(j + 1) * nb],
+                    Rows::Q8(_) => &[],
+                };
+                let x_row = |i: usize| &xq[i * nb..(i + 1) * nb];
+                let quads = n / 4;
+                // Two weight rows and four activation rows at a time, then the leftovers
+                // one weight row at a time (same sums, same order: see `dot`).
+                let pairs = if quads > 0 { rows / 2 } else { 0 };
+                for p in 0..pairs {
+                    let j = first + 2 * p;
                     for g in 0..quads {
                         let xs = [
                             x_row(4 * g),
@@ -237,15 +282,36 @@ impl QMatrix {
                             x_row(4 * g + 3),
                         ];
                         let y = match &self.data {
-                            Rows::Q8(b) => (k.q8x4)(&b[j * nb..(j + 1) * nb], xs),
-                            Rows::Q4(b) => (k.q4x4)(&b[j * nb..(j + 1) * nb], xs),
+                            Rows::Q8(_) => (k.q8x2x4)([w8(j), w8(j + 1)], xs),
+                            Rows::Q4(_) => (k.q4x2x4)([w4(j), w4(j + 1)], xs),
+                        };
+                        for (h, y) in y.iter().enumerate() {
+                            let at = (2 * p + h) * n + 4 * g;
+                            out[at..at + 4].copy_from_slice(y);
+                        }
+                    }
+                }
+                for (r, row_out) in out.chunks_exact_mut(n).enumerate() {
+                    let j = first + r;
+                    let paired = r < 2 * pairs;
+                    // Four activation rows per pass over the weight row, then the rest.
+                    for g in 0..if paired { 0 } else { quads } {
+                        let xs = [
+                            x_row(4 * g),
+                            x_row(4 * g + 1),
+                            x_row(4 * g + 2),
+                            x_row(4 * g + 3),
+                        ];
+                        let y = match &self.data {
+                            Rows::Q8(_) => (k.q8x4)(w8(j), xs),
+                            Rows::Q4(_) => (k.q4x4)(w4(j), xs),
                         };
                         row_out[4 * g..4 * g + 4].copy_from_slice(&y);
                     }
                     for (i, y) in row_out.iter_mut().enumerate().skip(4 * quads) {
                         *y = match &self.data {
-                            Rows::Q8(b) => (k.q8)(&b[j * nb..(j + 1) * nb], x_row(i)),
-                            Rows::Q4(b) => (k.q4)(&b[j * nb..(j + 1) * nb], x_row(i)),
+                            Rows::Q8(_) => (k.q8)(w8(j), x_row(i)),
+                            Rows::Q4(_) => (k.q4)(w4(j), x_row(i)),
                         };
                     }
                 }
@@ -392,6 +458,67 @@ mod tests {
         }
     }
 
+    /// `Q5_0` and `Q4_K` blocks (made by candle's port of ggml's quantizers) decode into our
+    /// blocks as exactly the weights candle's port of ggml's dequantizer gives, bit for bit;
+    /// the product of the decoded matrix is the product of those weights.
+    #[test]
+    fn q5_0_and_q4_k_decode_to_ggml_weights_exactly() {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        use candle_core::{Device, Tensor};
+        let mut rng = Pcg64::seed_from_u64(SEED + 2);
+        let (rows, cols, n) = (6, 512, 3);
+        let w = random(&mut rng, rows * cols);
+        let x = random(&mut rng, n * cols);
+        let t = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
+        for (kind, dtype) in [
+            (GgufBlocks::Q5_0, GgmlDType::Q5_0),
+            (GgufBlocks::Q4K, GgmlDType::Q4K),
+        ] {
+            let q = QTensor::quantize(&t, dtype).unwrap();
+            let theirs = q
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let ours = QMatrix::from_gguf(kind, &q.data().unwrap(), rows, cols).unwrap();
+            assert_eq!(ours.format, kind.format());
+            let decoded = ours.dequantize();
+            let differ = (0..decoded.len())
+                .filter(|&i| decoded[i].to_bits() != theirs[i].to_bits())
+                .count();
+            assert_eq!(differ, 0, "{kind:?}: {differ} weights differ");
+            // The product uses those weights (exactly, up to f32 summation order).
+            let xd: Vec<f32> = x
+                .chunks_exact(BLOCK)
+                .flat_map(|c| {
+                    let b = BlockX::quantize(c);
+                    b.qs.map(|v| b.d * f32::from(v))
+                })
+                .collect();
+            for k in dot::available() {
+                let y = ours.matmul_with(k, &x, n);
+                for i in 0..n {
+                    for j in 0..rows {
+                        let want: f32 = (0..cols)
+                            .map(|c| theirs[j * cols + c] * xd[i * cols + c])
+                            .sum();
+                        let got = y[i * rows + j];
+                        assert!(
+                            (got - want).abs() < 1e-3,
+                            "{kind:?} {}: {got} vs {want}",
+                            k.name
+                        );
+                    }
+                }
+            }
+        }
+        // A `Q4_K` row must hold whole super-blocks of 256.
+        assert!(QMatrix::from_gguf(GgufBlocks::Q4K, &[0; 144], 2, 128).is_none());
+        assert!(QMatrix::from_gguf(GgufBlocks::Q4K, &[0; 143], 1, 256).is_none());
+    }
+
     /// GGUF blocks decode as llama.cpp defines them.
     #[test]
     fn gguf_blocks_decode() {
@@ -399,22 +526,31 @@ mod tests {
         q8[..2].copy_from_slice(&half::f16::from_f32(0.5).to_le_bytes());
         q8[2] = (-3i8) as u8;
         q8[3] = 7;
-        let m = QMatrix::from_gguf(QFormat::Q8_0, &q8, 1, 32).unwrap();
+        let m = QMatrix::from_gguf(GgufBlocks::Q8_0, &q8, 1, 32).unwrap();
         assert_eq!(&m.dequantize()[..3], &[-1.5, 3.5, 0.0]);
         let mut q4 = vec![0u8; 18];
         q4[..2].copy_from_slice(&half::f16::from_f32(2.0).to_le_bytes());
         q4[2] = 0x3A; // element 0: 10, element 16: 3
-        let m = QMatrix::from_gguf(QFormat::Q4_0, &q4, 1, 32).unwrap();
+        let m = QMatrix::from_gguf(GgufBlocks::Q4_0, &q4, 1, 32).unwrap();
         let d = m.dequantize();
         assert_eq!((d[0], d[16], d[1]), (4.0, -10.0, -16.0));
         let mut q41 = vec![0u8; 20];
         q41[..2].copy_from_slice(&half::f16::from_f32(0.25).to_le_bytes());
         q41[2..4].copy_from_slice(&half::f16::from_f32(-1.0).to_le_bytes());
         q41[4] = 0xF1;
-        let m = QMatrix::from_gguf(QFormat::Q4_1, &q41, 1, 32).unwrap();
+        let m = QMatrix::from_gguf(GgufBlocks::Q4_1, &q41, 1, 32).unwrap();
         let d = m.dequantize();
         assert_eq!((d[0], d[16], d[1]), (-0.75, 2.75, -1.0));
-        assert!(QMatrix::from_gguf(QFormat::Q4_1, &q41[..19], 1, 32).is_none());
+        assert!(QMatrix::from_gguf(GgufBlocks::Q4_1, &q41[..19], 1, 32).is_none());
+        // Q5_0: element 0 low nibble 0x3 with fifth bit set (19 − 16 = 3), element 16 high
+        // nibble 0xF without (15 − 16 = −1), element 17 fifth bit set (16 + 0 − 16 = 0).
+        let mut q5 = vec![0u8; 22];
+        q5[..2].copy_from_slice(&half::f16::from_f32(0.5).to_le_bytes());
+        q5[2..6].copy_from_slice(&(1u32 | 1 << 17).to_le_bytes());
+        q5[6] = 0xF3;
+        let m = QMatrix::from_gguf(GgufBlocks::Q5_0, &q5, 1, 32).unwrap();
+        let d = m.dequantize();
+        assert_eq!((d[0], d[16], d[1], d[17]), (1.5, -0.5, -8.0, 0.0));
         assert!(QMatrix::quantize(QFormat::Q8_0, &[0.0; 40], 1, 40).is_none());
     }
 }
