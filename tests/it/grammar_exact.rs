@@ -319,6 +319,10 @@ fn lark_and_json_schema_constraints_work_on_a_toy_vocabulary() {
     let mut bad = c.matcher();
     assert!(bad.consume(0));
     assert!(!bad.consume(5)); // {1 is not an object
+                              // The same through `matcher_after`: alive where the prefix is, dead past a bad token.
+    let after = c.matcher_after(&[0, 7, 5, 6, 1]).unwrap();
+    assert!(!after.is_dead() && after.accepts_eos());
+    assert!(c.matcher_after(&[0, 5, 1]).unwrap().is_dead());
     let lark =
         GrammarConstraint::new(&v, Grammar::lark("start: \"a\"+ (\",\" \"a\"+)*\n")).unwrap();
     let mut m = lark.matcher();

@@ -622,10 +622,18 @@ impl GrammarConstraint {
     }
 
     /// A matcher that has consumed `tokens` (dead if they leave the language).
-    pub fn matcher_after(&self, tokens: &[TokenId]) -> GrammarMatcher {
+    ///
+    /// # Errors
+    /// [`GrammarError::Matcher`] when llguidance itself fails on the way (a parser or lexer
+    /// limit), which is not the same as the tokens leaving the language.
+    pub fn matcher_after(&self, tokens: &[TokenId]) -> Result<GrammarMatcher, GrammarError> {
         let mut m = self.matcher();
-        m.consume_all(tokens);
-        m
+        for &t in tokens {
+            if !m.try_consume(t)? {
+                break;
+            }
+        }
+        Ok(m)
     }
 }
 
