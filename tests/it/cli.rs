@@ -329,6 +329,10 @@ fn inspect_describes_smollm2() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["vocab_size"], 49152);
     assert_eq!(v["layers"], 30);
+    // The file's Q4_1 matrices (7 per layer; the tied embedding is Q8_0), and how the
+    // default f32 holds them.
+    assert_eq!(v["file_matrices"]["Q4_1"]["count"], 210);
+    assert_eq!(v["file_matrices"]["Q4_1"]["held_as"], "dense f32");
     assert!(v["chat_template_example"]
         .as_str()
         .unwrap()

@@ -252,6 +252,31 @@ fn native_keeps_q4_k_and_q5_0_weights_exactly() {
         "int8 products vs f32 products: {products} (logits up to {scale})"
     );
     eprintln!("native vs the file's weights in f32: {products} (logits up to {scale})");
+    // The report of how each stored type is held agrees with what was loaded: per layer
+    // q, k, o, gate, up in Q4_K and v, down in Q5_0, plus the (tied) embedding in Q4_K.
+    let gguf = smc_steer::lm::GgufFile::open(&path).unwrap();
+    let plan = gguf.weight_plan(WeightFormat::Native);
+    let layers = c.n_layers;
+    assert_eq!(
+        plan["Q4_K"],
+        (
+            5 * layers + 1,
+            "4-bit blocks holding the stored weights exactly"
+        )
+    );
+    assert_eq!(
+        plan["Q5_0"],
+        (
+            2 * layers,
+            "8-bit blocks holding the stored weights exactly"
+        )
+    );
+    assert_eq!(plan.len(), 2, "{plan:?}");
+    assert_eq!(
+        gguf.weight_plan(WeightFormat::Q4_0)["Q4_K"].1,
+        "requantized to q4_0"
+    );
+    assert_eq!(gguf.weight_plan(WeightFormat::F32)["Q5_0"].1, "dense f32");
     std::fs::remove_dir_all(&dir).ok();
 }
 

@@ -2,8 +2,8 @@
 //! template, read from its files.
 
 use smc_steer::lm::{
-    cpu_kernels, device_name, parse_device, supported_devices, ChatMessage, KernelOptions,
-    TransformerKernel,
+    cpu_kernels, device_name, parse_device, supported_devices, ChatMessage, GgufFile,
+    KernelOptions, TransformerKernel,
 };
 
 use crate::args::{Format, InspectArgs};
@@ -36,6 +36,18 @@ pub fn inspect(a: InspectArgs) -> Result<(), Failure> {
     let template = kernel
         .apply_chat_template(&[ChatMessage::system("S"), ChatMessage::user("U")], true)
         .ok();
+    // For a GGUF file: its matrices by stored type, and how `--weights` holds each.
+    let matrices = GgufFile::open(&path).ok().map(|g| {
+        g.weight_plan(a.model.weights)
+            .into_iter()
+            .map(|(ty, (count, held))| {
+                (
+                    ty.to_string(),
+                    serde_json::json!({ "count": count, "held_as": held }),
+                )
+            })
+            .collect::<serde_json::Map<_, _>>()
+    });
     let info = serde_json::json!({
         "path": path.display().to_string(),
         "architecture": kernel.model().arch().model_type.name(),
@@ -59,6 +71,7 @@ pub fn inspect(a: InspectArgs) -> Result<(), Failure> {
         "devices_supported": supported_devices(),
         "weights": a.model.weights.name(),
         "weight_bytes": kernel.model().weight_bytes(),
+        "file_matrices": matrices,
         "cpu_kernels": cpu_kernels(),
     });
     match a.format {

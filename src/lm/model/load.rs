@@ -113,6 +113,117 @@ fn linear_from(w: Tensor, format: Option<QFormat>) -> LmResult<Linear> {
     Ok(Linear::dense(w)?)
 }
 
+/// How a GGUF matrix of one type is held under one [`WeightFormat`]: the loader's decision,
+/// also reported by [`GgufFile::weight_plan`] (so the report cannot disagree with the load).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Plan {
+    /// candle's quantized matmul on the stored blocks.
+    Candle,
+    /// The stored blocks, decoded exactly into ours.
+    Exact(GgufBlocks),
+    /// Dequantized, then quantized to a block format of ours.
+    Requantize(QFormat),
+    /// Dequantized to a dense matrix (f32, or bf16 for [`WeightFormat::Bf16`]).
+    Dense,
+}
+
+impl Plan {
+    fn of(weights: WeightFormat, dtype: GgmlDType) -> Self {
+        let float = matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+        let stored = match dtype {
+            GgmlDType::Q8_0 => Some(GgufBlocks::Q8_0),
+            GgmlDType::Q4_0 => Some(GgufBlocks::Q4_0),
+            GgmlDType::Q4_1 => Some(GgufBlocks::Q4_1),
+            GgmlDType::Q5_0 => Some(GgufBlocks::Q5_0),
+            GgmlDType::Q4K => Some(GgufBlocks::Q4K),
+            _ => None,
+        };
+        let wanted = match weights {
+            WeightFormat::Quantized if !float => return Plan::Candle,
+            WeightFormat::Native if float => None,
+            // Block types without an exact decoding of ours (`Q5_1`, `Q5_K`, `Q6_K`, ...).
+            WeightFormat::Native => Some(stored.map_or(QFormat::Q8_0, GgufBlocks::format)),
+            other => other.block_format(),
+        };
+        match (wanted, stored) {
+            // The file's blocks, decoded exactly, when they are held in the wanted format
+            // (a `Q5_0` file for `q8_0`, `Q4_K` for `q4_1`: better than requantizing).
+            (Some(f), Some(s)) if f == s.format() => Plan::Exact(s),
+            (Some(f), _) => Plan::Requantize(f),
+            (None, _) => Plan::Dense,
+        }
+    }
+
+    /// In words, for reports.
+    fn describe(self, weights: WeightFormat) -> &'static str {
+        match self {
+            Plan::Candle => "candle's quantized matmul on the stored blocks",
+            Plan::Exact(GgufBlocks::Q5_0) => "8-bit blocks holding the stored weights exactly",
+            Plan::Exact(GgufBlocks::Q4K) => "4-bit blocks holding the stored weights exactly",
+            Plan::Exact(_) => "the stored blocks",
+            Plan::Requantize(QFormat::Q8_0) => "requantized to q8_0",
+            Plan::Requantize(QFormat::Q4_0) => "requantized to q4_0",
+            Plan::Requantize(QFormat::Q4_1) => "requantized to q4_1",
+            Plan::Dense if weights == WeightFormat::Bf16 => "dense bf16",
+            Plan::Dense => "dense f32",
+        }
+    }
+}
+
+/// llama.cpp's name of a GGUF tensor type (`Q4_K`, `F16`, ...).
+pub(crate) fn ggml_type_name(dtype: GgmlDType) -> &'static str {
+    match dtype {
+        GgmlDType::F32 => "F32",
+        GgmlDType::F16 => "F16",
+        GgmlDType::BF16 => "BF16",
+        GgmlDType::Q4_0 => "Q4_0",
+        GgmlDType::Q4_1 => "Q4_1",
+        GgmlDType::Q5_0 => "Q5_0",
+        GgmlDType::Q5_1 => "Q5_1",
+        GgmlDType::Q8_0 => "Q8_0",
+        GgmlDType::Q8_1 => "Q8_1",
+        GgmlDType::Q2K => "Q2_K",
+        GgmlDType::Q3K => "Q3_K",
+        GgmlDType::Q4K => "Q4_K",
+        GgmlDType::Q5K => "Q5_K",
+        GgmlDType::Q6K => "Q6_K",
+        GgmlDType::Q8K => "Q8_K",
+    }
+}
+
+impl GgufFile {
+    /// The file's matrices (tensors of two or more dimensions) by stored type, with their
+    /// count and how `weights` holds them, as [`LlamaModel::from_gguf`] loads them. (A
+    /// matrix whose width does not fit its blocks is requantized, or held dense when the
+    /// width is not a multiple of 32; no common file has one.)
+    ///
+    /// # Example
+    /// ```no_run
+    /// use smc_steer::lm::{GgufFile, WeightFormat};
+    /// let gguf = GgufFile::open(std::path::Path::new("model.Q4_K_M.gguf"))?;
+    /// for (ty, (count, held)) in gguf.weight_plan(WeightFormat::Native) {
+    ///     println!("{count} {ty} matrices: {held}");
+    /// }
+    /// # Ok::<(), smc_steer::lm::LmError>(())
+    /// ```
+    pub fn weight_plan(
+        &self,
+        weights: WeightFormat,
+    ) -> std::collections::BTreeMap<&'static str, (usize, &'static str)> {
+        let mut plan = std::collections::BTreeMap::new();
+        for info in self.content.tensor_infos.values() {
+            if info.shape.rank() < 2 {
+                continue;
+            }
+            let entry = plan
+                .entry(ggml_type_name(info.ggml_dtype))
+                .or_insert((0, Plan::of(weights, info.ggml_dtype).describe(weights)));
+            entry.0 += 1;
+        }
+        plan
+    }
+}
+
 /// A dense layer in the storage of `weights` (bf16 for [`WeightFormat::Bf16`]); other
 /// layers as they are.
 fn stored(l: Linear, weights: WeightFormat) -> LmResult<Linear> {
@@ -552,40 +663,26 @@ impl LlamaModel {
                 let Some(q) = self.g.qtensor(name)? else {
                     return Ok(None);
                 };
-                let float = matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
-                let stored = match q.dtype() {
-                    GgmlDType::Q8_0 => Some(GgufBlocks::Q8_0),
-                    GgmlDType::Q4_0 => Some(GgufBlocks::Q4_0),
-                    GgmlDType::Q4_1 => Some(GgufBlocks::Q4_1),
-                    GgmlDType::Q5_0 => Some(GgufBlocks::Q5_0),
-                    GgmlDType::Q4K => Some(GgufBlocks::Q4K),
-                    _ => None,
-                };
-                let wanted = match self.weights {
-                    WeightFormat::Quantized if !float => {
-                        return Ok(Some(Linear::Quant(QMatMul::QTensor(Arc::new(q)))))
-                    }
-                    WeightFormat::Native => stored.map(GgufBlocks::format),
-                    other => other.block_format(),
-                };
-                // The file's blocks, decoded exactly, when they are held in the wanted format
-                // (a `Q5_0` file for `q8_0`, `Q4_K` for `q4_1`: better than requantizing).
-                if let (Some(f), Some(s)) = (wanted, stored) {
-                    if f == s.format() {
-                        if let [rows, cols] = *q.shape().dims() {
-                            if let Some(m) = QMatrix::from_gguf(s, &q.data()?, rows, cols) {
-                                return Ok(Some(Linear::Int(Arc::new(m))));
-                            }
-                        }
+                let plan = Plan::of(self.weights, q.dtype());
+                if plan == Plan::Candle {
+                    return Ok(Some(Linear::Quant(QMatMul::QTensor(Arc::new(q)))));
+                }
+                if let (Plan::Exact(s), &[rows, cols]) = (plan, q.shape().dims()) {
+                    if let Some(m) = QMatrix::from_gguf(s, &q.data()?, rows, cols) {
+                        return Ok(Some(Linear::Int(Arc::new(m))));
                     }
                 }
                 let w = q.dequantize(&Device::Cpu)?;
-                // `native` for block types without an exact decoding of ours (`Q5_1`, `Q5_K`,
-                // `Q6_K`, ...): requantized to `Q8_0`.
-                if self.weights == WeightFormat::Native && !float && stored.is_none() {
-                    return Ok(Some(linear_from(w, Some(QFormat::Q8_0))?));
-                }
-                Ok(Some(linear_from(w, wanted)?))
+                Ok(Some(linear_from(
+                    w,
+                    match plan {
+                        // Blocks that did not fit (a width not a multiple of 256 for
+                        // `Q4_K`): requantized to the format they would be held in.
+                        Plan::Exact(s) => Some(s.format()),
+                        Plan::Requantize(f) => Some(f),
+                        Plan::Candle | Plan::Dense => None,
+                    },
+                )?))
             }
         }
         let weights = opts.weights;
