@@ -5,10 +5,8 @@ use candle_core::quantized::QMatMul;
 use std::sync::Arc;
 
 use candle_core::{Device, Module, Tensor};
-use rayon::prelude::*;
 
-use super::small_batch;
-use super::tiled;
+use super::dense;
 use crate::lm::quant::QMatrix;
 
 use crate::lm::cache::ScoreOptions;
@@ -23,39 +21,11 @@ fn dense_on(w: &Tensor, device: &Device, dense: bool) -> candle_core::Result<Ten
     w.to_device(device)
 }
 
-/// Side of the square tiles of [`transpose`] (two 64 × 64 f32 tiles fit in L1).
-const TILE: usize = 64;
-
-/// The transpose `[cols, rows]` of a row-major `[rows, cols]` matrix, by tiles, with
-/// output row bands in parallel.
-fn transpose(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut out = vec![0.0f32; rows * cols];
-    if rows == 0 || cols == 0 {
-        return out;
-    }
-    out.par_chunks_mut(rows * TILE)
-        .enumerate()
-        .for_each(|(band, dst)| {
-            let c0 = band * TILE;
-            let c1 = (c0 + TILE).min(cols);
-            for r0 in (0..rows).step_by(TILE) {
-                let r1 = (r0 + TILE).min(rows);
-                for c in c0..c1 {
-                    let d = &mut dst[(c - c0) * rows..];
-                    for r in r0..r1 {
-                        d[r] = w[r * cols + c];
-                    }
-                }
-            }
-        });
-    out
-}
-
 /// A linear map `y = x W^T` with `W: [out, in]`.
 #[derive(Debug, Clone)]
 pub(super) enum Linear {
-    /// Stores `W^T` (`[in, out]`, contiguous): the row-major product `x W^T` then streams
-    /// the weights in order, which is markedly faster for small batches.
+    /// Stores `W` (`[out, in]`, contiguous, as model files do): each output's weights
+    /// contiguous, read in order by the dot-product tiles of [`dense`].
     Dense(Tensor),
     /// candle's quantized matmul ([`crate::lm::WeightFormat::Quantized`]).
     Quant(QMatMul),
@@ -64,31 +34,19 @@ pub(super) enum Linear {
 }
 
 impl Linear {
-    /// A dense layer from `W: [out, in]`.
+    /// A dense layer from `W: [out, in]` (as f32; a contiguous f32 `W` is shared, not
+    /// copied).
     pub(super) fn dense(w: Tensor) -> candle_core::Result<Self> {
-        if !w.device().is_cpu() {
-            return Ok(Linear::Dense(w.t()?.contiguous()?));
-        }
-        // candle's strided copy walks the source element by element (most of the load time
-        // of a 1B checkpoint); a tiled transpose in parallel is an order of magnitude faster.
-        let (rows, cols) = w.dims2()?;
-        let data = w
-            .to_dtype(candle_core::DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        let wt = transpose(&data, rows, cols);
-        Ok(Linear::Dense(Tensor::from_vec(
-            wt,
-            (cols, rows),
-            w.device(),
-        )?))
+        Ok(Linear::Dense(
+            w.to_dtype(candle_core::DType::F32)?.contiguous()?,
+        ))
     }
 
     /// The map on `device`; a quantized matrix leaves the CPU as dense f32.
     /// With `dense`, quantized maps become dense f32 on the CPU too.
     pub(super) fn to_device(&self, device: &Device, dense: bool) -> candle_core::Result<Self> {
         match self {
-            Linear::Dense(wt) => Ok(Linear::Dense(dense_on(wt, device, dense)?)),
+            Linear::Dense(w) => Ok(Linear::Dense(dense_on(w, device, dense)?)),
             Linear::Quant(_) | Linear::Int(_) if device.is_cpu() && !dense => Ok(self.clone()),
             Linear::Int(q) => {
                 let [rows, cols] = q.dims();
@@ -104,18 +62,10 @@ impl Linear {
         }
     }
 
-    /// The block matrix, when the map is block-quantized.
-    pub(super) fn blocks(&self) -> Option<&Arc<QMatrix>> {
-        match self {
-            Linear::Int(q) => Some(q),
-            _ => None,
-        }
-    }
-
     /// Bytes the weights occupy.
     pub(super) fn bytes(&self) -> usize {
         match self {
-            Linear::Dense(wt) => wt.elem_count() * wt.dtype().size_in_bytes(),
+            Linear::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
             Linear::Quant(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
             Linear::Quant(QMatMul::Tensor(w) | QMatMul::TensorF16(w)) => {
                 w.elem_count() * w.dtype().size_in_bytes()
@@ -126,72 +76,58 @@ impl Linear {
 
     pub(super) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            Linear::Dense(wt) => dense_forward(wt, x),
+            Linear::Dense(w) => dense_forward(w, x),
             Linear::Quant(q) => q.forward(x),
             Linear::Int(q) => int_forward(q, x),
         }
     }
 }
 
-/// `x Wᵀ` with a dense `Wᵀ`: the streaming loop for a few rows, candle's GEMM otherwise.
-fn dense_forward(wt: &Tensor, x: &Tensor) -> candle_core::Result<Tensor> {
-    match small_batch_forward(wt, x)? {
-        Some(y) => Ok(y),
-        // A bf16 matrix the streaming loop cannot read (a view of a fused one, in the
-        // reference path): widened for this product.
-        None if wt.dtype() == candle_core::DType::BF16 => {
-            x.matmul(&wt.to_dtype(candle_core::DType::F32)?)
-        }
-        None => x.matmul(wt),
+/// `x Wᵀ` with a dense `W: [out, in]`: our tiles on a CPU with AVX2 and FMA, candle's GEMM
+/// otherwise (bf16 widened for it: the GEMM has no bf16 × f32 product).
+fn dense_forward(w: &Tensor, x: &Tensor) -> candle_core::Result<Tensor> {
+    if let Some(y) = cpu_dense_forward(w, x)? {
+        return Ok(y);
     }
+    if w.dtype() == candle_core::DType::BF16 {
+        return x.matmul(&w.to_dtype(candle_core::DType::F32)?.t()?);
+    }
+    x.matmul(&w.t()?)
 }
 
-/// `x Wᵀ` by our own CPU loops: f32 `Wᵀ` for a few rows of `x: [n, in]` by the streaming
-/// loop of [`small_batch`], for more rows by the register tiles of [`tiled`] (AVX2+FMA);
-/// bf16 `Wᵀ` for any number of rows by the streaming loop (in groups of
-/// [`small_batch::MAX_ROWS`] rows: the GEMM has no bf16 × f32 product). `None` for every
-/// other case, left to candle's GEMM.
-fn small_batch_forward(wt: &Tensor, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+/// `x Wᵀ` by the tiles of [`dense`] for f32 or bf16 `W` on the CPU (`x: [n, in]` f32).
+/// `None` for every other case.
+fn cpu_dense_forward(w: &Tensor, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
     use candle_core::{DType, Storage};
     let (n, k) = match x.dims() {
         &[n, k] => (n, k),
         _ => return Ok(None),
     };
-    let bf16 = wt.dtype() == DType::BF16;
-    let tiled = wt.dtype() == DType::F32 && n > small_batch::MAX_ROWS && tiled::available();
-    if k == 0
-        || !wt.device().is_cpu()
+    if !w.device().is_cpu()
         || x.dtype() != DType::F32
-        || !(wt.dtype() == DType::F32 && n <= small_batch::MAX_ROWS || bf16 || tiled)
+        || !matches!(w.dtype(), DType::F32 | DType::BF16)
+        || !dense::available()
     {
         return Ok(None);
     }
-    let (wk, m) = wt.dims2()?;
+    let (m, wk) = w.dims2()?;
     if wk != k {
         candle_core::bail!("input width {k} for a matrix of {:?}", [m, wk]);
     }
     let xs = x.flatten_all()?.to_vec1::<f32>()?;
-    let (storage, layout) = wt.storage_and_layout();
+    let (storage, layout) = w.storage_and_layout();
     let (Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) else {
         return Ok(None);
     };
-    let y = if bf16 {
-        let w = &cpu.as_slice::<half::bf16>()?[start..end];
-        let mut y = Vec::with_capacity(n * m);
-        for rows in xs.chunks(small_batch::MAX_ROWS * k) {
-            y.extend(small_batch::matmul(rows, rows.len() / k.max(1), w, k, m));
-        }
-        y
-    } else if tiled {
-        let w = &cpu.as_slice::<f32>()?[start..end];
-        match tiled::matmul(&xs, n, w, k, m) {
-            Some(y) => y,
-            None => return Ok(None),
-        }
+    let y = if w.dtype() == DType::BF16 {
+        dense::matmul(&xs, n, &cpu.as_slice::<half::bf16>()?[start..end], k, m)
     } else {
-        small_batch::matmul(&xs, n, &cpu.as_slice::<f32>()?[start..end], k, m)
+        dense::matmul(&xs, n, &cpu.as_slice::<f32>()?[start..end], k, m)
     };
-    Ok(Some(Tensor::from_vec(y, (n, m), x.device())?))
+    match y {
+        Some(y) => Ok(Some(Tensor::from_vec(y, (n, m), x.device())?)),
+        None => Ok(None),
+    }
 }
 
 /// `x Wᵀ` with a block-quantized `W` (on the CPU; `x: [n, in]`).
@@ -258,7 +194,7 @@ impl Embedding {
 #[derive(Debug, Clone)]
 pub(super) enum Proj {
     Fused {
-        wt: Tensor,
+        w: Tensor,
         sizes: Vec<usize>,
     },
     /// Block-quantized maps stacked by rows: one activation quantization, one product.
@@ -289,7 +225,7 @@ impl Proj {
         let dense: Vec<&Tensor> = parts
             .iter()
             .filter_map(|l| match l {
-                Linear::Dense(wt) => Some(wt),
+                Linear::Dense(w) => Some(w),
                 Linear::Quant(_) | Linear::Int(_) => None,
             })
             .collect();
@@ -298,10 +234,10 @@ impl Proj {
         }
         let sizes = dense
             .iter()
-            .map(|t| t.dim(1))
+            .map(|t| t.dim(0))
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Proj::Fused {
-            wt: Tensor::cat(&dense, 1)?,
+            w: Tensor::cat(&dense, 0)?,
             sizes,
         })
     }
@@ -309,8 +245,8 @@ impl Proj {
     /// The maps on `device` (with `dense`, as dense f32 matrices).
     pub(super) fn to_device(&self, device: &Device, dense: bool) -> candle_core::Result<Self> {
         match self {
-            Proj::Fused { wt, sizes } => Ok(Proj::Fused {
-                wt: dense_on(wt, device, dense)?,
+            Proj::Fused { w, sizes } => Ok(Proj::Fused {
+                w: dense_on(w, device, dense)?,
                 sizes: sizes.clone(),
             }),
             Proj::FusedInt { .. } if device.is_cpu() && !dense => Ok(self.clone()),
@@ -332,7 +268,7 @@ impl Proj {
     /// Bytes the weights occupy.
     pub(super) fn bytes(&self) -> usize {
         match self {
-            Proj::Fused { wt, .. } => wt.elem_count() * wt.dtype().size_in_bytes(),
+            Proj::Fused { w, .. } => w.elem_count() * w.dtype().size_in_bytes(),
             Proj::FusedInt { q, .. } => q.bytes(),
             Proj::Split(ls) => ls.iter().map(Linear::bytes).sum(),
         }
@@ -341,7 +277,7 @@ impl Proj {
     /// All outputs (`[rows, out_i]` each; fused outputs are column views of one product).
     pub(super) fn forward(&self, x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
         let (y, sizes) = match self {
-            Proj::Fused { wt, sizes } => (dense_forward(wt, x)?, sizes),
+            Proj::Fused { w, sizes } => (dense_forward(w, x)?, sizes),
             Proj::FusedInt { q, sizes } => (int_forward(q, x)?, sizes),
             Proj::Split(ls) => return ls.iter().map(|l| l.forward(x)).collect(),
         };
@@ -357,11 +293,11 @@ impl Proj {
     /// The separate maps (views into the fused matrix), for the unfused reference path.
     pub(super) fn parts(&self) -> candle_core::Result<Vec<Linear>> {
         match self {
-            Proj::Fused { wt, sizes } => {
+            Proj::Fused { w, sizes } => {
                 let mut off = 0;
                 let mut out = Vec::with_capacity(sizes.len());
                 for &n in sizes {
-                    out.push(Linear::Dense(wt.narrow(1, off, n)?));
+                    out.push(Linear::Dense(w.narrow(0, off, n)?));
                     off += n;
                 }
                 Ok(out)
@@ -533,25 +469,5 @@ impl Rope {
             }
         }
         (cos, sin)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The tiled transpose equals the definition on shapes that are and are not multiples
-    /// of the tile, and on degenerate ones.
-    #[test]
-    fn transpose_matches_definition() {
-        for (rows, cols) in [(1, 1), (3, 130), (64, 64), (129, 65), (200, 7), (0, 5)] {
-            let w: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
-            let t = transpose(&w, rows, cols);
-            for r in 0..rows {
-                for c in 0..cols {
-                    assert_eq!(t[c * rows + r], w[r * cols + c], "{rows}x{cols} at {r},{c}");
-                }
-            }
-        }
     }
 }

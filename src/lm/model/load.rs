@@ -228,8 +228,8 @@ impl GgufFile {
 /// layers as they are.
 fn stored(l: Linear, weights: WeightFormat) -> LmResult<Linear> {
     Ok(match l {
-        Linear::Dense(wt) if weights == WeightFormat::Bf16 => {
-            Linear::Dense(wt.to_dtype(DType::BF16)?)
+        Linear::Dense(w) if weights == WeightFormat::Bf16 => {
+            Linear::Dense(w.to_dtype(DType::BF16)?)
         }
         other => other,
     })
@@ -316,7 +316,7 @@ fn check_shape(t: &Tensor, dims: &[usize], name: &str) -> LmResult<()> {
 
 fn linear_dims(l: &Linear) -> Vec<usize> {
     match l {
-        Linear::Dense(wt) => wt.dims().iter().rev().copied().collect(),
+        Linear::Dense(w) => w.dims().to_vec(),
         Linear::Quant(QMatMul::QTensor(q)) => q.shape().dims().to_vec(),
         Linear::Quant(QMatMul::Tensor(w) | QMatMul::TensorF16(w)) => w.dims().to_vec(),
         Linear::Int(q) => q.dims().to_vec(),
@@ -497,8 +497,13 @@ impl LlamaModel {
             _ => None,
         };
         let lm_head = stored(lm_head, weights)?;
-        let embed = match embed_blocks {
-            Some(q) if q.dims() == [c.vocab_size, h] => Embedding::Blocks(q),
+        let embed = match (embed_blocks, &lm_head) {
+            (Some(q), _) if q.dims() == [c.vocab_size, h] => Embedding::Blocks(q),
+            // A dense tied output layer is `[vocab, hidden]` like the embedding: one matrix
+            // serves both (looked up by rows, multiplied by the tiles).
+            (_, Linear::Dense(w)) if c.tie_embeddings && w.dims() == [c.vocab_size, h] => {
+                Embedding::Dense(w.clone())
+            }
             _ if weights == WeightFormat::Bf16 => Embedding::Dense(embed.to_dtype(DType::BF16)?),
             _ => Embedding::Dense(embed),
         };

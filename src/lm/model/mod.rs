@@ -23,16 +23,15 @@
 //! ([`WeightFormat::F32`], the reference); [`WeightFormat::Bf16`] halves them, the block
 //! formats ([`WeightFormat::Q8_0`], [`WeightFormat::Native`], ...) multiply with int8 dot
 //! products, and [`WeightFormat::Quantized`] keeps GGUF's quantized matrices for candle's
-//! `QMatMul`. Dense products of up to 24 rows stream the weights in their own loop
-//! (`small_batch`); larger ones use register tiles over packed strips (`tiled`, AVX2+FMA)
-//! or, without those instructions, candle's GEMM.
+//! `QMatMul`. Dense matrices are kept as `W: [out, in]` (as the files store them) and
+//! multiplied by dot-product register tiles (`dense`, AVX2+FMA) or, without those
+//! instructions, candle's GEMM.
 
+mod dense;
 mod forward;
 mod layers;
 mod load;
 mod reference;
-mod small_batch;
-mod tiled;
 
 use std::sync::Arc;
 
@@ -110,9 +109,10 @@ impl LlamaModel {
                     + l.qk_norm.as_ref().map_or(0, |b| b.iter().map(t).sum())
             })
             .sum();
-        // A tied output layer is a transposed copy of the embedding, or shares its blocks.
-        let head = match (&self.embed, self.lm_head.blocks()) {
-            (Embedding::Blocks(e), Some(h)) if Arc::ptr_eq(e, h) => 0,
+        // A tied output layer shares the embedding's matrix (dense or blocks).
+        let head = match (&self.embed, &self.lm_head) {
+            (Embedding::Blocks(e), Linear::Int(h)) if Arc::ptr_eq(e, h) => 0,
+            (Embedding::Dense(e), Linear::Dense(h)) if e.id() == h.id() => 0,
             _ => self.lm_head.bytes(),
         };
         self.embed.bytes() + t(&self.norm) + layers + head

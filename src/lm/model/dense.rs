@@ -1,0 +1,408 @@
+//! Dense products `y = x Wᵀ` on the CPU, with `W: [m, k]` row-major as model files store it
+//! (each output's weights contiguous) and f32 or bf16 weights: register tiles of
+//! [`TILE_W`] weight rows × [`TILE_X`] activation rows, each of the twelve accumulators eight
+//! lanes of partial sums along `k`, summed across lanes at the end (the dot-product form of
+//! llamafile's sgemm in llama.cpp). Each weight vector loaded serves four activation rows
+//! and each activation vector three weight rows, and both operands are read in memory
+//! order, so nothing is packed or transposed per call.
+//!
+//! Tasks own runs of [`ROWS_PER_TASK`] output columns (weight rows), so every output is one
+//! sum in a fixed order whatever the thread count (deterministic). One activation row
+//! (decoding one sequence) streams the weights once, in order: bound by memory, as any
+//! kernel is there. Measured against the previous kernels (`Wᵀ` stored, a streaming loop
+//! up to 24 rows and 6 × 16 broadcast tiles over copied strips above): docs/benchmarks.md.
+//!
+//! Only x86-64 with AVX2 and FMA runs these tiles (checked at run time by [`available`]);
+//! elsewhere the caller uses candle's GEMM.
+
+use rayon::prelude::*;
+
+/// Weight rows per register tile.
+const TILE_W: usize = 3;
+/// Activation rows per register tile.
+const TILE_X: usize = 4;
+/// Fewer activation rows than this are multiplied one weight row at a time (`x86::row`),
+/// more by the tiles.
+const ROW_BELOW: usize = 4;
+/// Weight rows (output columns) per parallel task: a multiple of [`TILE_W`]; 48 rows of
+/// 576 f32 weights (110 KiB) stay in L2 while every group of activation rows passes.
+const ROWS_PER_TASK: usize = 48;
+
+/// A stored weight type: f32, or bf16 widened on load.
+pub(super) trait Weight: Copy + Send + Sync {
+    /// The weight as f32.
+    fn widen(self) -> f32;
+    /// Eight consecutive weights from `p` as f32 lanes.
+    ///
+    /// # Safety
+    /// Eight values from `p` are readable, and the CPU has AVX2.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl Weight for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        // SAFETY (caller): eight f32 from `p` are readable.
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+}
+
+impl Weight for half::bf16 {
+    /// bf16 is the upper half of an f32: a shift.
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        f32::from_bits(u32::from(self.to_bits()) << 16)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY (caller): eight bf16 (16 bytes) from `p` are readable, AVX2 present.
+        unsafe {
+            let h = _mm_loadu_si128(p.cast());
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+        }
+    }
+}
+
+/// Whether this CPU runs the tiles.
+pub(super) fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `y = x Wᵀ` for `x: [n, k]` and `W: [m, k]` (row-major); `y: [n, m]`. `None` when the CPU
+/// lacks AVX2 or FMA or the lengths do not match.
+pub(super) fn matmul<W: Weight>(
+    x: &[f32],
+    n: usize,
+    w: &[W],
+    k: usize,
+    m: usize,
+) -> Option<Vec<f32>> {
+    if !available() || x.len() != n * k || w.len() != m * k {
+        return None;
+    }
+    let mut y = vec![0.0f32; n * m];
+    if n == 0 || m == 0 {
+        return Some(y);
+    }
+    let out = Out(y.as_mut_ptr());
+    (0..m.div_ceil(ROWS_PER_TASK))
+        .into_par_iter()
+        .for_each(|t| {
+            let j0 = t * ROWS_PER_TASK;
+            let j1 = (j0 + ROWS_PER_TASK).min(m);
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `available()` (AVX2 and FMA) was checked; the task writes only columns
+            // `[j0, j1)` of `y: [n, m]`, which no other task writes, and `y` outlives it.
+            unsafe {
+                x86::task(x, n, w, k, m, j0, j1, out)
+            };
+        });
+    Some(y)
+}
+
+/// `y`'s memory, shared by tasks that each write only their own columns.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+
+impl Out {
+    /// The address of element `i` (a method, so that closures capture the whole `Out`,
+    /// which is `Sync`, rather than its raw pointer field).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
+// SAFETY: the tasks of `matmul` write disjoint column ranges of `y` through it, and `y`
+// outlives them.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{Out, Weight, ROW_BELOW, TILE_W, TILE_X};
+
+    /// Columns `[j0, j1)` of `y` for every row: groups of up to four activation rows, and
+    /// within a group the task's weight rows three at a time (they stay in L2 while the
+    /// groups pass).
+    ///
+    /// # Safety
+    /// AVX2 and FMA present; `x: [n, k]`, `w: [m, k]`, `out` points to `y: [n, m]` whose
+    /// columns `[j0, j1)` nobody else accesses meanwhile.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn task<W: Weight>(
+        x: &[f32],
+        n: usize,
+        w: &[W],
+        k: usize,
+        m: usize,
+        j0: usize,
+        j1: usize,
+        out: Out,
+    ) {
+        if n < ROW_BELOW {
+            for j in j0..j1 {
+                // SAFETY (caller): row j of `w` and every row of `x` exist; column j is this
+                // task's.
+                unsafe {
+                    match n {
+                        1 => row::<W, 1>(x, w, k, m, j, out),
+                        2 => row::<W, 2>(x, w, k, m, j, out),
+                        _ => row::<W, 3>(x, w, k, m, j, out),
+                    }
+                }
+            }
+            return;
+        }
+        let mut r = 0;
+        while r < n {
+            let rx = (n - r).min(TILE_X);
+            let mut j = j0;
+            while j < j1 {
+                let rw = (j1 - j).min(TILE_W);
+                // SAFETY (caller): rows `[j, j + rw)` of `w` and `[r, r + rx)` of `x` exist,
+                // and the outputs written are columns of this task.
+                unsafe {
+                    match (rw, rx) {
+                        (3, 4) => tile::<W, 3, 4>(x, w, k, m, j, r, out),
+                        (3, 3) => tile::<W, 3, 3>(x, w, k, m, j, r, out),
+                        (3, 2) => tile::<W, 3, 2>(x, w, k, m, j, r, out),
+                        (3, _) => tile::<W, 3, 1>(x, w, k, m, j, r, out),
+                        (2, 4) => tile::<W, 2, 4>(x, w, k, m, j, r, out),
+                        (2, 3) => tile::<W, 2, 3>(x, w, k, m, j, r, out),
+                        (2, 2) => tile::<W, 2, 2>(x, w, k, m, j, r, out),
+                        (2, _) => tile::<W, 2, 1>(x, w, k, m, j, r, out),
+                        (_, 4) => tile::<W, 1, 4>(x, w, k, m, j, r, out),
+                        (_, 3) => tile::<W, 1, 3>(x, w, k, m, j, r, out),
+                        (_, 2) => tile::<W, 1, 2>(x, w, k, m, j, r, out),
+                        _ => tile::<W, 1, 1>(x, w, k, m, j, r, out),
+                    }
+                }
+                j += rw;
+            }
+            r += rx;
+        }
+    }
+
+    /// One weight row against `RX` activation rows, four accumulators per activation row in
+    /// flight: the weights stream in memory order, one row after the next, which the
+    /// hardware prefetcher follows best (the tiles' three rows at a time are slower by
+    /// 10–20% at one or two activation rows, where the product is bound by memory).
+    ///
+    /// # Safety
+    /// As [`task`]: row `j` of `w: [m, k]` and rows `[0, RX)` of `x: [RX, k]` exist, and
+    /// column `j` of `y` is the caller's to write.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn row<W: Weight, const RX: usize>(
+        x: &[f32],
+        w: &[W],
+        k: usize,
+        m: usize,
+        j: usize,
+        out: Out,
+    ) {
+        let (wp, xp) = (w.as_ptr().wrapping_add(j * k), x.as_ptr());
+        let mut acc = [[_mm256_setzero_ps(); 4]; RX];
+        let whole = k / 32 * 32;
+        let mut i = 0;
+        while i < whole {
+            for q in 0..4 {
+                // SAFETY (caller): i + 32 ≤ k within row j of `w` and every row of `x`.
+                let wv = unsafe { W::load8(wp.add(i + 8 * q)) };
+                for (b, a) in acc.iter_mut().enumerate() {
+                    // SAFETY: as above.
+                    let xv = unsafe { _mm256_loadu_ps(xp.add(b * k + i + 8 * q)) };
+                    a[q] = _mm256_fmadd_ps(wv, xv, a[q]);
+                }
+            }
+            i += 32;
+        }
+        for (b, a) in acc.iter().enumerate() {
+            let mut s = hsum(_mm256_add_ps(
+                _mm256_add_ps(a[0], a[1]),
+                _mm256_add_ps(a[2], a[3]),
+            ));
+            for i in whole..k {
+                s = w[j * k + i].widen().mul_add(x[b * k + i], s);
+            }
+            // SAFETY (caller): row b < RX, column j of `y`.
+            unsafe { *out.at(b * m + j) = s };
+        }
+    }
+
+    /// Horizontal sum of eight f32 lanes.
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// `y[r + b][j + a] = Σ_i w[j + a][i] · x[r + b][i]` for `a < RW`, `b < RX`: eight lanes
+    /// of partial sums over `i < k − k mod 8`, summed across lanes, then the last `k mod 8`
+    /// terms in order.
+    ///
+    /// # Safety
+    /// As [`task`]: rows `[j, j + RW)` of `w: [m, k]` and `[r, r + RX)` of `x: [n, k]`
+    /// exist, and the outputs are the caller's to write.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile<W: Weight, const RW: usize, const RX: usize>(
+        x: &[f32],
+        w: &[W],
+        k: usize,
+        m: usize,
+        j: usize,
+        r: usize,
+        out: Out,
+    ) {
+        debug_assert!((j + RW) * k <= w.len() && (r + RX) * k <= x.len());
+        let (wp, xp) = (w.as_ptr(), x.as_ptr());
+        let mut acc = [[_mm256_setzero_ps(); RX]; RW];
+        let whole = k / 8 * 8;
+        let mut i = 0;
+        while i < whole {
+            let mut wv = [_mm256_setzero_ps(); RW];
+            for (a, v) in wv.iter_mut().enumerate() {
+                // SAFETY (caller): i + 8 ≤ k within row j + a of `w`.
+                *v = unsafe { W::load8(wp.add((j + a) * k + i)) };
+            }
+            // Fixed trip counts over indices, which the compiler unrolls with every
+            // accumulator in a register.
+            #[allow(clippy::needless_range_loop)]
+            for b in 0..RX {
+                // SAFETY (caller): i + 8 ≤ k within row r + b of `x`.
+                let xv = unsafe { _mm256_loadu_ps(xp.add((r + b) * k + i)) };
+                for a in 0..RW {
+                    acc[a][b] = _mm256_fmadd_ps(wv[a], xv, acc[a][b]);
+                }
+            }
+            i += 8;
+        }
+        for (a, row) in acc.iter().enumerate() {
+            for (b, &v) in row.iter().enumerate() {
+                let mut s = hsum(v);
+                for i in whole..k {
+                    s = w[(j + a) * k + i].widen().mul_add(x[(r + b) * k + i], s);
+                }
+                // SAFETY (caller): row r + b < n, column j + a < m of `y`, this task's.
+                unsafe { *out.at((r + b) * m + j + a) = s };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Test operands of a product `[n, k] × [m, k]ᵀ`: small exact values (multiples of
+    /// 1/16), not all equal.
+    fn operands(n: usize, k: usize, m: usize) -> (Vec<f32>, Vec<f32>) {
+        let x = (0..n * k)
+            .map(|i| ((i * 7 % 13) as f32 - 6.0) / 8.0)
+            .collect();
+        let w = (0..m * k)
+            .map(|i| ((i * 5 % 11) as f32 - 5.0) / 16.0)
+            .collect();
+        (x, w)
+    }
+
+    /// `y` equals `x Wᵀ` computed in f64 (relative 1e-5: f32 sums of up to ~300 terms).
+    fn assert_product(x: &[f32], w: &[f32], y: &[f32], n: usize, k: usize, m: usize) {
+        for r in 0..n {
+            for c in 0..m {
+                let want: f64 = (0..k)
+                    .map(|i| f64::from(x[r * k + i]) * f64::from(w[c * k + i]))
+                    .sum();
+                let got = f64::from(y[r * m + c]);
+                assert!(
+                    (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                    "{n}x{k}x{m} at {r},{c}: {got} vs {want}"
+                );
+            }
+        }
+    }
+
+    /// Agrees with the definition (in f64) for every tile shape: row counts that leave 1–3
+    /// activation rows and 1–2 weight rows over, `k` with and without a tail of fewer than
+    /// eight, several tasks.
+    #[test]
+    fn matches_the_definition() {
+        if !available() {
+            eprintln!("SKIPPED: no AVX2+FMA on this CPU (the caller uses candle's GEMM)");
+            return;
+        }
+        for (k, m) in [(1, 1), (7, 5), (8, 49), (37, 100), (64, 97), (300, 50)] {
+            for n in [1, 2, 3, 4, 5, 6, 7, 9, 13] {
+                let (x, w) = operands(n, k, m);
+                let y = matmul(&x, n, &w, k, m).unwrap();
+                assert_product(&x, &w, &y, n, k, m);
+            }
+        }
+        assert!(matmul(&[0.0; 3], 1, &[0.0f32; 4], 3, 1).is_none());
+    }
+
+    /// bf16 weights: the product of the widened weights, exactly as f32 weights holding the
+    /// same (bf16-representable) values give it.
+    #[test]
+    fn bf16_weights_multiply_as_their_f32_values() {
+        if !available() {
+            return;
+        }
+        let (n, k, m) = (5, 131, 50);
+        let (x, w) = operands(n, k, m);
+        let wide: Vec<f32> = w.iter().map(|v| v + 1e-3).collect();
+        let narrow: Vec<half::bf16> = wide.iter().map(|&v| half::bf16::from_f32(v)).collect();
+        let rounded: Vec<f32> = narrow.iter().map(|v| v.to_f32()).collect();
+        assert_ne!(rounded, wide, "the test weights must round");
+        assert_eq!(matmul(&x, n, &narrow, k, m), matmul(&x, n, &rounded, k, m));
+    }
+
+    /// The same output whatever the thread count and whatever the other rows of the batch:
+    /// each output is one ordered sum, the same in every tile shape of four or more rows,
+    /// and the same in every one-row-at-a-time product of fewer.
+    #[test]
+    fn each_output_is_the_same_sum_in_any_batch() {
+        if !available() {
+            return;
+        }
+        let (n, k, m) = (7, 70, 130);
+        let (x, w) = operands(n, k, m);
+        let all = matmul(&x, n, &w, k, m).unwrap();
+        let one = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        assert_eq!(one.install(|| matmul(&x, n, &w, k, m)).unwrap(), all);
+        let rows = |from: usize, count: usize| {
+            matmul(&x[from * k..(from + count) * k], count, &w, k, m).unwrap()
+        };
+        // Tiles: rows 3..7 alone (one full tile) as within all seven (a tile of four, then
+        // one of three).
+        assert_eq!(rows(3, 4)[..], all[3 * m..]);
+        // One weight row at a time: row 2 alone, and as the last of three.
+        assert_eq!(rows(2, 1)[..], rows(0, 3)[2 * m..]);
+    }
+}
