@@ -89,7 +89,7 @@ impl LlamaModel {
     }
 
     /// Bytes the weights occupy in memory: the embedding, every matrix and norm, and the
-    /// output layer (for tied embeddings a transposed or quantized copy of the embedding).
+    /// output layer (not counted again when it is the tied embedding's own matrix).
     pub fn weight_bytes(&self) -> usize {
         let t = |x: &Tensor| x.elem_count() * x.dtype().size_in_bytes();
         let o = |x: &Option<Tensor>| x.as_ref().map_or(0, t);
