@@ -268,6 +268,8 @@ impl QMatrix {
                     Rows::Q8(_) => &[],
                 };
                 let x_row = |i: usize| &xq[i * nb..(i + 1) * nb];
+                // Activation rows `4g .. 4g + 4`.
+                let x_quad = |g: usize| std::array::from_fn(|q| x_row(4 * g + q));
                 let quads = n / 4;
                 // Two weight rows and four activation rows at a time, then the leftovers
                 // one weight row at a time (same sums, same order: see `dot`).
@@ -275,12 +277,7 @@ impl QMatrix {
                 for p in 0..pairs {
                     let j = first + 2 * p;
                     for g in 0..quads {
-                        let xs = [
-                            x_row(4 * g),
-                            x_row(4 * g + 1),
-                            x_row(4 * g + 2),
-                            x_row(4 * g + 3),
-                        ];
+                        let xs = x_quad(g);
                         let y = match &self.data {
                             Rows::Q8(_) => (k.q8x2x4)([w8(j), w8(j + 1)], xs),
                             Rows::Q4(_) => (k.q4x2x4)([w4(j), w4(j + 1)], xs),
@@ -296,12 +293,7 @@ impl QMatrix {
                     let paired = r < 2 * pairs;
                     // Four activation rows per pass over the weight row, then the rest.
                     for g in 0..if paired { 0 } else { quads } {
-                        let xs = [
-                            x_row(4 * g),
-                            x_row(4 * g + 1),
-                            x_row(4 * g + 2),
-                            x_row(4 * g + 3),
-                        ];
+                        let xs = x_quad(g);
                         let y = match &self.data {
                             Rows::Q8(_) => (k.q8x4)(w8(j), xs),
                             Rows::Q4(_) => (k.q4x4)(w4(j), xs),
@@ -355,6 +347,32 @@ mod tests {
         (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect()
     }
 
+    /// The activations as the products see them: quantized per block of 32, widened back.
+    fn quantized_activations(x: &[f32]) -> Vec<f32> {
+        x.chunks_exact(BLOCK)
+            .flat_map(|c| {
+                let b = BlockX::quantize(c);
+                b.qs.map(|v| b.d * f32::from(v))
+            })
+            .collect()
+    }
+
+    /// The weights of a candle (ggml) quantized tensor, dequantized by candle's port of
+    /// ggml's dequantizers, row-major.
+    fn ggml_weights(q: &candle_core::quantized::QTensor) -> Vec<f32> {
+        q.dequantize(&candle_core::Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    }
+
+    /// Row `j` of `w` dotted with row `i` of `x` (both `cols` wide), in f32.
+    fn row_dot(w: &[f32], x: &[f32], cols: usize, j: usize, i: usize) -> f32 {
+        (0..cols).map(|c| w[j * cols + c] * x[i * cols + c]).sum()
+    }
+
     /// The quantized product equals the f32 product of the dequantized weights with the
     /// dequantized activations (exactly up to f32 rounding: the integer sums are exact), for
     /// every kernel; and it is close to the f32 product of the original matrices, within
@@ -369,19 +387,12 @@ mod tests {
         for format in [QFormat::Q8_0, QFormat::Q4_0, QFormat::Q4_1] {
             let q = QMatrix::quantize(format, &w, rows, cols).unwrap();
             let wd = q.dequantize();
-            let xd: Vec<f32> = x
-                .chunks_exact(BLOCK)
-                .flat_map(|c| {
-                    let b = BlockX::quantize(c);
-                    b.qs.map(|v| b.d * f32::from(v))
-                })
-                .collect();
+            let xd = quantized_activations(&x);
             for k in dot::available() {
                 let y = q.matmul_with(k, &x, n);
                 for i in 0..n {
                     for j in 0..rows {
-                        let exact: f32 =
-                            (0..cols).map(|c| wd[j * cols + c] * xd[i * cols + c]).sum();
+                        let exact = row_dot(&wd, &xd, cols, j, i);
                         let full: f32 = (0..cols).map(|c| w[j * cols + c] * x[i * cols + c]).sum();
                         let got = y[i * rows + j];
                         assert!(
@@ -422,14 +433,7 @@ mod tests {
             (QFormat::Q4_0, GgmlDType::Q4_0),
             (QFormat::Q4_1, GgmlDType::Q4_1),
         ] {
-            let theirs = QTensor::quantize(&t, dtype)
-                .unwrap()
-                .dequantize(&Device::Cpu)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
+            let theirs = ggml_weights(&QTensor::quantize(&t, dtype).unwrap());
             let ours = QMatrix::quantize(format, &w, rows, cols)
                 .unwrap()
                 .dequantize();
@@ -475,13 +479,7 @@ mod tests {
             (GgufBlocks::Q4K, GgmlDType::Q4K),
         ] {
             let q = QTensor::quantize(&t, dtype).unwrap();
-            let theirs = q
-                .dequantize(&Device::Cpu)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
+            let theirs = ggml_weights(&q);
             let ours = QMatrix::from_gguf(kind, &q.data().unwrap(), rows, cols).unwrap();
             assert_eq!(ours.format, kind.format());
             let decoded = ours.dequantize();
@@ -490,20 +488,12 @@ mod tests {
                 .count();
             assert_eq!(differ, 0, "{kind:?}: {differ} weights differ");
             // The product uses those weights (exactly, up to f32 summation order).
-            let xd: Vec<f32> = x
-                .chunks_exact(BLOCK)
-                .flat_map(|c| {
-                    let b = BlockX::quantize(c);
-                    b.qs.map(|v| b.d * f32::from(v))
-                })
-                .collect();
+            let xd = quantized_activations(&x);
             for k in dot::available() {
                 let y = ours.matmul_with(k, &x, n);
                 for i in 0..n {
                     for j in 0..rows {
-                        let want: f32 = (0..cols)
-                            .map(|c| theirs[j * cols + c] * xd[i * cols + c])
-                            .sum();
+                        let want = row_dot(&theirs, &xd, cols, j, i);
                         let got = y[i * rows + j];
                         assert!(
                             (got - want).abs() < 1e-3,
