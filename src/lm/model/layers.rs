@@ -83,8 +83,9 @@ impl Linear {
     }
 }
 
-/// `x Wᵀ` with a dense `W: [out, in]`: our tiles on a CPU with AVX2 and FMA, candle's GEMM
-/// otherwise (bf16 widened for it: the GEMM has no bf16 × f32 product).
+/// `x Wᵀ` with a dense `W: [out, in]`: our tiles on the CPU (f32 only where they run in
+/// AVX2 and FMA), candle's GEMM otherwise (bf16 widened for it on other devices: the GEMM
+/// has no bf16 × f32 product).
 fn dense_forward(w: &Tensor, x: &Tensor) -> candle_core::Result<Tensor> {
     if let Some(y) = cpu_dense_forward(w, x)? {
         return Ok(y);
@@ -95,19 +96,20 @@ fn dense_forward(w: &Tensor, x: &Tensor) -> candle_core::Result<Tensor> {
     x.matmul(&w.t()?)
 }
 
-/// `x Wᵀ` by the tiles of [`dense`] for f32 or bf16 `W` on the CPU (`x: [n, in]` f32).
-/// `None` for every other case.
+/// `x Wᵀ` by the tiles of [`dense`] on the CPU (`x: [n, in]` f32): bf16 `W` always, f32 `W`
+/// where the tiles run in AVX2 and FMA. `None` for every other case.
 fn cpu_dense_forward(w: &Tensor, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
     use candle_core::{DType, Storage};
     let (n, k) = match x.dims() {
         &[n, k] => (n, k),
         _ => return Ok(None),
     };
-    if !w.device().is_cpu()
-        || x.dtype() != DType::F32
-        || !matches!(w.dtype(), DType::F32 | DType::BF16)
-        || !dense::available()
-    {
+    let ours = match w.dtype() {
+        DType::BF16 => true,
+        DType::F32 => dense::available(),
+        _ => false,
+    };
+    if !ours || !w.device().is_cpu() || x.dtype() != DType::F32 {
         return Ok(None);
     }
     let (m, wk) = w.dims2()?;
