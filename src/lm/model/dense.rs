@@ -17,7 +17,7 @@
 //! compiler vectorises for the target (`portable`); the caller uses them for bf16 weights
 //! (candle's GEMM has no bf16 × f32 product, and widening a whole matrix per product is
 //! slow) and candle's GEMM for f32, which on this project's machine ran the portable tiles'
-//! shapes 1–2× faster (`x86` is the fastest of the three where it runs).
+//! shapes 1.3–2× faster (`x86` is the fastest of the three where it runs).
 
 use rayon::prelude::*;
 

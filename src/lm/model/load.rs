@@ -171,7 +171,7 @@ impl Plan {
 }
 
 /// llama.cpp's name of a GGUF tensor type (`Q4_K`, `F16`, ...).
-pub(crate) fn ggml_type_name(dtype: GgmlDType) -> &'static str {
+fn ggml_type_name(dtype: GgmlDType) -> &'static str {
     match dtype {
         GgmlDType::F32 => "F32",
         GgmlDType::F16 => "F16",

@@ -12,7 +12,7 @@ use rayon::prelude::*;
 pub(crate) use blocks::BLOCK;
 use blocks::{BlockQ4, BlockQ8, BlockX, Q4_K_BYTES, SUPER_BLOCK};
 
-/// The block format of a [`QMatrix`].
+/// A block format a [`QMatrix`] is quantized into (or, from a file, decoded into).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum QFormat {
     /// 8-bit weights, one scale per block.
@@ -65,10 +65,11 @@ enum Rows {
 }
 
 /// A weight matrix `W: [rows, cols]` (`rows` outputs, `cols` inputs, `cols` a multiple of
-/// 32) in a block format, each row's blocks contiguous.
+/// 32) in 8- or 4-bit blocks, each row's blocks contiguous. (Which format the blocks came
+/// from does not matter once they are held: `Q4_0` and `Q4_K` are `Q4_1` blocks, `Q5_0`
+/// `Q8_0` blocks.)
 #[derive(Debug, Clone)]
 pub(crate) struct QMatrix {
-    format: QFormat,
     rows: usize,
     cols: usize,
     data: Rows,
@@ -94,12 +95,7 @@ impl QMatrix {
             QFormat::Q4_0 => Rows::Q4(chunks.map(BlockQ4::quantize_q4_0).collect()),
             QFormat::Q4_1 => Rows::Q4(chunks.map(BlockQ4::quantize).collect()),
         };
-        Some(Self {
-            format,
-            rows,
-            cols,
-            data,
-        })
+        Some(Self { rows, cols, data })
     }
 
     /// A matrix from GGUF block data. `None` when `cols` is not a multiple of the block
@@ -123,12 +119,7 @@ impl QMatrix {
             GgufBlocks::Q4_1 => Rows::Q4(blocks.map(BlockQ4::from_gguf_q4_1).collect()),
             GgufBlocks::Q4K => Rows::Q4(blocks.flat_map(BlockQ4::from_gguf_q4_k).collect()),
         };
-        Some(Self {
-            format: kind.format(),
-            rows,
-            cols,
-            data,
-        })
+        Some(Self { rows, cols, data })
     }
 
     /// `[rows, cols]`.
@@ -177,7 +168,8 @@ impl QMatrix {
         Some(out)
     }
 
-    /// Several matrices with the same `cols` and format stacked by rows (fused projections).
+    /// Several matrices with the same `cols` and block width stacked by rows (fused
+    /// projections).
     pub(crate) fn stack(parts: &[&QMatrix]) -> Option<Self> {
         let first = parts.first()?;
         // Blocks of one layout stack whatever format they came from (`Q4_0` and `Q4_K`
@@ -211,7 +203,6 @@ impl QMatrix {
             ),
         };
         Some(Self {
-            format: first.format,
             rows,
             cols: first.cols,
             data,
@@ -230,7 +221,6 @@ impl QMatrix {
             Rows::Q4(b) => Rows::Q4(b[range].to_vec()),
         };
         Some(Self {
-            format: self.format,
             rows: n,
             cols: self.cols,
             data,
@@ -481,7 +471,9 @@ mod tests {
             let q = QTensor::quantize(&t, dtype).unwrap();
             let theirs = ggml_weights(&q);
             let ours = QMatrix::from_gguf(kind, &q.data().unwrap(), rows, cols).unwrap();
-            assert_eq!(ours.format, kind.format());
+            // Held in the blocks of the format they decode into.
+            let eight_bit = matches!(ours.data, Rows::Q8(_));
+            assert_eq!(eight_bit, kind.format() == QFormat::Q8_0, "{kind:?}");
             let decoded = ours.dequantize();
             let differ = (0..decoded.len())
                 .filter(|&i| decoded[i].to_bits() != theirs[i].to_bits())
