@@ -277,6 +277,21 @@ fn native_keeps_q4_k_and_q5_0_weights_exactly() {
         "requantized to q4_0"
     );
     assert_eq!(gguf.weight_plan(WeightFormat::F32)["Q5_0"].1, "dense f32");
+    // The same file cut short in its K-quant blocks: a typed error under every format
+    // that reads them, never a panic.
+    let bytes = std::fs::read(&path).unwrap();
+    let cut = dir.join("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() * 3 / 4]).unwrap();
+    for weights in [WeightFormat::Native, WeightFormat::Q4_1, WeightFormat::F32] {
+        let opts = LoadOptions {
+            weights,
+            ..Default::default()
+        };
+        match LlamaModel::from_gguf(&cut, &opts) {
+            Err(LmError::CorruptModel { .. }) => {}
+            other => panic!("{}: expected CorruptModel, got {other:?}", weights.name()),
+        }
+    }
     std::fs::remove_dir_all(&dir).ok();
 }
 
