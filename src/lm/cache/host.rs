@@ -1,11 +1,12 @@
 //! The host back-end: the pool is host memory and attention walks each query's block table
-//! in place (no gathered copy of a sequence's history), in parallel over (query token, head)
-//! pairs with rayon, accumulating in f32. Grouped-query attention maps each query head to its
-//! key/value head.
+//! in place (no gathered copy of a sequence's history), in parallel over (query token,
+//! key/value head) pairs with rayon, accumulating in f32; the arithmetic of one pair, all
+//! the query heads that share its key/value head, is in `host_attention.rs`.
 
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
+use super::host_attention::{attend_group, GroupQuery, Scratch};
 use super::store::KvStore;
 use super::{AttentionPath, CacheLayout, QueryMeta, ScoreOptions};
 use crate::lm::error::{LmError, LmResult};
@@ -42,7 +43,7 @@ fn block_floats(l: &CacheLayout) -> usize {
 
 /// Offset of (block, head, slot) in a layer's pool.
 #[inline]
-fn offset(l: &CacheLayout, block: u32, head: usize, slot: usize) -> usize {
+pub(super) fn offset(l: &CacheLayout, block: u32, head: usize, slot: usize) -> usize {
     ((block as usize * l.n_kv_heads + head) * l.block_size + slot) * l.head_dim
 }
 
@@ -60,96 +61,6 @@ impl HostStore {
             values: zeroed_layers(layout.n_layers, floats)?,
         })
     }
-
-    /// [`Self::attend_one`], compiled for AVX2 where the CPU has it (chosen at run time).
-    /// The loops only get wider vectors: no operation is fused or reordered (no FMA), so
-    /// both builds give the same bits.
-    fn attend_one_best(head: &HeadQuery<'_>, scores: &mut Vec<f32>, out: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU has AVX2 (checked just above).
-            return unsafe { Self::attend_one_avx2(head, scores, out) };
-        }
-        Self::attend_one(head, scores, out)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn attend_one_avx2(head: &HeadQuery<'_>, scores: &mut Vec<f32>, out: &mut [f32]) {
-        Self::attend_one(head, scores, out)
-    }
-
-    /// One query head's attention output into `out` (`scores` is scratch space).
-    #[inline(always)]
-    fn attend_one(head: &HeadQuery<'_>, scores: &mut Vec<f32>, out: &mut [f32]) {
-        let HeadQuery {
-            layout,
-            keys,
-            values,
-            q,
-            meta,
-            kv_head,
-            opts,
-        } = *head;
-        let (bs, hd) = (layout.block_size, layout.head_dim);
-        let n = meta.pos + 1;
-        // With a sliding window, blocks wholly before the window are skipped (never read);
-        // they stay allocated because forks, truncation and global layers may need them.
-        let lo = opts.first_visible(meta.pos);
-        // (block, first slot, end slot) of every block overlapping the visible range.
-        let spans = || {
-            meta.blocks
-                .iter()
-                .enumerate()
-                .take(n.div_ceil(bs))
-                .skip(lo / bs)
-                .map(move |(bi, &block)| {
-                    let from = lo.saturating_sub(bi * bs);
-                    let to = (n - bi * bs).min(bs);
-                    (block, from, to)
-                })
-        };
-        scores.clear();
-        scores.reserve(n - lo);
-        let mut max = f32::NEG_INFINITY;
-        for (block, from, to) in spans() {
-            let base = offset(layout, block, kv_head, 0);
-            for kv in keys[base + from * hd..base + to * hd].chunks_exact(hd) {
-                let s = opts.score(dot(q, kv));
-                max = max.max(s);
-                scores.push(s);
-            }
-        }
-        let mut sum = 0f32;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
-        out.fill(0.0);
-        let inv = 1.0 / sum;
-        let mut w = scores.iter();
-        for (block, from, to) in spans() {
-            let base = offset(layout, block, kv_head, 0);
-            for (vv, &p) in values[base + from * hd..base + to * hd]
-                .chunks_exact(hd)
-                .zip(&mut w)
-            {
-                axpy(p * inv, vv, out);
-            }
-        }
-    }
-}
-
-/// One query head against one key/value head of one layer's cache.
-#[derive(Clone, Copy)]
-struct HeadQuery<'a> {
-    layout: &'a CacheLayout,
-    keys: &'a [f32],
-    values: &'a [f32],
-    q: &'a [f32],
-    meta: QueryMeta<'a>,
-    kv_head: usize,
-    opts: ScoreOptions,
 }
 
 impl KvStore for HostStore {
@@ -266,125 +177,28 @@ impl KvStore for HostStore {
         let group = n_heads / layout.n_kv_heads;
         let (keys, values) = (&self.keys[layer], &self.values[layer]);
         let mut out = vec![0f32; q.len()];
-        out.par_chunks_mut(hd)
+        // One task per (token, key/value head): the group's rows are contiguous in `q`.
+        let width = group * hd;
+        out.par_chunks_mut(width)
             .enumerate()
-            .with_min_len(4)
-            .for_each_init(Vec::new, |scores: &mut Vec<f32>, (row, o)| {
-                let (t, h) = (row / n_heads, row % n_heads);
-                let qv = &q[row * hd..(row + 1) * hd];
-                let head = HeadQuery {
+            .with_min_len(2)
+            .for_each_init(Scratch::default, |scratch, (unit, o)| {
+                let (t, kv_head) = (unit / layout.n_kv_heads, unit % layout.n_kv_heads);
+                let g = GroupQuery {
                     layout,
                     keys,
                     values,
-                    q: qv,
+                    qs: &q[unit * width..(unit + 1) * width],
                     meta: queries[t],
-                    kv_head: h / group,
+                    kv_head,
                     opts,
                 };
-                Self::attend_one_best(&head, scores, o);
+                attend_group(&g, scratch, o);
             });
         Ok(Tensor::from_vec(
             out,
             (queries.len(), n_heads * hd),
             &Device::Cpu,
         )?)
-    }
-}
-
-/// Dot product with eight independent accumulators (vectorises without fast-math).
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let ca = a.chunks_exact(8);
-    let cb = b.chunks_exact(8);
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
-    }
-    s
-}
-
-/// `out += a * x`.
-#[inline(always)]
-fn axpy(a: f32, x: &[f32], out: &mut [f32]) {
-    for (o, &v) in out.iter_mut().zip(x) {
-        *o += a * v;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn dot_matches_naive() {
-        let a: Vec<f32> = (0..19).map(|i| i as f32 * 0.5).collect();
-        let b: Vec<f32> = (0..19).map(|i| 1.0 - i as f32).collect();
-        let naive: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
-        assert!((dot(&a, &b) - naive).abs() < 1e-3);
-    }
-
-    /// The build chosen at run time gives the bits of the portable build (uneven head
-    /// dimension, partial last block, a window, a soft cap).
-    #[test]
-    fn attention_builds_agree_bit_for_bit() {
-        let layout = CacheLayout {
-            n_layers: 1,
-            n_kv_heads: 2,
-            head_dim: 20,
-            block_size: 4,
-            num_blocks: 5,
-        };
-        let floats = block_floats(&layout) * layout.num_blocks;
-        let val = |i: usize, k: f32| ((i * 2_654_435_761) % 1000) as f32 / 500.0 - 1.0 + k;
-        let keys: Vec<f32> = (0..floats).map(|i| val(i, 0.0)).collect();
-        let values: Vec<f32> = (0..floats).map(|i| val(i + 7, 0.1)).collect();
-        let q: Vec<f32> = (0..20).map(|i| val(i + 3, -0.2)).collect();
-        let blocks = [3u32, 0, 4, 1];
-        for (pos, opts) in [
-            (
-                13,
-                ScoreOptions {
-                    scale: 0.22,
-                    softcap: None,
-                    window: None,
-                },
-            ),
-            (
-                14,
-                ScoreOptions {
-                    scale: 0.5,
-                    softcap: Some(5.0),
-                    window: Some(6),
-                },
-            ),
-        ] {
-            let meta = QueryMeta {
-                blocks: &blocks,
-                pos,
-            };
-            let head = HeadQuery {
-                layout: &layout,
-                keys: &keys,
-                values: &values,
-                q: &q,
-                meta,
-                kv_head: 1,
-                opts,
-            };
-            let (mut s1, mut s2) = (Vec::new(), Vec::new());
-            let (mut o1, mut o2) = (vec![0f32; 20], vec![0f32; 20]);
-            HostStore::attend_one(&head, &mut s1, &mut o1);
-            HostStore::attend_one_best(&head, &mut s2, &mut o2);
-            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&o1), bits(&o2));
-            assert!(o1.iter().all(|x| x.is_finite() && *x != 0.0));
-        }
     }
 }

@@ -56,6 +56,7 @@ use super::error::{LmError, LmResult};
 
 mod gather;
 mod host;
+mod host_attention;
 mod store;
 
 use gather::GatherStore;
