@@ -19,6 +19,7 @@ mod checkpoint;
 mod config;
 mod device;
 mod error;
+mod exp32;
 mod family;
 mod gguf;
 mod kernel;

@@ -3,12 +3,12 @@
 
 use candle_core::{DType, Tensor};
 
+use super::activation::gated;
 use super::layers::Layer;
 use super::{LlamaModel, LogitRows, SeqTokens};
 use crate::lm::cache::{PagedKvCache, QueryMeta};
 use crate::lm::config::RopeStyle;
 use crate::lm::error::{LmError, LmResult};
-use crate::lm::family::Activation;
 
 impl LlamaModel {
     /// Append tokens to several cached sequences in one batched pass and return logits.
@@ -274,12 +274,7 @@ impl LlamaModel {
         let (Some(g), Some(u)) = (gu.first(), gu.get(1)) else {
             return Err(LmError::Format("gate/up projection".into()));
         };
-        let g = match self.arch.activation {
-            Activation::Silu => g.silu()?,
-            // candle's `gelu` is the tanh approximation (`gelu_pytorch_tanh`).
-            Activation::GeluTanh => g.gelu()?,
-        };
-        let mut m = layer.w_down.forward(&(g * u)?)?;
+        let mut m = layer.w_down.forward(&gated(self.arch.activation, g, u)?)?;
         if let Some(w) = &layer.post_ffw_norm {
             m = candle_nn::ops::rms_norm(&m, w, eps)?;
         }

@@ -27,6 +27,7 @@
 //! multiplied by dot-product register tiles (`dense`, AVX2+FMA) or, without those
 //! instructions, candle's GEMM.
 
+mod activation;
 mod dense;
 mod forward;
 mod layers;
