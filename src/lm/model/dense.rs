@@ -107,7 +107,9 @@ pub(super) fn matmul<W: Weight>(
     if !available() {
         return Some(portable::matmul(x, n, w, k, m));
     }
-    let mut y = vec![0.0f32; n * m];
+    // Not zeroed first: every element is written once below (zeroing 12.5 MB of logits
+    // per step at 64 rows was 1.5% of an SMC step's samples).
+    let mut y: Vec<f32> = Vec::with_capacity(n * m);
     #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
     let out = Out(y.as_mut_ptr());
     (0..m.div_ceil(ROWS_PER_TASK))
@@ -122,6 +124,13 @@ pub(super) fn matmul<W: Weight>(
                 x86::task(x, n, w, k, m, j0, j1, out)
             };
         });
+    // SAFETY: `available()` holds here, so the tasks ran `x86::task`, which writes every
+    // row of its columns `[j0, j1)`; the tasks' columns cover `[0, m)`: all `n · m`
+    // elements are initialised.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        y.set_len(n * m)
+    };
     Some(y)
 }
 
@@ -332,7 +341,7 @@ mod x86 {
                 s = w[j * k + i].widen().mul_add(x[b * k + i], s);
             }
             // SAFETY (caller): row b < RX, column j of `y`.
-            unsafe { *out.at(b * m + j) = s };
+            unsafe { out.at(b * m + j).write(s) };
         }
     }
 
@@ -393,7 +402,7 @@ mod x86 {
                     s = w[(j + a) * k + i].widen().mul_add(x[(r + b) * k + i], s);
                 }
                 // SAFETY (caller): row r + b < n, column j + a < m of `y`, this task's.
-                unsafe { *out.at((r + b) * m + j + a) = s };
+                unsafe { out.at((r + b) * m + j + a).write(s) };
             }
         }
     }

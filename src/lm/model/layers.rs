@@ -116,15 +116,26 @@ fn cpu_dense_forward(w: &Tensor, x: &Tensor) -> candle_core::Result<Option<Tenso
     if wk != k {
         candle_core::bail!("input width {k} for a matrix of {:?}", [m, wk]);
     }
-    let xs = x.flatten_all()?.to_vec1::<f32>()?;
     let (storage, layout) = w.storage_and_layout();
     let (Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) else {
         return Ok(None);
     };
-    let y = if w.dtype() == DType::BF16 {
-        dense::matmul(&xs, n, &cpu.as_slice::<half::bf16>()?[start..end], k, m)
+    // The activations in place when contiguous (as they come out of the norms), else a
+    // contiguous copy (made before taking the storage, which the copy also reads).
+    let x = if x.is_contiguous() {
+        x.clone()
     } else {
-        dense::matmul(&xs, n, &cpu.as_slice::<f32>()?[start..end], k, m)
+        x.contiguous()?
+    };
+    let (x_storage, x_layout) = x.storage_and_layout();
+    let (Storage::Cpu(xc), Some((a, b))) = (&*x_storage, x_layout.contiguous_offsets()) else {
+        return Ok(None);
+    };
+    let xs = &xc.as_slice::<f32>()?[a..b];
+    let y = if w.dtype() == DType::BF16 {
+        dense::matmul(xs, n, &cpu.as_slice::<half::bf16>()?[start..end], k, m)
+    } else {
+        dense::matmul(xs, n, &cpu.as_slice::<f32>()?[start..end], k, m)
     };
     match y {
         Some(y) => Ok(Some(Tensor::from_vec(y, (n, m), x.device())?)),
