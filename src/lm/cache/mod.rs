@@ -15,8 +15,9 @@
 //!
 //! Attention ([`PagedKvCache::attend`]) reads keys and values through the block tables,
 //! directly from the pool: no gathered copy of a sequence's history is ever built. It runs
-//! in parallel over (query token, head) pairs with rayon, accumulates in f32, and handles
-//! grouped-query attention by mapping each query head to its key/value head. Per layer,
+//! in parallel over (query token, key/value head) pairs with rayon, accumulates in f32, and
+//! handles grouped-query attention by taking the query heads of one key/value head
+//! together (each key and value row read once for the group). Per layer,
 //! [`ScoreOptions`] sets the score scale, an optional soft-cap and an optional sliding window:
 //! blocks wholly before a query's window are skipped (not read) but never released early,
 //! since global layers, forks and truncation still need them.

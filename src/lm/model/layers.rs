@@ -120,27 +120,54 @@ fn cpu_dense_forward(w: &Tensor, x: &Tensor) -> candle_core::Result<Option<Tenso
     let (Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) else {
         return Ok(None);
     };
-    // The activations in place when contiguous (as they come out of the norms), else a
-    // contiguous copy (made before taking the storage, which the copy also reads).
+    let y = with_host_rows(x, |xs| {
+        if w.dtype() == DType::BF16 {
+            Ok(dense::matmul(
+                xs,
+                n,
+                &cpu.as_slice::<half::bf16>()?[start..end],
+                k,
+                m,
+            ))
+        } else {
+            Ok(dense::matmul(
+                xs,
+                n,
+                &cpu.as_slice::<f32>()?[start..end],
+                k,
+                m,
+            ))
+        }
+    })?;
+    match y {
+        Some(y) => Ok(Some(Tensor::from_vec(y, (n, m), x.device())?)),
+        None => Ok(None),
+    }
+}
+
+/// `f(rows)` with the elements of a host f32 tensor in row-major order, read in place when
+/// contiguous (as activations come out of the norms), else from a contiguous copy made
+/// first (the copy reads the same storage); `None` where `f` gives `None` or the tensor
+/// is not host f32. Copying the activations for every product was 2% of a step's
+/// samples at 64 particles.
+fn with_host_rows<R>(
+    x: &Tensor,
+    f: impl FnOnce(&[f32]) -> candle_core::Result<Option<R>>,
+) -> candle_core::Result<Option<R>> {
+    use candle_core::{DType, Storage};
+    if x.dtype() != DType::F32 {
+        return Ok(None);
+    }
     let x = if x.is_contiguous() {
         x.clone()
     } else {
         x.contiguous()?
     };
-    let (x_storage, x_layout) = x.storage_and_layout();
-    let (Storage::Cpu(xc), Some((a, b))) = (&*x_storage, x_layout.contiguous_offsets()) else {
+    let (storage, layout) = x.storage_and_layout();
+    let (Storage::Cpu(cpu), Some((a, b))) = (&*storage, layout.contiguous_offsets()) else {
         return Ok(None);
     };
-    let xs = &xc.as_slice::<f32>()?[a..b];
-    let y = if w.dtype() == DType::BF16 {
-        dense::matmul(xs, n, &cpu.as_slice::<half::bf16>()?[start..end], k, m)
-    } else {
-        dense::matmul(xs, n, &cpu.as_slice::<f32>()?[start..end], k, m)
-    };
-    match y {
-        Some(y) => Ok(Some(Tensor::from_vec(y, (n, m), x.device())?)),
-        None => Ok(None),
-    }
+    f(&cpu.as_slice::<f32>()?[a..b])
 }
 
 /// `x Wᵀ` with a block-quantized `W` (on the CPU; `x: [n, in]`).
@@ -149,11 +176,16 @@ fn int_forward(q: &QMatrix, x: &Tensor) -> candle_core::Result<Tensor> {
     if cols != q.dims()[1] {
         candle_core::bail!("input width {cols} for a matrix of {:?}", q.dims());
     }
-    let xs = x
-        .to_dtype(candle_core::DType::F32)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
-    Tensor::from_vec(q.matmul(&xs, n), (n, q.dims()[0]), x.device())
+    let x = x.to_dtype(candle_core::DType::F32)?;
+    match with_host_rows(&x, |xs| Ok(Some(q.matmul(xs, n))))? {
+        Some(y) => Tensor::from_vec(y, (n, q.dims()[0]), x.device()),
+        // Not on the host: the rows copied out.
+        None => Tensor::from_vec(
+            q.matmul(&x.flatten_all()?.to_vec1::<f32>()?, n),
+            (n, q.dims()[0]),
+            x.device(),
+        ),
+    }
 }
 
 /// The token embedding: dense rows, or (CPU, block formats) block-quantized rows decoded
