@@ -16,6 +16,7 @@
 mod cache;
 mod chat;
 mod checkpoint;
+mod columns;
 mod config;
 mod device;
 mod error;

@@ -21,6 +21,9 @@
 
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+use crate::lm::columns::ColumnWriter;
+
 /// Weight rows per register tile.
 const TILE_W: usize = 3;
 /// Activation rows per register tile.
@@ -107,50 +110,29 @@ pub(super) fn matmul<W: Weight>(
     if !available() {
         return Some(portable::matmul(x, n, w, k, m));
     }
-    // Not zeroed first: every element is written once below (zeroing 12.5 MB of logits
-    // per step at 64 rows was 1.5% of an SMC step's samples).
-    let mut y: Vec<f32> = Vec::with_capacity(n * m);
-    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
-    let out = Out(y.as_mut_ptr());
-    (0..m.div_ceil(ROWS_PER_TASK))
-        .into_par_iter()
-        .for_each(|t| {
-            let j0 = t * ROWS_PER_TASK;
-            let j1 = (j0 + ROWS_PER_TASK).min(m);
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `available()` (AVX2 and FMA) was checked; the task writes only columns
-            // `[j0, j1)` of `y: [n, m]`, which no other task writes, and `y` outlives it.
-            unsafe {
-                x86::task(x, n, w, k, m, j0, j1, out)
-            };
-        });
-    // SAFETY: `available()` holds here, so the tasks ran `x86::task`, which writes every
-    // row of its columns `[j0, j1)`; the tasks' columns cover `[0, m)`: all `n · m`
-    // elements are initialised.
     #[cfg(target_arch = "x86_64")]
-    unsafe {
-        y.set_len(n * m)
-    };
-    Some(y)
-}
-
-/// `y`'s memory, shared by tasks that each write only their own columns.
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-
-impl Out {
-    /// The address of element `i` (a method, so that closures capture the whole `Out`,
-    /// which is `Sync`, rather than its raw pointer field).
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    fn at(self, i: usize) -> *mut f32 {
-        self.0.wrapping_add(i)
+    {
+        // Not zeroed first: every element is written once below (zeroing 12.5 MB of logits
+        // per step at 64 rows was 1.5% of an SMC step's samples).
+        let mut y = ColumnWriter::new(n, m);
+        let out = y.columns();
+        (0..m.div_ceil(ROWS_PER_TASK))
+            .into_par_iter()
+            .for_each(|t| {
+                let j0 = t * ROWS_PER_TASK;
+                let j1 = (j0 + ROWS_PER_TASK).min(m);
+                // SAFETY: `available()` (AVX2 and FMA) was checked; the task writes only
+                // columns `[j0, j1)` of `y: [n, m]`, which no other task writes.
+                unsafe { x86::task(x, n, w, k, j0, j1, out) };
+            });
+        // SAFETY: each task wrote every row of its columns `[j0, j1)`, and the tasks'
+        // columns cover `[0, m)`; the parallel loop has returned.
+        Some(unsafe { y.finish() })
     }
+    // (`available()` is false off x86-64: the portable tiles above ran.)
+    #[cfg(not(target_arch = "x86_64"))]
+    Some(portable::matmul(x, n, w, k, m))
 }
-
-// SAFETY: the tasks of `matmul` write disjoint column ranges of `y` through it, and `y`
-// outlives them.
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
 
 /// The tiles on arrays of eight lanes, for CPUs without AVX2 and FMA: the same loops as
 /// `x86` (each output one ordered sum), without fused multiply-adds (a libm call per
@@ -234,7 +216,8 @@ mod portable {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{Out, Weight, ROW_BELOW, TILE_W, TILE_X};
+    use super::{Weight, ROW_BELOW, TILE_W, TILE_X};
+    use crate::lm::columns::Columns;
 
     /// Columns `[j0, j1)` of `y` for every row: groups of up to four activation rows, and
     /// within a group the task's weight rows three at a time (they stay in L2 while the
@@ -250,10 +233,9 @@ mod x86 {
         n: usize,
         w: &[W],
         k: usize,
-        m: usize,
         j0: usize,
         j1: usize,
-        out: Out,
+        out: Columns,
     ) {
         if n < ROW_BELOW {
             for j in j0..j1 {
@@ -261,9 +243,9 @@ mod x86 {
                 // task's.
                 unsafe {
                     match n {
-                        1 => row::<W, 1>(x, w, k, m, j, out),
-                        2 => row::<W, 2>(x, w, k, m, j, out),
-                        _ => row::<W, 3>(x, w, k, m, j, out),
+                        1 => row::<W, 1>(x, w, k, j, out),
+                        2 => row::<W, 2>(x, w, k, j, out),
+                        _ => row::<W, 3>(x, w, k, j, out),
                     }
                 }
             }
@@ -279,18 +261,18 @@ mod x86 {
                 // and the outputs written are columns of this task.
                 unsafe {
                     match (rw, rx) {
-                        (3, 4) => tile::<W, 3, 4>(x, w, k, m, j, r, out),
-                        (3, 3) => tile::<W, 3, 3>(x, w, k, m, j, r, out),
-                        (3, 2) => tile::<W, 3, 2>(x, w, k, m, j, r, out),
-                        (3, _) => tile::<W, 3, 1>(x, w, k, m, j, r, out),
-                        (2, 4) => tile::<W, 2, 4>(x, w, k, m, j, r, out),
-                        (2, 3) => tile::<W, 2, 3>(x, w, k, m, j, r, out),
-                        (2, 2) => tile::<W, 2, 2>(x, w, k, m, j, r, out),
-                        (2, _) => tile::<W, 2, 1>(x, w, k, m, j, r, out),
-                        (_, 4) => tile::<W, 1, 4>(x, w, k, m, j, r, out),
-                        (_, 3) => tile::<W, 1, 3>(x, w, k, m, j, r, out),
-                        (_, 2) => tile::<W, 1, 2>(x, w, k, m, j, r, out),
-                        _ => tile::<W, 1, 1>(x, w, k, m, j, r, out),
+                        (3, 4) => tile::<W, 3, 4>(x, w, k, j, r, out),
+                        (3, 3) => tile::<W, 3, 3>(x, w, k, j, r, out),
+                        (3, 2) => tile::<W, 3, 2>(x, w, k, j, r, out),
+                        (3, _) => tile::<W, 3, 1>(x, w, k, j, r, out),
+                        (2, 4) => tile::<W, 2, 4>(x, w, k, j, r, out),
+                        (2, 3) => tile::<W, 2, 3>(x, w, k, j, r, out),
+                        (2, 2) => tile::<W, 2, 2>(x, w, k, j, r, out),
+                        (2, _) => tile::<W, 2, 1>(x, w, k, j, r, out),
+                        (_, 4) => tile::<W, 1, 4>(x, w, k, j, r, out),
+                        (_, 3) => tile::<W, 1, 3>(x, w, k, j, r, out),
+                        (_, 2) => tile::<W, 1, 2>(x, w, k, j, r, out),
+                        _ => tile::<W, 1, 1>(x, w, k, j, r, out),
                     }
                 }
                 j += rw;
@@ -312,9 +294,8 @@ mod x86 {
         x: &[f32],
         w: &[W],
         k: usize,
-        m: usize,
         j: usize,
-        out: Out,
+        out: Columns,
     ) {
         let (wp, xp) = (w.as_ptr().wrapping_add(j * k), x.as_ptr());
         let mut acc = [[_mm256_setzero_ps(); 4]; RX];
@@ -341,7 +322,7 @@ mod x86 {
                 s = w[j * k + i].widen().mul_add(x[b * k + i], s);
             }
             // SAFETY (caller): row b < RX, column j of `y`.
-            unsafe { out.at(b * m + j).write(s) };
+            unsafe { out.write(b, j, s) };
         }
     }
 
@@ -367,10 +348,9 @@ mod x86 {
         x: &[f32],
         w: &[W],
         k: usize,
-        m: usize,
         j: usize,
         r: usize,
-        out: Out,
+        out: Columns,
     ) {
         debug_assert!((j + RW) * k <= w.len() && (r + RX) * k <= x.len());
         let (wp, xp) = (w.as_ptr(), x.as_ptr());
@@ -402,7 +382,7 @@ mod x86 {
                     s = w[(j + a) * k + i].widen().mul_add(x[(r + b) * k + i], s);
                 }
                 // SAFETY (caller): row r + b < n, column j + a < m of `y`, this task's.
-                unsafe { out.at((r + b) * m + j + a).write(s) };
+                unsafe { out.write(r + b, j + a, s) };
             }
         }
     }

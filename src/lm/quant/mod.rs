@@ -9,6 +9,8 @@ mod dot;
 
 use rayon::prelude::*;
 
+use crate::lm::columns::ColumnWriter;
+
 pub(crate) use blocks::BLOCK;
 use blocks::{BlockQ4, BlockQ8, BlockX, Q4_K_BYTES, SUPER_BLOCK};
 
@@ -241,14 +243,16 @@ impl QMatrix {
         } else {
             x.par_chunks_exact(BLOCK).map(BlockX::quantize).collect()
         };
-        // Output transposed, `[rows, n]`: each task owns a run of weight rows, which stay in
-        // cache while every activation row passes over them.
-        let mut yt = vec![0f32; self.rows * n];
-        yt.par_chunks_mut(ROWS_PER_TASK * n)
-            .enumerate()
-            .for_each(|(task, out)| {
+        // Each task owns a run of weight rows (columns of `y: [n, rows]`), which stay in
+        // cache while every activation row passes over them; it writes its columns of
+        // every row of `y` directly (no transposed copy, nothing zeroed first).
+        let mut y = ColumnWriter::new(n, self.rows);
+        let out = y.columns();
+        (0..self.rows.div_ceil(ROWS_PER_TASK))
+            .into_par_iter()
+            .for_each(|task| {
                 let first = task * ROWS_PER_TASK;
-                let rows = out.len() / n;
+                let rows = (self.rows - first).min(ROWS_PER_TASK);
                 let w8 = |j: usize| match &self.data {
                     Rows::Q8(b) => &b[j * nb..(j + 1) * nb],
                     Rows::Q4(_) => &[],
@@ -257,6 +261,9 @@ impl QMatrix {
                     Rows::Q4(b) => &b[j * nb..(j + 1) * nb],
                     Rows::Q8(_) => &[],
                 };
+                // SAFETY: column `j` is in this task's run `[first, first + rows)`, which
+                // no other task writes.
+                let put = |r: usize, j: usize, v: f32| unsafe { out.write(r, j, v) };
                 let x_row = |i: usize| &xq[i * nb..(i + 1) * nb];
                 // Activation rows `4g .. 4g + 4`.
                 let x_quad = |g: usize| std::array::from_fn(|q| x_row(4 * g + q));
@@ -273,12 +280,13 @@ impl QMatrix {
                             Rows::Q4(_) => (k.q4x2x4)([w4(j), w4(j + 1)], xs),
                         };
                         for (h, y) in y.iter().enumerate() {
-                            let at = (2 * p + h) * n + 4 * g;
-                            out[at..at + 4].copy_from_slice(y);
+                            for (q, &v) in y.iter().enumerate() {
+                                put(4 * g + q, j + h, v);
+                            }
                         }
                     }
                 }
-                for (r, row_out) in out.chunks_exact_mut(n).enumerate() {
+                for r in 0..rows {
                     let j = first + r;
                     let paired = r < 2 * pairs;
                     // Four activation rows per pass over the weight row, then the rest.
@@ -288,33 +296,23 @@ impl QMatrix {
                             Rows::Q8(_) => (k.q8x4)(w8(j), xs),
                             Rows::Q4(_) => (k.q4x4)(w4(j), xs),
                         };
-                        row_out[4 * g..4 * g + 4].copy_from_slice(&y);
+                        for (q, &v) in y.iter().enumerate() {
+                            put(4 * g + q, j, v);
+                        }
                     }
-                    for (i, y) in row_out.iter_mut().enumerate().skip(4 * quads) {
-                        *y = match &self.data {
+                    for i in 4 * quads..n {
+                        let v = match &self.data {
                             Rows::Q8(_) => (k.q8)(w8(j), x_row(i)),
                             Rows::Q4(_) => (k.q4)(w4(j), x_row(i)),
                         };
+                        put(i, j, v);
                     }
                 }
             });
-        if n == 1 {
-            return yt;
-        }
-        let mut y = vec![0f32; n * self.rows];
-        let untranspose = |(i, row): (usize, &mut [f32])| {
-            for (j, v) in row.iter_mut().enumerate() {
-                *v = yt[j * n + i];
-            }
-        };
-        if y.len() < SERIAL_BELOW {
-            y.chunks_mut(self.rows).enumerate().for_each(untranspose);
-        } else {
-            y.par_chunks_mut(self.rows)
-                .enumerate()
-                .for_each(untranspose);
-        }
-        y
+        // SAFETY: the tasks' runs cover every column, and each task wrote every row of its
+        // columns: rows `[0, 4·quads)` by the paired or four-row kernels, the rest one at
+        // a time; the parallel loop has returned.
+        unsafe { y.finish() }
     }
 }
 
