@@ -80,8 +80,8 @@ pub(crate) struct QMatrix {
 /// Output rows per parallel task: enough work per task to amortise scheduling, small enough
 /// to spread a 576-row matrix over every core.
 const ROWS_PER_TASK: usize = 16;
-/// Element counts below which the activation quantization and the final transpose run on
-/// the calling thread (a parallel region costs more than the work).
+/// Element counts below which the activation quantization runs on the calling thread (a
+/// parallel region costs more than the work).
 const SERIAL_BELOW: usize = 1 << 14;
 
 impl QMatrix {
