@@ -219,6 +219,17 @@ fn tail(mut s: f32, q: &[f32], k: &[f32], from: usize) -> f32 {
     s
 }
 
+/// The end of [`Lanes::exp_shifted`]: the elements beyond the last whole group of eight,
+/// exponentiated in place and added to `sum` in order.
+#[inline(always)]
+fn exp_rest(rest: &mut [f32], shift: f32, mut sum: f32) -> f32 {
+    for x in rest {
+        *x = exp1(*x - shift);
+        sum += *x;
+    }
+    sum
+}
+
 /// Plain Rust: arrays of eight lanes (what the compiler makes of them on any CPU).
 struct Portable;
 
@@ -271,13 +282,7 @@ impl Lanes for Portable {
                 *a += e;
             }
         }
-        let rest = chunks.into_remainder();
-        let mut sum: f32 = acc.iter().sum();
-        for x in rest {
-            *x = exp1(*x - shift);
-            sum += *x;
-        }
-        sum
+        exp_rest(chunks.into_remainder(), shift, acc.iter().sum())
     }
 
     #[inline(always)]
@@ -389,7 +394,7 @@ mod x86 {
             let mut chunks = xs.chunks_exact_mut(8);
             // SAFETY: AVX2 is enabled in every caller; each load and store is one whole
             // chunk of eight floats.
-            let mut sum = unsafe {
+            let sum = unsafe {
                 let s = _mm256_set1_ps(shift);
                 let mut acc = _mm256_setzero_ps();
                 for c in &mut chunks {
@@ -401,11 +406,7 @@ mod x86 {
                 _mm256_storeu_ps(a.as_mut_ptr(), acc);
                 a.iter().sum::<f32>()
             };
-            for x in chunks.into_remainder() {
-                *x = crate::lm::exp32::exp1(*x - shift);
-                sum += *x;
-            }
-            sum
+            super::exp_rest(chunks.into_remainder(), shift, sum)
         }
 
         #[inline(always)]
