@@ -132,18 +132,9 @@ fn attend_heads<L: Lanes, const G: usize>(
     }
     weights.clear();
     weights.resize(G * m, 0.0);
-    let (keys, opts) = (group.keys, group.opts);
+    let (keys, values, opts) = (group.keys, group.values, group.opts);
     let quads = m / 4 * 4;
-    let values = group.values;
     for j in (0..quads).step_by(4) {
-        // The rows are scattered over the pool (one block per sequence per sixteen or so
-        // positions): ask for the next keys and these values before they are needed.
-        for &r in rows[j..(j + 8).min(m)].iter().skip(4) {
-            L::prefetch(&keys[r..r + hd]);
-        }
-        for &r in &rows[j..j + 4] {
-            L::prefetch(&values[r..r + hd]);
-        }
         let row = |i: usize| &keys[rows[j + i]..rows[j + i] + hd];
         let k: [&[f32]; 4] = [row(0), row(1), row(2), row(3)];
         let d = L::dots4::<G>(&q, &k);
@@ -180,9 +171,6 @@ fn attend_heads<L: Lanes, const G: usize>(
 trait Lanes {
     /// The dot products of `G` queries with four keys (all as long as the first key).
     fn dots4<const G: usize>(q: &[&[f32]; G], k: &[&[f32]; 4]) -> [[f32; 4]; G];
-
-    /// Ask for `row`'s cache lines (a hint: no effect on any result).
-    fn prefetch(row: &[f32]);
 
     /// The dot products of `G` queries with one key: the bits of [`Lanes::dots4`].
     fn dots<const G: usize>(q: &[&[f32]; G], k: &[f32]) -> [f32; G];
@@ -234,9 +222,6 @@ fn exp_rest(rest: &mut [f32], shift: f32, mut sum: f32) -> f32 {
 struct Portable;
 
 impl Lanes for Portable {
-    #[inline(always)]
-    fn prefetch(_: &[f32]) {}
-
     #[inline(always)]
     fn dots4<const G: usize>(q: &[&[f32]; G], k: &[&[f32]; 4]) -> [[f32; 4]; G] {
         let mut out = [[0f32; 4]; G];
@@ -337,17 +322,6 @@ mod x86 {
     }
 
     impl Lanes for Avx2 {
-        #[inline(always)]
-        fn prefetch(row: &[f32]) {
-            // SAFETY: a prefetch never faults; every address is inside `row` (a line
-            // every sixteen floats).
-            unsafe {
-                for i in (0..row.len()).step_by(16) {
-                    _mm_prefetch::<_MM_HINT_T0>(row.as_ptr().add(i).cast());
-                }
-            }
-        }
-
         #[inline(always)]
         fn dots4<const G: usize>(q: &[&[f32]; G], k: &[&[f32]; 4]) -> [[f32; 4]; G] {
             let len = k[0].len();
