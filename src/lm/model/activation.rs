@@ -35,7 +35,9 @@ fn silu_mul_host(g: &Tensor, u: &Tensor) -> candle_core::Result<Option<Tensor>> 
     let (&[n, width], true) = (g.dims(), g.dims() == u.dims()) else {
         return Ok(None);
     };
-    if !g.device().is_cpu() || g.dtype() != DType::F32 || u.dtype() != DType::F32 {
+    // (Empty tensors go to candle: the row chunks below need a width.)
+    if !g.device().is_cpu() || g.dtype() != DType::F32 || u.dtype() != DType::F32 || n * width == 0
+    {
         return Ok(None);
     }
     // The gate copied into the output first, then the output updated in place beside the
@@ -186,6 +188,12 @@ mod tests {
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&portable), bits(&best));
         assert_eq!(bits(&portable), bits(&ours));
+        let empty = Tensor::zeros((0, 2 * width), candle_core::DType::F32, &Device::Cpu)?;
+        let halves = (empty.narrow(1, 0, width)?, empty.narrow(1, width, width)?);
+        assert_eq!(
+            gated(Activation::Silu, &halves.0, &halves.1)?.dims(),
+            [0, width]
+        );
         let gelu = gated(Activation::GeluTanh, &g, &u)?;
         let want = (g.gelu()? * &u)?;
         assert_eq!(
