@@ -296,7 +296,7 @@ impl Lanes for Portable {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{tail, Lanes};
+    use super::{tail, tree, Lanes};
     use crate::lm::exp32::x86::exp8;
 
     /// AVX2 registers; only called from code compiled with AVX2 enabled on a CPU that has
@@ -355,10 +355,30 @@ mod x86 {
 
         #[inline(always)]
         fn dots<const G: usize>(q: &[&[f32]; G], k: &[f32]) -> [f32; G] {
-            let d = Self::dots4::<G>(q, &[k; 4]);
+            let lanes = k.len() / 8 * 8;
+            assert!(q.iter().all(|q| q.len() >= k.len()));
             let mut out = [0f32; G];
-            for (o, d) in out.iter_mut().zip(d) {
-                *o = d[0];
+            // SAFETY: AVX2 is enabled in every caller; every load reads eight floats at
+            // `c < lanes ≤ k.len()` of a slice of at least `k.len()` floats.
+            unsafe {
+                let mut acc = [_mm256_setzero_ps(); G];
+                let mut c = 0;
+                while c < lanes {
+                    let kv = _mm256_loadu_ps(k.as_ptr().add(c));
+                    for (a, q) in acc.iter_mut().zip(q) {
+                        *a = _mm256_add_ps(
+                            *a,
+                            _mm256_mul_ps(_mm256_loadu_ps(q.as_ptr().add(c)), kv),
+                        );
+                    }
+                    c += 8;
+                }
+                // One key: the lanes summed by `tree`, the order `tree4`'s horizontal adds use.
+                for ((o, a), q) in out.iter_mut().zip(&acc).zip(q) {
+                    let mut l = [0f32; 8];
+                    _mm256_storeu_ps(l.as_mut_ptr(), *a);
+                    *o = tail(tree(&l), q, k, lanes);
+                }
             }
             out
         }
