@@ -280,6 +280,9 @@ impl Kernel for Tracker<'_> {
         self.inner.release(seq);
         self.tip.remove(&seq);
     }
+    fn recycle(&mut self, buffers: Vec<Vec<f64>>) {
+        self.inner.recycle(buffers)
+    }
     fn extend(&mut self, batch: &[Extend<'_>]) -> smc_steer::Result<Vec<Extension>> {
         let out = self.inner.extend(batch)?;
         for e in batch {

@@ -41,7 +41,8 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use smc_steer::lm::{
-    device_name, parse_device, AttentionPath, KernelOptions, TransformerKernel, WeightFormat,
+    device_name, parse_device, AttentionPath, KernelOptions, LlamaModel, LogitRows, SeqTokens,
+    TransformerKernel, WeightFormat,
 };
 use smc_steer::potential::Trivial;
 use smc_steer::{Extend, FeynmanKac, Kernel, SeqId, Smc, SmcConfig, TokenId};
@@ -263,6 +264,66 @@ fn decode_ours(
     Ok((times, bytes))
 }
 
+/// The model's forward pass alone for the decode of [`decode_ours`] (`n` sequences forked
+/// from one prompt, one token each per step), on a cache of its own, the logits left where
+/// they were computed and the device waited for (one logit copied back): the decode step
+/// less the kernel's work on the distributions (normalising, the copy to the host,
+/// widening to f64). Per-step milliseconds.
+fn forward_only(
+    model: &LlamaModel,
+    attention: AttentionPath,
+    prompt: &[TokenId],
+    n: usize,
+    steps: usize,
+) -> Result<Vec<f64>, String> {
+    let e = |e: smc_steer::lm::LmError| e.to_string();
+    let block = 16;
+    // The prompt once, then every sequence's own blocks (a copy of the shared last block
+    // and its growth).
+    let capacity = prompt.len() + n * (steps + 2 + 2 * block);
+    let mut cache = model
+        .new_cache_with(block, capacity, attention)
+        .map_err(e)?;
+    let root = cache.create();
+    let first = [SeqTokens {
+        seq: root,
+        tokens: prompt,
+    }];
+    model
+        .forward(&first, &mut cache, LogitRows::Last)
+        .map_err(e)?;
+    let mut seqs = vec![root];
+    for _ in 1..n {
+        seqs.push(cache.fork(root).map_err(e)?);
+    }
+    let mut times = Vec::new();
+    for step in 0..=steps {
+        let token = [prompt[step % prompt.len()]];
+        let batch: Vec<SeqTokens<'_>> = seqs
+            .iter()
+            .map(|&seq| SeqTokens {
+                seq,
+                tokens: &token,
+            })
+            .collect();
+        let t0 = Instant::now();
+        // On a worker of rayon's pool, as the kernel runs it (see `TransformerKernel::start`).
+        let logits =
+            rayon::scope(|_| model.forward(&batch, &mut cache, LogitRows::All)).map_err(e)?;
+        // Wait for the device: copying one logit back waits for the work before it.
+        logits
+            .narrow(0, 0, 1)
+            .and_then(|t| t.narrow(1, 0, 1))
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(|e| e.to_string())?;
+        if step > 0 {
+            times.push(ms(t0));
+        }
+    }
+    Ok(times)
+}
+
 /// Full SMC steps (forward, sampling, a trivial potential, ESS, resampling when due).
 fn smc_steps<K: Kernel>(
     kernel: K,
@@ -424,6 +485,9 @@ fn run() -> Result<(), String> {
         let (times, _) = decode_ours(&mut kernel, &prompt, n, args.steps)?;
         let step = median(times);
         report.emit("decode_step_ms", "smc-steer", n, step, "ms");
+        let attention = kernel.cache().attention_path();
+        let times = forward_only(kernel.model(), attention, &prompt, n, args.steps)?;
+        report.emit("forward_ms", "smc-steer", n, median(times), "ms");
         report.emit(
             "tokens_per_second",
             "smc-steer",
@@ -462,6 +526,19 @@ fn run() -> Result<(), String> {
             report.get("decode_step_ms", "smc-steer", n),
         ) {
             report.emit("smc_overhead", "smc-steer", n, smc / dec, "ratio");
+        }
+        if let (Some(fwd), Some(dec)) = (
+            report.get("forward_ms", "smc-steer", n),
+            report.get("decode_step_ms", "smc-steer", n),
+        ) {
+            // The kernel's work beyond the forward pass, as a share of its decode step.
+            report.emit(
+                "distribution_share",
+                "smc-steer",
+                n,
+                (1.0 - fwd / dec).max(0.0),
+                "ratio",
+            );
         }
         if let (Some(c), Some(ours)) = (
             report.get("decode_step_ms", "candle", n),

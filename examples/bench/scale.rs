@@ -73,6 +73,9 @@ impl<K: Kernel> Kernel for Timed<'_, K> {
     fn normalised_by_construction(&self) -> bool {
         self.inner.normalised_by_construction()
     }
+    fn recycle(&mut self, buffers: Vec<Vec<f64>>) {
+        self.inner.recycle(buffers)
+    }
 }
 
 /// Seed of the sampling figure's draws.

@@ -155,7 +155,14 @@ fn random_tensor(index: usize, name: &str, shape: &[usize]) -> Result<Tensor, St
 
 /// The checkpoint directory of `size`, written if missing (or made with another seed).
 fn checkpoint(size: &Size) -> Result<PathBuf, String> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    // The working directory when it holds the tokenizers (a bench binary carried to another
+    // machine, run from a checkout there), else the checkout this bench was built from.
+    let here = Path::new(".");
+    let root = if here.join("models/tokenizers").is_dir() {
+        here
+    } else {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+    };
     let tokenizers = root.join("models/tokenizers").join(size.tokenizer);
     if !tokenizers.join("tokenizer.json").is_file() {
         return Err(format!(

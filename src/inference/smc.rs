@@ -471,6 +471,7 @@ impl<K: Kernel, P: Program> Smc<K, P> {
     fn flush(&mut self) -> Result<()> {
         let mut owners: Vec<(usize, usize, SeqId)> = Vec::new();
         let mut pending: Vec<Vec<TokenId>> = Vec::new();
+        let mut stale: Vec<Vec<f64>> = Vec::new();
         for (i, p) in self.particles.iter_mut().enumerate() {
             for (j, c) in p.contexts.iter_mut().enumerate() {
                 if c.pending.is_empty() {
@@ -485,14 +486,23 @@ impl<K: Kernel, P: Program> Smc<K, P> {
                 owners.push((i, j, seq));
                 pending.push(std::mem::take(&mut c.pending));
                 // The distribution is stale (tokens are pending; `log_probs` refuses it):
-                // released before the kernel allocates the next ones, so that their memory
-                // is reused instead of freshly mapped (a vocabulary of f64 per particle:
-                // 200 MB at 512 particles).
-                c.log_probs = std::sync::Arc::new(Vec::new());
+                // handed back to the kernel before it makes the next ones, so that their
+                // memory is filled again instead of freshly mapped (a vocabulary of f64 per
+                // particle: 200 MB at 512 particles). A copy made by resampling shares it
+                // until the last holder gives it back.
+                let old = std::mem::replace(&mut c.log_probs, std::sync::Arc::new(Vec::new()));
+                if let Ok(v) = std::sync::Arc::try_unwrap(old) {
+                    if v.capacity() > 0 {
+                        stale.push(v);
+                    }
+                }
             }
         }
         // Generated tokens are those sent to the kernel (EOS never is).
         self.tokens_generated += pending.iter().map(Vec::len).sum::<usize>();
+        if !stale.is_empty() {
+            self.kernel.recycle(stale);
+        }
         if !owners.is_empty() {
             let batch: Vec<Extend<'_>> = owners
                 .iter()

@@ -196,6 +196,10 @@ impl KernelOptions {
     }
 }
 
+/// Bytes of logits normalised and copied to the host at a time on a device other than the
+/// CPU: small enough that the allocator hands one chunk's host memory to the next.
+const DEVICE_CHUNK_BYTES: usize = 8 << 20;
+
 /// Role of one output row of the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Row {
@@ -223,6 +227,9 @@ pub struct TransformerKernel {
     kind: Vec<Row>,
     temperature: f64,
     opts: KernelOptions,
+    /// Distribution buffers given back by the engine ([`Kernel::recycle`]), filled by the
+    /// next [`Kernel::extend`].
+    spare: Vec<Vec<f64>>,
 }
 
 impl TransformerKernel {
@@ -375,6 +382,7 @@ impl TransformerKernel {
             kind,
             temperature: opts.temperature,
             opts,
+            spare: Vec::new(),
         })
     }
 
@@ -520,6 +528,14 @@ impl TransformerKernel {
 
     /// Normalised log-probabilities over `vocab + 1` symbols from one row of logits.
     fn distribution(&self, logits: &[f32]) -> Vec<f64> {
+        let mut out = Vec::new();
+        self.distribution_into(logits, &mut out);
+        out
+    }
+
+    /// [`Self::distribution`] written into `out` (whatever it held before), so that a
+    /// recycled buffer is filled in place.
+    fn distribution_into(&self, logits: &[f32], out: &mut Vec<f64>) {
         let n = self.vocab.len();
         let inv_t = 1.0 / self.temperature;
         let mut max = f64::NEG_INFINITY;
@@ -531,7 +547,8 @@ impl TransformerKernel {
         // Tokens' shifted logits first (stop and padding rows stay `-inf`), their mass in
         // one vectorised pass; the few stop rows' mass, pooled into the EOS entry, apart.
         let mut stop_sum = 0.0;
-        let mut out = vec![f64::NEG_INFINITY; n + 1];
+        out.clear();
+        out.resize(n + 1, f64::NEG_INFINITY);
         for ((&l, &k), o) in logits.iter().zip(&self.kind).zip(out.iter_mut()) {
             let z = f64::from(l) * inv_t - max;
             match k {
@@ -550,29 +567,125 @@ impl TransformerKernel {
         } else {
             f64::NEG_INFINITY
         };
-        out
     }
 
-    /// [`Self::distribution`] of every row of `logits: [rows, vocab]`, in parallel. On the
-    /// CPU the rows are read where the forward pass left them: copying them out first was
-    /// a serial pass over 100 MB per step at 512 particles.
-    fn distributions(&self, logits: &candle_core::Tensor) -> LmResult<Vec<Vec<f64>>> {
-        let (_, width) = logits.dims2()?;
+    /// [`Self::distribution`] of every row of `logits: [rows, vocab]` into `out` (one
+    /// buffer per row), in parallel. On the CPU the rows are read where the forward pass
+    /// left them: copying them out first was a serial pass over 100 MB per step at 512
+    /// particles. On another device the rows are normalised there
+    /// ([`Self::device_distributions`]).
+    fn distributions(&self, logits: &candle_core::Tensor, out: &mut [Vec<f64>]) -> LmResult<()> {
+        let (rows, width) = logits.dims2()?;
+        if rows != out.len() {
+            return Err(LmError::InvalidConfig(format!(
+                "{rows} rows of logits for {} distributions",
+                out.len()
+            )));
+        }
+        if !logits.device().is_cpu() && width > 0 {
+            return self.device_distributions(logits, out, DEVICE_CHUNK_BYTES / (4 * width));
+        }
         {
             let (storage, layout) = logits.storage_and_layout();
             if let (candle_core::Storage::Cpu(cpu), Some((start, end))) =
                 (&*storage, layout.contiguous_offsets())
             {
                 if let (Ok(data), true) = (cpu.as_slice::<f32>(), width > 0) {
-                    return Ok(data[start..end]
+                    data[start..end]
                         .par_chunks(width)
-                        .map(|r| self.distribution(r))
-                        .collect());
+                        .zip(out.par_iter_mut())
+                        .for_each(|(r, o)| self.distribution_into(r, o));
+                    return Ok(());
                 }
             }
         }
-        let rows = logits.to_vec2::<f32>()?;
-        Ok(rows.par_iter().map(|r| self.distribution(r)).collect())
+        let host = logits.to_vec2::<f32>()?;
+        host.par_iter()
+            .zip(out.par_iter_mut())
+            .for_each(|(r, o)| self.distribution_into(r, o));
+        Ok(())
+    }
+
+    /// The distributions of `logits: [rows, vocab]` normalised on the logits' device in f32
+    /// (temperature, padding rows at `-inf`, `z − max − log Σ exp(z − max)` per row), copied
+    /// to the host `chunk_rows` rows at a time and widened to f64 into `out` with the stop
+    /// rows pooled into EOS ([`Self::widen_into`]).
+    ///
+    /// Why: on a GPU the host's share of a step was most of it at 1024 particles (H200,
+    /// SmolLM2: decode step 278 ms, the forward pass about 66 ms of it): candle copies a
+    /// device tensor to the host whole and then once more, 400 MB of fresh memory per step
+    /// at 1024 particles, paid for in page faults; and the host took an f64 exponential per
+    /// vocabulary entry and particle. Chunks of a few MB are reused by the allocator from
+    /// one to the next, and the host only widens. Rounding: f32 log-probabilities, within
+    /// about 1e-6 relative of the f64 path (checked in
+    /// `device_normalisation_matches_the_host_path`).
+    fn device_distributions(
+        &self,
+        logits: &candle_core::Tensor,
+        out: &mut [Vec<f64>],
+        chunk_rows: usize,
+    ) -> LmResult<()> {
+        let (_, width) = logits.dims2()?;
+        let bias = if self.kind.contains(&Row::Padding) {
+            let bias: Vec<f32> = self
+                .kind
+                .iter()
+                .map(|&k| {
+                    if k == Row::Padding {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            Some(candle_core::Tensor::from_vec(bias, width, logits.device())?)
+        } else {
+            None
+        };
+        let chunk_rows = chunk_rows.max(1);
+        for (i, outs) in out.chunks_mut(chunk_rows).enumerate() {
+            // The narrowed rows are a view; the first operation writes them compactly, so
+            // that the copy to the host moves this chunk alone.
+            let mut z = logits
+                .narrow(0, i * chunk_rows, outs.len())?
+                .to_dtype(candle_core::DType::F32)?
+                .affine(1.0 / self.temperature, 0.0)?;
+            if let Some(bias) = &bias {
+                z = z.broadcast_add(bias)?;
+            }
+            let z = z.broadcast_sub(&z.max_keepdim(1)?)?;
+            let log_probs = z.broadcast_sub(&z.exp()?.sum_keepdim(1)?.log()?)?;
+            let host = log_probs.flatten_all()?.to_vec1::<f32>()?;
+            host.par_chunks(width)
+                .zip(outs.par_iter_mut())
+                .for_each(|(r, o)| self.widen_into(r, o));
+        }
+        Ok(())
+    }
+
+    /// One row of normalised log-probabilities over the model's rows (f32) as a
+    /// distribution over `vocab + 1` symbols in `out`: tokens widened to f64, stop and
+    /// padding rows `-inf`, the stop rows' mass pooled into the EOS entry.
+    fn widen_into(&self, log_probs: &[f32], out: &mut Vec<f64>) {
+        let n = self.vocab.len();
+        out.clear();
+        out.extend(log_probs.iter().zip(&self.kind).take(n).map(|(&l, &k)| {
+            if k == Row::Token {
+                f64::from(l)
+            } else {
+                f64::NEG_INFINITY
+            }
+        }));
+        out.resize(n, f64::NEG_INFINITY);
+        // A few stop rows (often one): a running log-sum-exp.
+        let pooled = self
+            .stop
+            .iter()
+            .filter_map(|&row| log_probs.get(row as usize))
+            .fold(f64::NEG_INFINITY, |acc, &l| {
+                crate::core::logspace::log_add_exp(acc, f64::from(l))
+            });
+        out.push(pooled);
     }
 
     fn run(&mut self, batch: &[Extend<'_>]) -> LmResult<Vec<Extension>> {
@@ -595,7 +708,14 @@ impl TransformerKernel {
         let logits = self
             .model
             .forward(&entries, &mut self.cache, LogitRows::All)?;
-        let dists = self.distributions(&logits)?;
+        // Recycled buffers first (see `Kernel::recycle`), fresh ones for the rest.
+        let rows = logits.dims2()?.0;
+        let mut dists = std::mem::take(&mut self.spare);
+        if dists.len() > rows {
+            self.spare = dists.split_off(rows);
+        }
+        dists.resize_with(rows, Vec::new);
+        self.distributions(&logits, &mut dists)?;
         let mut out = Vec::with_capacity(batch.len());
         let mut r = 0;
         for e in batch {
@@ -609,13 +729,15 @@ impl TransformerKernel {
             });
             r += n;
         }
-        // Move the last distribution of each entry out instead of cloning it.
+        // Move the last distribution of each entry out instead of cloning it; the rows of
+        // inner tokens go back to the spare buffers.
         let mut dists = dists.into_iter().map(Some).collect::<Vec<_>>();
         let mut r = 0;
         for (e, ext) in batch.iter().zip(out.iter_mut()) {
             r += e.tokens.len();
             ext.next_log_probs = dists[r - 1].take().unwrap_or_default();
         }
+        self.spare.extend(dists.into_iter().flatten());
         Ok(out)
     }
 
@@ -744,6 +866,21 @@ impl Kernel for TransformerKernel {
         true
     }
 
+    /// Keeps buffers of this vocabulary's size, at most two per particle of
+    /// [`KernelOptions::particles`] (memory the population holds anyway).
+    fn recycle(&mut self, buffers: Vec<Vec<f64>>) {
+        let len = self.vocab.len() + 1;
+        let keep = self.opts.particles.max(1) * 2;
+        for b in buffers {
+            if self.spare.len() >= keep {
+                break;
+            }
+            if b.capacity() >= len {
+                self.spare.push(b);
+            }
+        }
+    }
+
     fn start(&mut self, prompt: &[TokenId]) -> Result<(SeqId, Vec<f64>)> {
         // A forward pass runs hundreds of short parallel regions (one per matrix product,
         // norm and attention). Started from a thread outside rayon's pool, each region is
@@ -770,5 +907,85 @@ impl Kernel for TransformerKernel {
         }
         // On a worker of the thread pool (see `start`).
         rayon::scope(|_| self.run(batch)).map_err(SmcError::from)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+    use rand::SeedableRng;
+    use rand_distr::{Distribution, Normal};
+
+    use super::*;
+    use crate::lm::config::RopeStyle;
+
+    /// Seed of the random logits.
+    const LOGITS_SEED: u64 = 11;
+
+    /// The device-side normalisation (run here on the CPU, as candle operations, in chunks
+    /// of rows) gives the host path's distributions, stop rows pooled and padding rows at
+    /// zero probability, into buffers that held other values, to
+    /// f32 rounding: |difference| ≤ 1e-5 for logits of standard deviation 4 over 50 rows
+    /// (f32 log-probabilities of magnitude ≲ 30 carry ≲ 30 · 2⁻²⁴ ≈ 2e-6 each, the f32
+    /// log-normaliser a few ulp more).
+    #[test]
+    fn device_normalisation_matches_the_host_path() {
+        let config = LlamaConfig {
+            vocab_size: 50,
+            hidden_size: 16,
+            intermediate_size: 32,
+            n_layers: 1,
+            n_heads: 2,
+            n_kv_heads: 1,
+            head_dim: 8,
+            rope_theta: 10_000.0,
+            rope_style: RopeStyle::Half,
+            rms_eps: 1e-5,
+            max_seq_len: 32,
+            tie_embeddings: true,
+        };
+        let model = LlamaModel::random(config, 3).unwrap();
+        let opts = KernelOptions {
+            temperature: 0.7,
+            ..Default::default()
+        };
+        let mut k = TransformerKernel::from_parts(model, None, None, opts).unwrap();
+        k.stop = vec![3, 7];
+        for &s in &k.stop {
+            k.kind[s as usize] = Row::Stop;
+        }
+        k.kind[48] = Row::Padding;
+        k.kind[49] = Row::Padding;
+        let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(LOGITS_SEED);
+        let normal = Normal::new(0.0f32, 4.0).unwrap();
+        let rows = 6;
+        let data: Vec<f32> = (0..rows * 50).map(|_| normal.sample(&mut rng)).collect();
+        let logits = Tensor::from_vec(data, (rows, 50), &Device::Cpu).unwrap();
+        // Recycled buffers hold anything: the fill must not depend on it.
+        let mut host = vec![vec![0.5; 3]; rows];
+        k.distributions(&logits, &mut host).unwrap();
+        // Chunks of 4 rows: a full chunk and a partial one.
+        let mut device = vec![vec![1.0; 70]; rows];
+        k.device_distributions(&logits, &mut device, 4).unwrap();
+        assert_eq!(host.len(), rows);
+        assert_eq!(device.len(), rows);
+        for (a, b) in host.iter().zip(&device) {
+            assert_eq!(a.len(), 51);
+            assert_eq!(b.len(), 51);
+            for (i, (x, y)) in a.iter().zip(b).enumerate() {
+                if x.is_infinite() || y.is_infinite() {
+                    assert_eq!(x, y, "entry {i}");
+                } else {
+                    assert!((x - y).abs() <= 1e-5, "entry {i}: {x} vs {y}");
+                }
+            }
+            // Stop rows and padding have no mass of their own; EOS holds the stops' mass.
+            for i in [3, 7, 48, 49] {
+                assert_eq!(b[i], f64::NEG_INFINITY);
+            }
+            assert!(b[50].is_finite());
+            let total: f64 = b.iter().map(|l| l.exp()).sum();
+            assert!((total - 1.0).abs() < 1e-5, "mass {total}");
+        }
     }
 }

@@ -450,6 +450,9 @@ impl Kernel for Probe<'_> {
     fn release(&mut self, seq: smc_steer::SeqId) {
         self.inner.release(seq)
     }
+    fn recycle(&mut self, buffers: Vec<Vec<f64>>) {
+        self.inner.recycle(buffers)
+    }
     fn extend(
         &mut self,
         batch: &[smc_steer::Extend<'_>],

@@ -75,6 +75,12 @@ impl Kernel for Lockstep {
         }
     }
 
+    /// The engine holds the reference kernel's distributions: those go back to it (the
+    /// device kernel's are dropped in `extend`).
+    fn recycle(&mut self, buffers: Vec<Vec<f64>>) {
+        self.reference.recycle(buffers)
+    }
+
     fn extend(&mut self, batch: &[Extend<'_>]) -> smc_steer::Result<Vec<Extension>> {
         let ea = self.reference.extend(batch)?;
         let mapped: Vec<Extend<'_>> = batch
