@@ -608,16 +608,19 @@ impl TransformerKernel {
 
     /// The distributions of `logits: [rows, vocab]` normalised on the logits' device in f32
     /// (temperature, padding rows at `-inf`, `z − max − log Σ exp(z − max)` per row), copied
-    /// to the host `chunk_rows` rows at a time and widened to f64 into `out` with the stop
-    /// rows pooled into EOS ([`Self::widen_into`]).
+    /// to the host `chunk_rows` rows at a time (the next chunk copied while this one is
+    /// widened) and widened to f64 into `out` with the stop rows pooled into EOS
+    /// ([`Self::widen_into`]).
     ///
     /// Why: on a GPU the host's share of a step was most of it at 1024 particles (H200,
-    /// SmolLM2: decode step 278 ms, the forward pass about 66 ms of it): candle copies a
-    /// device tensor to the host whole and then once more, 400 MB of fresh memory per step
-    /// at 1024 particles, paid for in page faults; and the host took an f64 exponential per
-    /// vocabulary entry and particle. Chunks of a few MB are reused by the allocator from
-    /// one to the next, and the host only widens. Rounding: f32 log-probabilities, within
-    /// about 1e-6 relative of the f64 path (checked in
+    /// SmolLM2: decode step 437–456 ms, the forward pass 67 ms of it): candle's `to_vec1`
+    /// copies a device tensor's whole storage to the host and then the slice again, 400 MB
+    /// of fresh memory per step at 1024 particles, paid for in page faults; and the host
+    /// took an f64 exponential per vocabulary entry and particle. Chunks of a few MB moved
+    /// by `to_device` (one copy) are reused by the allocator from one to the next, the copy
+    /// of one overlaps the widening of the last, and the host only widens: 95–96 ms (see
+    /// docs/gpu.md). Rounding: f32 log-probabilities, within about 1e-6 relative of the f64
+    /// path (checked in
     /// `device_normalisation_matches_the_host_path`).
     fn device_distributions(
         &self,
@@ -643,23 +646,75 @@ impl TransformerKernel {
             None
         };
         let chunk_rows = chunk_rows.max(1);
-        for (i, outs) in out.chunks_mut(chunk_rows).enumerate() {
+        // Rows `first..first + len` normalised on the device (launched, not waited for).
+        let normalised = |first: usize, len: usize| -> LmResult<candle_core::Tensor> {
             // The narrowed rows are a view; the first operation writes them compactly, so
             // that the copy to the host moves this chunk alone.
             let mut z = logits
-                .narrow(0, i * chunk_rows, outs.len())?
+                .narrow(0, first, len)?
                 .to_dtype(candle_core::DType::F32)?
                 .affine(1.0 / self.temperature, 0.0)?;
             if let Some(bias) = &bias {
                 z = z.broadcast_add(bias)?;
             }
             let z = z.broadcast_sub(&z.max_keepdim(1)?)?;
-            let log_probs = z.broadcast_sub(&z.exp()?.sum_keepdim(1)?.log()?)?;
-            let host = log_probs.flatten_all()?.to_vec1::<f32>()?;
-            host.par_chunks(width)
-                .zip(outs.par_iter_mut())
-                .for_each(|(r, o)| self.widen_into(r, o));
+            Ok(z.broadcast_sub(&z.exp()?.sum_keepdim(1)?.log()?)?)
+        };
+        // One copy to the host (`to_vec1` copies the whole storage, then the slice again).
+        let fetch = |t: candle_core::Tensor| -> LmResult<candle_core::Tensor> {
+            Ok(t.to_device(&candle_core::Device::Cpu)?)
+        };
+        let mut chunks = out.chunks_mut(chunk_rows).peekable();
+        let mut first = 0;
+        let mut host = match chunks.peek() {
+            Some(c) => fetch(normalised(0, c.len())?)?,
+            None => return Ok(()),
+        };
+        while let Some(outs) = chunks.next() {
+            first += outs.len();
+            let next = match chunks.peek() {
+                Some(c) => Some(normalised(first, c.len())?),
+                None => None,
+            };
+            // The next chunk crosses the bus while this one is widened.
+            let (widened, fetched) = rayon::join(
+                || self.widen_rows(&host, width, outs),
+                || next.map(fetch).transpose(),
+            );
+            widened?;
+            match fetched? {
+                Some(t) => host = t,
+                None => break,
+            }
         }
+        Ok(())
+    }
+
+    /// [`Self::widen_into`] of every row of `host` (a `[rows, width]` f32 tensor in host
+    /// memory) into `out`, in parallel, read in place.
+    fn widen_rows(
+        &self,
+        host: &candle_core::Tensor,
+        width: usize,
+        out: &mut [Vec<f64>],
+    ) -> LmResult<()> {
+        {
+            let (storage, layout) = host.storage_and_layout();
+            if let (candle_core::Storage::Cpu(cpu), Some((start, end))) =
+                (&*storage, layout.contiguous_offsets())
+            {
+                let data = &cpu.as_slice::<f32>()?[start..end];
+                data.par_chunks(width)
+                    .zip(out.par_iter_mut())
+                    .for_each(|(r, o)| self.widen_into(r, o));
+                return Ok(());
+            }
+        }
+        // Not reached with the tensors `device_distributions` makes; correct for any.
+        let rows = host.to_vec2::<f32>()?;
+        rows.par_iter()
+            .zip(out.par_iter_mut())
+            .for_each(|(r, o)| self.widen_into(r, o));
         Ok(())
     }
 
@@ -964,28 +1019,31 @@ mod tests {
         // Recycled buffers hold anything: the fill must not depend on it.
         let mut host = vec![vec![0.5; 3]; rows];
         k.distributions(&logits, &mut host).unwrap();
-        // Chunks of 4 rows: a full chunk and a partial one.
-        let mut device = vec![vec![1.0; 70]; rows];
-        k.device_distributions(&logits, &mut device, 4).unwrap();
-        assert_eq!(host.len(), rows);
-        assert_eq!(device.len(), rows);
-        for (a, b) in host.iter().zip(&device) {
-            assert_eq!(a.len(), 51);
-            assert_eq!(b.len(), 51);
-            for (i, (x, y)) in a.iter().zip(b).enumerate() {
-                if x.is_infinite() || y.is_infinite() {
-                    assert_eq!(x, y, "entry {i}");
-                } else {
-                    assert!((x - y).abs() <= 1e-5, "entry {i}: {x} vs {y}");
+        // Chunks of one row, of 4 (a full chunk and a partial one), of all rows, of more.
+        for chunk_rows in [1, 4, 6, 100] {
+            let mut device = vec![vec![1.0; 70]; rows];
+            k.device_distributions(&logits, &mut device, chunk_rows)
+                .unwrap();
+            assert_eq!(host.len(), rows);
+            assert_eq!(device.len(), rows);
+            for (a, b) in host.iter().zip(&device) {
+                assert_eq!(a.len(), 51);
+                assert_eq!(b.len(), 51);
+                for (i, (x, y)) in a.iter().zip(b).enumerate() {
+                    if x.is_infinite() || y.is_infinite() {
+                        assert_eq!(x, y, "entry {i}, chunks of {chunk_rows}");
+                    } else {
+                        assert!((x - y).abs() <= 1e-5, "entry {i}: {x} vs {y}");
+                    }
                 }
+                // Stop rows and padding have no mass of their own; EOS holds the stops'.
+                for i in [3, 7, 48, 49] {
+                    assert_eq!(b[i], f64::NEG_INFINITY);
+                }
+                assert!(b[50].is_finite());
+                let total: f64 = b.iter().map(|l| l.exp()).sum();
+                assert!((total - 1.0).abs() < 1e-5, "mass {total}");
             }
-            // Stop rows and padding have no mass of their own; EOS holds the stops' mass.
-            for i in [3, 7, 48, 49] {
-                assert_eq!(b[i], f64::NEG_INFINITY);
-            }
-            assert!(b[50].is_finite());
-            let total: f64 = b.iter().map(|l| l.exp()).sum();
-            assert!((total - 1.0).abs() < 1e-5, "mass {total}");
         }
     }
 }
