@@ -570,9 +570,8 @@ impl TransformerKernel {
     }
 
     /// [`Self::distribution`] of every row of `logits: [rows, vocab]` into `out` (one
-    /// buffer per row), in parallel. On the CPU the rows are read where the forward pass
-    /// left them: copying them out first was a serial pass over 100 MB per step at 512
-    /// particles. On another device the rows are normalised there
+    /// buffer per row), in parallel, read where the forward pass left them on the CPU
+    /// ([`for_each_host_row`]); on another device the rows are normalised there
     /// ([`Self::device_distributions`]).
     fn distributions(&self, logits: &candle_core::Tensor, out: &mut [Vec<f64>]) -> LmResult<()> {
         let (rows, width) = logits.dims2()?;
@@ -585,25 +584,7 @@ impl TransformerKernel {
         if !logits.device().is_cpu() && width > 0 {
             return self.device_distributions(logits, out, DEVICE_CHUNK_BYTES / (4 * width));
         }
-        {
-            let (storage, layout) = logits.storage_and_layout();
-            if let (candle_core::Storage::Cpu(cpu), Some((start, end))) =
-                (&*storage, layout.contiguous_offsets())
-            {
-                if let (Ok(data), true) = (cpu.as_slice::<f32>(), width > 0) {
-                    data[start..end]
-                        .par_chunks(width)
-                        .zip(out.par_iter_mut())
-                        .for_each(|(r, o)| self.distribution_into(r, o));
-                    return Ok(());
-                }
-            }
-        }
-        let host = logits.to_vec2::<f32>()?;
-        host.par_iter()
-            .zip(out.par_iter_mut())
-            .for_each(|(r, o)| self.distribution_into(r, o));
-        Ok(())
+        for_each_host_row(logits, out, |r, o| self.distribution_into(r, o))
     }
 
     /// The distributions of `logits: [rows, vocab]` normalised on the logits' device in f32
@@ -678,7 +659,7 @@ impl TransformerKernel {
             };
             // The next chunk crosses the bus while this one is widened.
             let (widened, fetched) = rayon::join(
-                || self.widen_rows(&host, width, outs),
+                || for_each_host_row(&host, outs, |r, o| self.widen_into(r, o)),
                 || next.map(fetch).transpose(),
             );
             widened?;
@@ -687,34 +668,6 @@ impl TransformerKernel {
                 None => break,
             }
         }
-        Ok(())
-    }
-
-    /// [`Self::widen_into`] of every row of `host` (a `[rows, width]` f32 tensor in host
-    /// memory) into `out`, in parallel, read in place.
-    fn widen_rows(
-        &self,
-        host: &candle_core::Tensor,
-        width: usize,
-        out: &mut [Vec<f64>],
-    ) -> LmResult<()> {
-        {
-            let (storage, layout) = host.storage_and_layout();
-            if let (candle_core::Storage::Cpu(cpu), Some((start, end))) =
-                (&*storage, layout.contiguous_offsets())
-            {
-                let data = &cpu.as_slice::<f32>()?[start..end];
-                data.par_chunks(width)
-                    .zip(out.par_iter_mut())
-                    .for_each(|(r, o)| self.widen_into(r, o));
-                return Ok(());
-            }
-        }
-        // Not reached with the tensors `device_distributions` makes; correct for any.
-        let rows = host.to_vec2::<f32>()?;
-        rows.par_iter()
-            .zip(out.par_iter_mut())
-            .for_each(|(r, o)| self.widen_into(r, o));
         Ok(())
     }
 
@@ -824,6 +777,36 @@ impl TransformerKernel {
             }
         }
     }
+}
+
+/// `fill(row, buffer)` for every row of `rows: [n, width]` (f32 in host memory) and the
+/// buffer of the same index, in parallel. Contiguous rows are read where they are: copying
+/// them out first was a serial pass over 100 MB per step at 512 particles.
+fn for_each_host_row(
+    rows: &candle_core::Tensor,
+    out: &mut [Vec<f64>],
+    fill: impl Fn(&[f32], &mut Vec<f64>) + Sync,
+) -> LmResult<()> {
+    let (_, width) = rows.dims2()?;
+    {
+        let (storage, layout) = rows.storage_and_layout();
+        if let (candle_core::Storage::Cpu(cpu), Some((start, end))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            if let (Ok(data), true) = (cpu.as_slice::<f32>(), width > 0) {
+                data[start..end]
+                    .par_chunks(width)
+                    .zip(out.par_iter_mut())
+                    .for_each(|(r, o)| fill(r, o));
+                return Ok(());
+            }
+        }
+    }
+    let host = rows.to_vec2::<f32>()?;
+    host.par_iter()
+        .zip(out.par_iter_mut())
+        .for_each(|(r, o)| fill(r, o));
+    Ok(())
 }
 
 fn too_large(opts: &KernelOptions) -> LmError {
