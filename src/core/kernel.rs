@@ -46,6 +46,8 @@ pub struct Extension {
 /// * [`Kernel::extend`] handles a whole batch at once; each distribution is normalised in
 ///   log space (`log Σ exp = 0` up to rounding) and has `vocab().dist_len()` entries.
 /// * [`Kernel::release`] frees a sequence; the engine releases every sequence it started.
+/// * [`Kernel::recycle`] receives distributions the kernel returned earlier, which the
+///   engine no longer holds; a kernel may fill them again or drop them.
 pub trait Kernel: Send {
     /// The vocabulary (byte strings of the ordinary tokens; EOS is `vocab().eos()`).
     fn vocab(&self) -> &Vocabulary;
