@@ -14,6 +14,9 @@
 //!
 //! With `--json` every figure is one JSON object per line with `metric`, `impl`, `n` and
 //! `value` (plus `unit`); derived ratios come last. Timings are medians over `--steps` steps.
+//! Beside each `decode_step_ms`, `forward_ms` times the model's forward pass alone (the
+//! device waited for), and `distribution_share` = 1 − forward / decode is the kernel's work
+//! on the next-token distributions (on a GPU: normalising, the copy to the host, widening).
 //! `SMC_BENCH_ONLY=cache`, `constraints` or `potentials` runs one group of figures;
 //! `SMC_BENCH_ONLY=formats` compares weight formats (`--formats f32,q8_0,...`), with
 //! llama.cpp's step in the same run when `SMC_BENCH_LLAMA_CPP` names its build and
