@@ -245,8 +245,18 @@ impl Potential for MaxWordLetters {
         }
         let n = seq.vocab.len();
         if let Some(profiles) = state.profiles_for(seq.vocab) {
-            for (o, &p) in out.iter_mut().zip(profiles) {
-                *o = Self::value(self.allows_profile(state.run, p));
+            // `allows_profile` as two comparisons of u32 and a select, no branch: the loop
+            // vectorises (a vocabulary per particle and step). `run + lead ≤ max` is
+            // `lead ≤ max − run`; a run already over the limit allows nothing.
+            let Some(room) = self.max.checked_sub(state.run) else {
+                out.fill(f64::NEG_INFINITY);
+                return Ok(());
+            };
+            let room = u32::try_from(room).unwrap_or(u32::MAX);
+            let max = u32::try_from(self.max).unwrap_or(u32::MAX);
+            for (o, p) in out.iter_mut().zip(profiles) {
+                let ok = (p.lead <= room) & (p.rest <= max);
+                *o = if ok { 0.0 } else { f64::NEG_INFINITY };
             }
         } else {
             let mut buf = Vec::with_capacity(state.tail.len() + 16);
