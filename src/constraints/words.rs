@@ -118,7 +118,17 @@ impl MaxWordLetters {
     /// Whether a token of profile `p` may follow a trailing word of `run` letters (the
     /// same answer as [`Self::allows`] with no held-back bytes).
     fn allows_profile(&self, run: usize, p: TokenLetters) -> bool {
-        run.saturating_add(p.lead as usize) <= self.max && p.rest as usize <= self.max
+        self.limits(run).is_some_and(|l| l.allow(p))
+    }
+
+    /// The bounds a token's profile must keep after a trailing word of `run` letters;
+    /// `None` when that word is already over the limit (nothing may follow).
+    fn limits(&self, run: usize) -> Option<ProfileLimits> {
+        let room = self.max.checked_sub(run)?;
+        Some(ProfileLimits {
+            lead: u32::try_from(room).unwrap_or(u32::MAX),
+            rest: u32::try_from(self.max).unwrap_or(u32::MAX),
+        })
     }
 
     #[cfg(test)]
@@ -162,6 +172,23 @@ fn shared_profiles(vocab: &Vocabulary) -> Arc<Vec<TokenLetters>> {
 struct TokenLetters {
     lead: u32,
     rest: u32,
+}
+
+/// What a token's [`TokenLetters`] may hold after a given trailing word: `run + lead ≤ max`
+/// is `lead ≤ max − run`, and `rest ≤ max`.
+#[derive(Debug, Clone, Copy)]
+struct ProfileLimits {
+    lead: u32,
+    rest: u32,
+}
+
+impl ProfileLimits {
+    /// Two comparisons of u32 joined without a branch, so that a loop over the vocabulary
+    /// vectorises (it runs for every particle at every step).
+    #[inline]
+    fn allow(self, p: TokenLetters) -> bool {
+        (p.lead <= self.lead) & (p.rest <= self.rest)
+    }
 }
 
 /// The state of [`MaxWordLetters`]: O(1) per token.
@@ -245,18 +272,12 @@ impl Potential for MaxWordLetters {
         }
         let n = seq.vocab.len();
         if let Some(profiles) = state.profiles_for(seq.vocab) {
-            // `allows_profile` as two comparisons of u32 and a select, no branch: the loop
-            // vectorises (a vocabulary per particle and step). `run + lead ≤ max` is
-            // `lead ≤ max − run`; a run already over the limit allows nothing.
-            let Some(room) = self.max.checked_sub(state.run) else {
+            let Some(limits) = self.limits(state.run) else {
                 out.fill(f64::NEG_INFINITY);
                 return Ok(());
             };
-            let room = u32::try_from(room).unwrap_or(u32::MAX);
-            let max = u32::try_from(self.max).unwrap_or(u32::MAX);
-            for (o, p) in out.iter_mut().zip(profiles) {
-                let ok = (p.lead <= room) & (p.rest <= max);
-                *o = if ok { 0.0 } else { f64::NEG_INFINITY };
+            for (o, &p) in out.iter_mut().zip(profiles) {
+                *o = Self::value(limits.allow(p));
             }
         } else {
             let mut buf = Vec::with_capacity(state.tail.len() + 16);
