@@ -4,7 +4,10 @@
 //! lanes of partial sums along `k`, summed across lanes at the end (the dot-product form of
 //! llamafile's sgemm in llama.cpp). Each weight vector loaded serves four activation rows
 //! and each activation vector three weight rows, and both operands are read in memory
-//! order, so nothing is packed or transposed per call.
+//! order, so nothing is packed or transposed per call. A tile's weights meet every group
+//! of activation rows of a block before the next tile's, whose weights are prefetched
+//! meanwhile: a model's weights do not fit in the caches, so every step reads them from
+//! memory, and this way the reading overlaps the arithmetic.
 //!
 //! Tasks own runs of [`ROWS_PER_TASK`] output columns (weight rows), so every output is one
 //! sum in a fixed order whatever the thread count (deterministic). One activation row
@@ -219,9 +222,11 @@ mod x86 {
     use super::{Weight, ROW_BELOW, TILE_W, TILE_X};
     use crate::lm::columns::Columns;
 
-    /// Columns `[j0, j1)` of `y` for every row: groups of up to four activation rows, and
-    /// within a group the task's weight rows three at a time (they stay in L2 while the
-    /// groups pass).
+    /// Columns `[j0, j1)` of `y` for every row. Activation rows go in blocks of at most
+    /// [`ROW_BLOCK`] (and [`ROW_BLOCK_BYTES`]), which stay in L2; within a block each tile of
+    /// three weight rows (3 · k weights, in L1) meets every group of four activation rows
+    /// before the next tile, and the next tile's weights are prefetched while it does (see
+    /// [`Ahead`]).
     ///
     /// # Safety
     /// AVX2 and FMA present; `x: [n, k]`, `w: [m, k]`, `out` points to `y: [n, m]` whose
@@ -251,34 +256,78 @@ mod x86 {
             }
             return;
         }
-        let mut r = 0;
-        while r < n {
-            let rx = (n - r).min(TILE_X);
+        let block = (ROW_BLOCK_BYTES / (k * std::mem::size_of::<f32>())).clamp(TILE_X, ROW_BLOCK)
+            / TILE_X
+            * TILE_X;
+        let mut r0 = 0;
+        while r0 < n {
+            let r1 = (r0 + block).min(n);
+            let groups = (r1 - r0).div_ceil(TILE_X);
             let mut j = j0;
             while j < j1 {
                 let rw = (j1 - j).min(TILE_W);
-                // SAFETY (caller): rows `[j, j + rw)` of `w` and `[r, r + rx)` of `x` exist,
-                // and the outputs written are columns of this task.
-                unsafe {
-                    match (rw, rx) {
-                        (3, 4) => tile::<W, 3, 4>(x, w, k, j, r, out),
-                        (3, 3) => tile::<W, 3, 3>(x, w, k, j, r, out),
-                        (3, 2) => tile::<W, 3, 2>(x, w, k, j, r, out),
-                        (3, _) => tile::<W, 3, 1>(x, w, k, j, r, out),
-                        (2, 4) => tile::<W, 2, 4>(x, w, k, j, r, out),
-                        (2, 3) => tile::<W, 2, 3>(x, w, k, j, r, out),
-                        (2, 2) => tile::<W, 2, 2>(x, w, k, j, r, out),
-                        (2, _) => tile::<W, 2, 1>(x, w, k, j, r, out),
-                        (_, 4) => tile::<W, 1, 4>(x, w, k, j, r, out),
-                        (_, 3) => tile::<W, 1, 3>(x, w, k, j, r, out),
-                        (_, 2) => tile::<W, 1, 2>(x, w, k, j, r, out),
-                        _ => tile::<W, 1, 1>(x, w, k, j, r, out),
+                // The next tile of this task: its rows follow this tile's in memory.
+                let next = j + rw;
+                let next_rows = (j1 - next).min(TILE_W);
+                let lines = (next_rows * k * std::mem::size_of::<W>()).div_ceil(LINE);
+                let per_group = lines.div_ceil(groups);
+                let base = w.as_ptr().wrapping_add(next * k).cast::<i8>();
+                let mut r = r0;
+                let mut g = 0;
+                while r < r1 {
+                    let rx = (r1 - r).min(TILE_X);
+                    let first = (g * per_group).min(lines);
+                    let ahead = Ahead {
+                        // Only an address for `_mm_prefetch`, which never faults; it lies
+                        // within `w` whenever `lines > 0`.
+                        from: base.wrapping_add(first * LINE),
+                        lines: ((g + 1) * per_group).min(lines) - first,
+                    };
+                    // SAFETY (caller): rows `[j, j + rw)` of `w` and `[r, r + rx)` of `x`
+                    // exist, and the outputs written are columns of this task.
+                    unsafe {
+                        match (rw, rx) {
+                            (3, 4) => tile::<W, 3, 4>(x, w, k, j, r, out, ahead),
+                            (3, 3) => tile::<W, 3, 3>(x, w, k, j, r, out, ahead),
+                            (3, 2) => tile::<W, 3, 2>(x, w, k, j, r, out, ahead),
+                            (3, _) => tile::<W, 3, 1>(x, w, k, j, r, out, ahead),
+                            (2, 4) => tile::<W, 2, 4>(x, w, k, j, r, out, ahead),
+                            (2, 3) => tile::<W, 2, 3>(x, w, k, j, r, out, ahead),
+                            (2, 2) => tile::<W, 2, 2>(x, w, k, j, r, out, ahead),
+                            (2, _) => tile::<W, 2, 1>(x, w, k, j, r, out, ahead),
+                            (_, 4) => tile::<W, 1, 4>(x, w, k, j, r, out, ahead),
+                            (_, 3) => tile::<W, 1, 3>(x, w, k, j, r, out, ahead),
+                            (_, 2) => tile::<W, 1, 2>(x, w, k, j, r, out, ahead),
+                            _ => tile::<W, 1, 1>(x, w, k, j, r, out, ahead),
+                        }
                     }
+                    r += rx;
+                    g += 1;
                 }
                 j += rw;
             }
-            r += rx;
+            r0 = r1;
         }
+    }
+
+    /// Bytes per cache line (x86-64).
+    const LINE: usize = 64;
+    /// Most activation rows per block: a tile's weights are read from memory once per block.
+    const ROW_BLOCK: usize = 64;
+    /// Most bytes of activations per block, so that a block stays in L2 (256 KiB or more on
+    /// x86-64 CPUs with AVX2) while the weight tiles pass: 64 rows up to k = 1024, 40 at
+    /// k = 1536 (SmolLM2's feed-forward width).
+    const ROW_BLOCK_BYTES: usize = 256 * 1024;
+
+    /// Cache lines of the next weight tile to prefetch during one tile call. Without it each
+    /// tile's first group waited on memory for its weights (a model's weights are far larger
+    /// than the caches and every step reads them all); spread over the groups' loops, the
+    /// loads of the next tile overlap the arithmetic of this one. Measured in
+    /// docs/benchmarks.md (issue 13, fifth round).
+    #[derive(Clone, Copy)]
+    struct Ahead {
+        from: *const i8,
+        lines: usize,
     }
 
     /// One weight row against `RX` activation rows, four accumulators per activation row in
@@ -337,7 +386,7 @@ mod x86 {
 
     /// `y[r + b][j + a] = Σ_i w[j + a][i] · x[r + b][i]` for `a < RW`, `b < RX`: eight lanes
     /// of partial sums over `i < k − k mod 8`, summed across lanes, then the last `k mod 8`
-    /// terms in order.
+    /// terms in order. Meanwhile `ahead.lines` cache lines from `ahead.from` are prefetched.
     ///
     /// # Safety
     /// As [`task`]: rows `[j, j + RW)` of `w: [m, k]` and `[r, r + RX)` of `x: [n, k]`
@@ -351,13 +400,25 @@ mod x86 {
         j: usize,
         r: usize,
         out: Columns,
+        ahead: Ahead,
     ) {
         debug_assert!((j + RW) * k <= w.len() && (r + RX) * k <= x.len());
         let (wp, xp) = (w.as_ptr(), x.as_ptr());
         let mut acc = [[_mm256_setzero_ps(); RX]; RW];
         let whole = k / 8 * 8;
+        // `ahead.lines` prefetches spread evenly over the `whole / 8` steps (a Bresenham
+        // count: no division in the loop).
+        let steps = whole / 8;
+        let (mut next, mut credit) = (ahead.from, 0usize);
         let mut i = 0;
         while i < whole {
+            credit += ahead.lines;
+            while credit >= steps {
+                // Only a hint: prefetching never faults, whatever the address.
+                _mm_prefetch::<_MM_HINT_T0>(next);
+                next = next.wrapping_add(LINE);
+                credit -= steps;
+            }
             let mut wv = [_mm256_setzero_ps(); RW];
             for (a, v) in wv.iter_mut().enumerate() {
                 // SAFETY (caller): i + 8 ≤ k within row j + a of `w`.
@@ -404,7 +465,7 @@ mod tests {
         (x, w)
     }
 
-    /// `y` equals `x Wᵀ` computed in f64 (relative 1e-5: f32 sums of up to ~300 terms).
+    /// `y` equals `x Wᵀ` computed in f64 (relative 1e-5: f32 sums of up to 1,100 terms).
     fn assert_product(x: &[f32], w: &[f32], y: &[f32], n: usize, k: usize, m: usize) {
         for r in 0..n {
             for c in 0..m {
@@ -431,6 +492,14 @@ mod tests {
                 let y = matmul(&x, n, &w, k, m).unwrap();
                 assert_product(&x, &w, &y, n, k, m);
             }
+        }
+        // Several blocks of activation rows: 64 + 64 + 2 rows at k = 300, and 56 + 14 at
+        // k = 1100 (whose block is cut to 56 rows by its bytes); odd tiles at the ends of
+        // tasks and blocks.
+        for (n, k, m) in [(130, 300, 50), (70, 1100, 31)] {
+            let (x, w) = operands(n, k, m);
+            let y = matmul(&x, n, &w, k, m).unwrap();
+            assert_product(&x, &w, &y, n, k, m);
         }
         assert!(matmul(&[0.0; 3], 1, &[0.0f32; 4], 3, 1).is_none());
     }
