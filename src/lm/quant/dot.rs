@@ -20,10 +20,13 @@ pub(crate) type DotQ8x4 = fn(&[BlockQ8], [&[BlockX]; 4]) -> [f32; 4];
 pub(crate) type DotQ4x4 = fn(&[BlockQ4], [&[BlockX]; 4]) -> [f32; 4];
 /// Two weight rows against four activation rows: each weight block loaded once for four
 /// activation rows and each activation block once for two weight rows (eight running sums
-/// in registers). Each of the eight results is summed in the order of [`DotQ8x4`].
-pub(crate) type DotQ8x2x4 = fn([&[BlockQ8]; 2], [&[BlockX]; 4]) -> [[f32; 4]; 2];
+/// in registers). Each of the eight results is summed in the order of [`DotQ8x4`]. With
+/// `ahead`, the weights that follow are prefetched (the caller asks for it on the first of
+/// the groups of activation rows that meet these weight rows: the later groups find them
+/// in cache, and a prefetch per block there only took load slots).
+pub(crate) type DotQ8x2x4 = fn([&[BlockQ8]; 2], [&[BlockX]; 4], bool) -> [[f32; 4]; 2];
 /// As [`DotQ8x2x4`] for 4-bit weights.
-pub(crate) type DotQ4x2x4 = fn([&[BlockQ4]; 2], [&[BlockX]; 4]) -> [[f32; 4]; 2];
+pub(crate) type DotQ4x2x4 = fn([&[BlockQ4]; 2], [&[BlockX]; 4], bool) -> [[f32; 4]; 2];
 
 /// The kernels of one instruction set.
 #[derive(Debug, Clone, Copy)]
@@ -44,8 +47,8 @@ pub(crate) const SCALAR: Kernels = Kernels {
     q4: dot_q4_scalar,
     q8x4: |w, x| x.map(|x| dot_q8_scalar(w, x)),
     q4x4: |w, x| x.map(|x| dot_q4_scalar(w, x)),
-    q8x2x4: |w, x| w.map(|w| x.map(|x| dot_q8_scalar(w, x))),
-    q4x2x4: |w, x| w.map(|w| x.map(|x| dot_q4_scalar(w, x))),
+    q8x2x4: |w, x, _| w.map(|w| x.map(|x| dot_q8_scalar(w, x))),
+    q4x2x4: |w, x, _| w.map(|w| x.map(|x| dot_q4_scalar(w, x))),
 };
 
 /// Every kernel set this CPU can run, the portable one first.
@@ -158,14 +161,26 @@ mod x86 {
         unsafe { dot_q4x4_avx2(w, x) }
     }
 
-    pub(super) fn dot_q8x2x4(w: [&[BlockQ8]; 2], x: [&[BlockX]; 4]) -> [[f32; 4]; 2] {
+    pub(super) fn dot_q8x2x4(w: [&[BlockQ8]; 2], x: [&[BlockX]; 4], ahead: bool) -> [[f32; 4]; 2] {
         // SAFETY: as above.
-        unsafe { dot_q8x2x4_avx2(w, x) }
+        unsafe {
+            if ahead {
+                dot_q8x2x4_avx2::<true>(w, x)
+            } else {
+                dot_q8x2x4_avx2::<false>(w, x)
+            }
+        }
     }
 
-    pub(super) fn dot_q4x2x4(w: [&[BlockQ4]; 2], x: [&[BlockX]; 4]) -> [[f32; 4]; 2] {
+    pub(super) fn dot_q4x2x4(w: [&[BlockQ4]; 2], x: [&[BlockX]; 4], ahead: bool) -> [[f32; 4]; 2] {
         // SAFETY: as above.
-        unsafe { dot_q4x2x4_avx2(w, x) }
+        unsafe {
+            if ahead {
+                dot_q4x2x4_avx2::<true>(w, x)
+            } else {
+                dot_q4x2x4_avx2::<false>(w, x)
+            }
+        }
     }
 
     /// [`hsum`] of each of four registers, in the kernels' own AVX2 code (an array `map`
@@ -189,11 +204,16 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn dot_q8x2x4_avx2(w: [&[BlockQ8]; 2], x: [&[BlockX]; 4]) -> [[f32; 4]; 2] {
+    unsafe fn dot_q8x2x4_avx2<const AHEAD: bool>(
+        w: [&[BlockQ8]; 2],
+        x: [&[BlockX]; 4],
+    ) -> [[f32; 4]; 2] {
         let mut acc = [[_mm256_setzero_ps(); 4]; 2];
         for (b, (a0, a1)) in w[0].iter().zip(w[1]).enumerate() {
-            prefetch(a0);
-            prefetch(a1);
+            if AHEAD {
+                prefetch(a0);
+                prefetch(a1);
+            }
             // SAFETY: `qs` are 32 bytes; unaligned loads.
             let (w0, w1) = unsafe {
                 (
@@ -217,7 +237,10 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn dot_q4x2x4_avx2(w: [&[BlockQ4]; 2], x: [&[BlockX]; 4]) -> [[f32; 4]; 2] {
+    unsafe fn dot_q4x2x4_avx2<const AHEAD: bool>(
+        w: [&[BlockQ4]; 2],
+        x: [&[BlockX]; 4],
+    ) -> [[f32; 4]; 2] {
         let mut acc = [[_mm256_setzero_ps(); 4]; 2];
         let mut mins = [[0f32; 4]; 2];
         let low = _mm256_set1_epi8(0x0F);
@@ -225,8 +248,10 @@ mod x86 {
             _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(packed), packed), low)
         };
         for (b, (a0, a1)) in w[0].iter().zip(w[1]).enumerate() {
-            prefetch(a0);
-            prefetch(a1);
+            if AHEAD {
+                prefetch(a0);
+                prefetch(a1);
+            }
             // SAFETY: `qs` are 16 bytes; unaligned loads.
             let (q0, q1) = unsafe {
                 (
@@ -414,10 +439,13 @@ mod tests {
                 // gives for it, bit for bit (the same sums in the same order).
                 let w8r: Vec<BlockQ8> = w8.iter().rev().copied().collect();
                 let w4r: Vec<BlockQ4> = w4.iter().rev().copied().collect();
-                let t8 = (k.q8x2x4)([&w8, &w8r], rows);
-                let t4 = (k.q4x2x4)([&w4, &w4r], rows);
-                assert_eq!(t8, [b8, (k.q8x4)(&w8r, rows)], "{} q8x2x4", k.name);
-                assert_eq!(t4, [b4, (k.q4x4)(&w4r, rows)], "{} q4x2x4", k.name);
+                // With and without prefetching the weights that follow.
+                for ahead in [true, false] {
+                    let t8 = (k.q8x2x4)([&w8, &w8r], rows, ahead);
+                    let t4 = (k.q4x2x4)([&w4, &w4r], rows, ahead);
+                    assert_eq!(t8, [b8, (k.q8x4)(&w8r, rows)], "{} q8x2x4", k.name);
+                    assert_eq!(t4, [b4, (k.q4x4)(&w4r, rows)], "{} q4x2x4", k.name);
+                }
             }
         }
     }

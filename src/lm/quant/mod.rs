@@ -276,8 +276,8 @@ impl QMatrix {
                     for g in 0..quads {
                         let xs = x_quad(g);
                         let y = match &self.data {
-                            Rows::Q8(_) => (k.q8x2x4)([w8(j), w8(j + 1)], xs),
-                            Rows::Q4(_) => (k.q4x2x4)([w4(j), w4(j + 1)], xs),
+                            Rows::Q8(_) => (k.q8x2x4)([w8(j), w8(j + 1)], xs, g == 0),
+                            Rows::Q4(_) => (k.q4x2x4)([w4(j), w4(j + 1)], xs, g == 0),
                         };
                         for (h, y) in y.iter().enumerate() {
                             for (q, &v) in y.iter().enumerate() {
