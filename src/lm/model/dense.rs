@@ -4,10 +4,10 @@
 //! lanes of partial sums along `k`, summed across lanes at the end (the dot-product form of
 //! llamafile's sgemm in llama.cpp). Each weight vector loaded serves four activation rows
 //! and each activation vector three weight rows, and both operands are read in memory
-//! order, so nothing is packed or transposed per call. A tile's weights meet every group
-//! of activation rows of a block before the next tile's, whose weights are prefetched
-//! meanwhile: a model's weights do not fit in the caches, so every step reads them from
-//! memory, and this way the reading overlaps the arithmetic.
+//! order, so nothing is packed or transposed per call. While the activation rows fit in
+//! L2, a tile's weights meet every group of activation rows before the next tile's, whose
+//! weights are prefetched meanwhile: a model's weights do not fit in the caches, so every
+//! step reads them from memory, and this way the reading overlaps the arithmetic.
 //!
 //! Tasks own runs of [`ROWS_PER_TASK`] output columns (weight rows), so every output is one
 //! sum in a fixed order whatever the thread count (deterministic). One activation row
@@ -222,11 +222,11 @@ mod x86 {
     use super::{Weight, ROW_BELOW, TILE_W, TILE_X};
     use crate::lm::columns::Columns;
 
-    /// Columns `[j0, j1)` of `y` for every row. Activation rows go in blocks of at most
-    /// [`ROW_BLOCK`] (and [`ROW_BLOCK_BYTES`]), which stay in L2; within a block each tile of
-    /// three weight rows (3 · k weights, in L1) meets every group of four activation rows
-    /// before the next tile, and the next tile's weights are prefetched while it does (see
-    /// [`Ahead`]).
+    /// Columns `[j0, j1)` of `y` for every row. Up to [`ACTIVATIONS_IN_L2`] of activations,
+    /// each tile of three weight rows (3 · k weights, in L1) meets every group of four
+    /// activation rows before the next tile, and the next tile's weights are prefetched while
+    /// it does (see [`Ahead`]); above, each group of activation rows meets the task's weight
+    /// rows in turn.
     ///
     /// # Safety
     /// AVX2 and FMA present; `x: [n, k]`, `w: [m, k]`, `out` points to `y: [n, m]` whose
@@ -256,68 +256,100 @@ mod x86 {
             }
             return;
         }
-        let block = (ROW_BLOCK_BYTES / (k * std::mem::size_of::<f32>())).clamp(TILE_X, ROW_BLOCK)
-            / TILE_X
-            * TILE_X;
-        let mut r0 = 0;
-        while r0 < n {
-            let r1 = (r0 + block).min(n);
-            let groups = (r1 - r0).div_ceil(TILE_X);
-            let mut j = j0;
-            while j < j1 {
-                let rw = (j1 - j).min(TILE_W);
-                // The next tile of this task: its rows follow this tile's in memory.
-                let next = j + rw;
-                let next_rows = (j1 - next).min(TILE_W);
-                let lines = (next_rows * k * std::mem::size_of::<W>()).div_ceil(LINE);
-                let per_group = lines.div_ceil(groups);
-                let base = w.as_ptr().wrapping_add(next * k).cast::<i8>();
-                let mut r = r0;
-                let mut g = 0;
-                while r < r1 {
-                    let rx = (r1 - r).min(TILE_X);
-                    let first = (g * per_group).min(lines);
-                    let ahead = Ahead {
-                        // Only an address for `_mm_prefetch`, which never faults; it lies
-                        // within `w` whenever `lines > 0`.
-                        from: base.wrapping_add(first * LINE),
-                        lines: ((g + 1) * per_group).min(lines) - first,
-                    };
+        if n * k * std::mem::size_of::<f32>() > ACTIVATIONS_IN_L2 {
+            // Many activation rows: the task's weight rows stay in L2 while the groups of
+            // activation rows pass (each group in L1); only the first group waits on
+            // memory for the weights, a small share of the work at this size.
+            let mut r = 0;
+            while r < n {
+                let rx = (n - r).min(TILE_X);
+                let mut j = j0;
+                while j < j1 {
+                    let rw = (j1 - j).min(TILE_W);
                     // SAFETY (caller): rows `[j, j + rw)` of `w` and `[r, r + rx)` of `x`
                     // exist, and the outputs written are columns of this task.
-                    unsafe {
-                        match (rw, rx) {
-                            (3, 4) => tile::<W, 3, 4>(x, w, k, j, r, out, ahead),
-                            (3, 3) => tile::<W, 3, 3>(x, w, k, j, r, out, ahead),
-                            (3, 2) => tile::<W, 3, 2>(x, w, k, j, r, out, ahead),
-                            (3, _) => tile::<W, 3, 1>(x, w, k, j, r, out, ahead),
-                            (2, 4) => tile::<W, 2, 4>(x, w, k, j, r, out, ahead),
-                            (2, 3) => tile::<W, 2, 3>(x, w, k, j, r, out, ahead),
-                            (2, 2) => tile::<W, 2, 2>(x, w, k, j, r, out, ahead),
-                            (2, _) => tile::<W, 2, 1>(x, w, k, j, r, out, ahead),
-                            (_, 4) => tile::<W, 1, 4>(x, w, k, j, r, out, ahead),
-                            (_, 3) => tile::<W, 1, 3>(x, w, k, j, r, out, ahead),
-                            (_, 2) => tile::<W, 1, 2>(x, w, k, j, r, out, ahead),
-                            _ => tile::<W, 1, 1>(x, w, k, j, r, out, ahead),
-                        }
-                    }
-                    r += rx;
-                    g += 1;
+                    unsafe { tile_of::<W>(rw, rx, x, w, k, j, r, out, Ahead::NONE) };
+                    j += rw;
                 }
-                j += rw;
+                r += rx;
             }
-            r0 = r1;
+            return;
+        }
+        // Few activation rows (all in L2): each tile of weight rows meets every group
+        // before the next tile, whose weights are prefetched meanwhile.
+        let groups = n.div_ceil(TILE_X);
+        let mut j = j0;
+        while j < j1 {
+            let rw = (j1 - j).min(TILE_W);
+            // The next tile of this task: its rows follow this tile's in memory.
+            let next = j + rw;
+            let next_rows = (j1 - next).min(TILE_W);
+            let lines = (next_rows * k * std::mem::size_of::<W>()).div_ceil(LINE);
+            let per_group = lines.div_ceil(groups);
+            let base = w.as_ptr().wrapping_add(next * k).cast::<i8>();
+            let mut r = 0;
+            let mut g = 0;
+            while r < n {
+                let rx = (n - r).min(TILE_X);
+                let first = (g * per_group).min(lines);
+                let ahead = Ahead {
+                    // Only an address for `_mm_prefetch`, which never faults; it lies
+                    // within `w` whenever `lines > 0`.
+                    from: base.wrapping_add(first * LINE),
+                    lines: ((g + 1) * per_group).min(lines) - first,
+                };
+                // SAFETY (caller): as above.
+                unsafe { tile_of::<W>(rw, rx, x, w, k, j, r, out, ahead) };
+                r += rx;
+                g += 1;
+            }
+            j += rw;
+        }
+    }
+
+    /// [`tile`] for `rw ≤ 3` weight rows and `rx ≤ 4` activation rows.
+    ///
+    /// # Safety
+    /// As [`tile`].
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile_of<W: Weight>(
+        rw: usize,
+        rx: usize,
+        x: &[f32],
+        w: &[W],
+        k: usize,
+        j: usize,
+        r: usize,
+        out: Columns,
+        ahead: Ahead,
+    ) {
+        // SAFETY (caller).
+        unsafe {
+            match (rw, rx) {
+                (3, 4) => tile::<W, 3, 4>(x, w, k, j, r, out, ahead),
+                (3, 3) => tile::<W, 3, 3>(x, w, k, j, r, out, ahead),
+                (3, 2) => tile::<W, 3, 2>(x, w, k, j, r, out, ahead),
+                (3, _) => tile::<W, 3, 1>(x, w, k, j, r, out, ahead),
+                (2, 4) => tile::<W, 2, 4>(x, w, k, j, r, out, ahead),
+                (2, 3) => tile::<W, 2, 3>(x, w, k, j, r, out, ahead),
+                (2, 2) => tile::<W, 2, 2>(x, w, k, j, r, out, ahead),
+                (2, _) => tile::<W, 2, 1>(x, w, k, j, r, out, ahead),
+                (_, 4) => tile::<W, 1, 4>(x, w, k, j, r, out, ahead),
+                (_, 3) => tile::<W, 1, 3>(x, w, k, j, r, out, ahead),
+                (_, 2) => tile::<W, 1, 2>(x, w, k, j, r, out, ahead),
+                _ => tile::<W, 1, 1>(x, w, k, j, r, out, ahead),
+            }
         }
     }
 
     /// Bytes per cache line (x86-64).
     const LINE: usize = 64;
-    /// Most activation rows per block: a tile's weights are read from memory once per block.
-    const ROW_BLOCK: usize = 64;
-    /// Most bytes of activations per block, so that a block stays in L2 (256 KiB or more on
-    /// x86-64 CPUs with AVX2) while the weight tiles pass: 64 rows up to k = 1024, 40 at
-    /// k = 1536 (SmolLM2's feed-forward width).
-    const ROW_BLOCK_BYTES: usize = 256 * 1024;
+    /// Most bytes of activations for which each weight tile meets all activation rows
+    /// before the next (they must stay in L2, 256 KiB or more on x86-64 CPUs with AVX2):
+    /// SmolLM2's products up to 64 rows at k = 576 and 40 at k = 1536. Above it, the
+    /// previous order was faster (decode at 256 particles, docs/benchmarks.md).
+    const ACTIVATIONS_IN_L2: usize = 256 * 1024;
 
     /// Cache lines of the next weight tile to prefetch during one tile call. Without it each
     /// tile's first group waited on memory for its weights (a model's weights are far larger
@@ -328,6 +360,14 @@ mod x86 {
     struct Ahead {
         from: *const i8,
         lines: usize,
+    }
+
+    impl Ahead {
+        /// Nothing to prefetch.
+        const NONE: Ahead = Ahead {
+            from: std::ptr::null(),
+            lines: 0,
+        };
     }
 
     /// One weight row against `RX` activation rows, four accumulators per activation row in
@@ -493,9 +533,9 @@ mod tests {
                 assert_product(&x, &w, &y, n, k, m);
             }
         }
-        // Several blocks of activation rows: 64 + 64 + 2 rows at k = 300, and 56 + 14 at
-        // k = 1100 (whose block is cut to 56 rows by its bytes); odd tiles at the ends of
-        // tasks and blocks.
+        // Both loop orders with many groups: 130 rows at k = 300 (156 KiB of activations:
+        // tile by tile, prefetching) and 70 rows at k = 1100 (301 KiB: group by group);
+        // odd tiles at the ends of tasks and groups.
         for (n, k, m) in [(130, 300, 50), (70, 1100, 31)] {
             let (x, w) = operands(n, k, m);
             let y = matmul(&x, n, &w, k, m).unwrap();
