@@ -256,6 +256,7 @@ mod x86 {
             }
             return;
         }
+        let op = Operands { x, w, k, out };
         if n * k * std::mem::size_of::<f32>() > ACTIVATIONS_IN_L2 {
             // Many activation rows: the task's weight rows stay in L2 while the groups of
             // activation rows pass (each group in L1); only the first group waits on
@@ -268,7 +269,7 @@ mod x86 {
                     let rw = (j1 - j).min(TILE_W);
                     // SAFETY (caller): rows `[j, j + rw)` of `w` and `[r, r + rx)` of `x`
                     // exist, and the outputs written are columns of this task.
-                    unsafe { tile_of::<W>(rw, rx, x, w, k, j, r, out, Ahead::NONE) };
+                    unsafe { tile_of(op, (rw, rx), (j, r), Ahead::NONE) };
                     j += rw;
                 }
                 r += rx;
@@ -299,7 +300,7 @@ mod x86 {
                     lines: ((g + 1) * per_group).min(lines) - first,
                 };
                 // SAFETY (caller): as above.
-                unsafe { tile_of::<W>(rw, rx, x, w, k, j, r, out, ahead) };
+                unsafe { tile_of(op, (rw, rx), (j, r), ahead) };
                 r += rx;
                 g += 1;
             }
@@ -312,35 +313,39 @@ mod x86 {
     /// # Safety
     /// As [`tile`].
     #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
     unsafe fn tile_of<W: Weight>(
-        rw: usize,
-        rx: usize,
-        x: &[f32],
-        w: &[W],
-        k: usize,
-        j: usize,
-        r: usize,
-        out: Columns,
+        op: Operands<'_, W>,
+        (rw, rx): (usize, usize),
+        (j, r): (usize, usize),
         ahead: Ahead,
     ) {
         // SAFETY (caller).
         unsafe {
             match (rw, rx) {
-                (3, 4) => tile::<W, 3, 4>(x, w, k, j, r, out, ahead),
-                (3, 3) => tile::<W, 3, 3>(x, w, k, j, r, out, ahead),
-                (3, 2) => tile::<W, 3, 2>(x, w, k, j, r, out, ahead),
-                (3, _) => tile::<W, 3, 1>(x, w, k, j, r, out, ahead),
-                (2, 4) => tile::<W, 2, 4>(x, w, k, j, r, out, ahead),
-                (2, 3) => tile::<W, 2, 3>(x, w, k, j, r, out, ahead),
-                (2, 2) => tile::<W, 2, 2>(x, w, k, j, r, out, ahead),
-                (2, _) => tile::<W, 2, 1>(x, w, k, j, r, out, ahead),
-                (_, 4) => tile::<W, 1, 4>(x, w, k, j, r, out, ahead),
-                (_, 3) => tile::<W, 1, 3>(x, w, k, j, r, out, ahead),
-                (_, 2) => tile::<W, 1, 2>(x, w, k, j, r, out, ahead),
-                _ => tile::<W, 1, 1>(x, w, k, j, r, out, ahead),
+                (3, 4) => tile::<W, 3, 4>(op, j, r, ahead),
+                (3, 3) => tile::<W, 3, 3>(op, j, r, ahead),
+                (3, 2) => tile::<W, 3, 2>(op, j, r, ahead),
+                (3, _) => tile::<W, 3, 1>(op, j, r, ahead),
+                (2, 4) => tile::<W, 2, 4>(op, j, r, ahead),
+                (2, 3) => tile::<W, 2, 3>(op, j, r, ahead),
+                (2, 2) => tile::<W, 2, 2>(op, j, r, ahead),
+                (2, _) => tile::<W, 2, 1>(op, j, r, ahead),
+                (_, 4) => tile::<W, 1, 4>(op, j, r, ahead),
+                (_, 3) => tile::<W, 1, 3>(op, j, r, ahead),
+                (_, 2) => tile::<W, 1, 2>(op, j, r, ahead),
+                _ => tile::<W, 1, 1>(op, j, r, ahead),
             }
         }
+    }
+
+    /// The operands of one product as the tiles see them: `x: [n, k]`, `w: [m, k]` and the
+    /// output `y: [n, m]`.
+    #[derive(Clone, Copy)]
+    struct Operands<'a, W> {
+        x: &'a [f32],
+        w: &'a [W],
+        k: usize,
+        out: Columns,
     }
 
     /// Bytes per cache line (x86-64).
@@ -432,16 +437,13 @@ mod x86 {
     /// As [`task`]: rows `[j, j + RW)` of `w: [m, k]` and `[r, r + RX)` of `x: [n, k]`
     /// exist, and the outputs are the caller's to write.
     #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
     unsafe fn tile<W: Weight, const RW: usize, const RX: usize>(
-        x: &[f32],
-        w: &[W],
-        k: usize,
+        op: Operands<'_, W>,
         j: usize,
         r: usize,
-        out: Columns,
         ahead: Ahead,
     ) {
+        let Operands { x, w, k, out } = op;
         debug_assert!((j + RW) * k <= w.len() && (r + RX) * k <= x.len());
         let (wp, xp) = (w.as_ptr(), x.as_ptr());
         let mut acc = [[_mm256_setzero_ps(); RX]; RW];

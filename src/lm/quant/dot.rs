@@ -163,24 +163,12 @@ mod x86 {
 
     pub(super) fn dot_q8x2x4(w: [&[BlockQ8]; 2], x: [&[BlockX]; 4], ahead: bool) -> [[f32; 4]; 2] {
         // SAFETY: as above.
-        unsafe {
-            if ahead {
-                dot_q8x2x4_avx2::<true>(w, x)
-            } else {
-                dot_q8x2x4_avx2::<false>(w, x)
-            }
-        }
+        unsafe { dot_q8x2x4_avx2(w, x, ahead) }
     }
 
     pub(super) fn dot_q4x2x4(w: [&[BlockQ4]; 2], x: [&[BlockX]; 4], ahead: bool) -> [[f32; 4]; 2] {
         // SAFETY: as above.
-        unsafe {
-            if ahead {
-                dot_q4x2x4_avx2::<true>(w, x)
-            } else {
-                dot_q4x2x4_avx2::<false>(w, x)
-            }
-        }
+        unsafe { dot_q4x2x4_avx2(w, x, ahead) }
     }
 
     /// [`hsum`] of each of four registers, in the kernels' own AVX2 code (an array `map`
@@ -204,13 +192,11 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn dot_q8x2x4_avx2<const AHEAD: bool>(
-        w: [&[BlockQ8]; 2],
-        x: [&[BlockX]; 4],
-    ) -> [[f32; 4]; 2] {
+    unsafe fn dot_q8x2x4_avx2(w: [&[BlockQ8]; 2], x: [&[BlockX]; 4], ahead: bool) -> [[f32; 4]; 2] {
         let mut acc = [[_mm256_setzero_ps(); 4]; 2];
         for (b, (a0, a1)) in w[0].iter().zip(w[1]).enumerate() {
-            if AHEAD {
+            // (A branch the same way for the whole row: predicted.)
+            if ahead {
                 prefetch(a0);
                 prefetch(a1);
             }
@@ -237,10 +223,7 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn dot_q4x2x4_avx2<const AHEAD: bool>(
-        w: [&[BlockQ4]; 2],
-        x: [&[BlockX]; 4],
-    ) -> [[f32; 4]; 2] {
+    unsafe fn dot_q4x2x4_avx2(w: [&[BlockQ4]; 2], x: [&[BlockX]; 4], ahead: bool) -> [[f32; 4]; 2] {
         let mut acc = [[_mm256_setzero_ps(); 4]; 2];
         let mut mins = [[0f32; 4]; 2];
         let low = _mm256_set1_epi8(0x0F);
@@ -248,7 +231,8 @@ mod x86 {
             _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(packed), packed), low)
         };
         for (b, (a0, a1)) in w[0].iter().zip(w[1]).enumerate() {
-            if AHEAD {
+            // (A branch the same way for the whole row: predicted.)
+            if ahead {
                 prefetch(a0);
                 prefetch(a1);
             }
