@@ -352,15 +352,17 @@ mod x86 {
     const LINE: usize = 64;
     /// Most bytes of activations for which each weight tile meets all activation rows
     /// before the next (they must stay in L2, 256 KiB or more on x86-64 CPUs with AVX2):
-    /// SmolLM2's products up to 64 rows at k = 576 and 40 at k = 1536. Above it, the
-    /// previous order was faster (decode at 256 particles, docs/benchmarks.md).
+    /// SmolLM2's products up to 64 rows at k = 576 and 40 at k = 1536. Above it the
+    /// group-by-group order keeps each group in L1, and only its first pass waits on the
+    /// weights; the tile order in 64-row blocks measured no better at 256 particles
+    /// (docs/benchmarks.md, issue 13's sixth round).
     const ACTIVATIONS_IN_L2: usize = 256 * 1024;
 
     /// Cache lines of the next weight tile to prefetch during one tile call. Without it each
     /// tile's first group waited on memory for its weights (a model's weights are far larger
     /// than the caches and every step reads them all); spread over the groups' loops, the
     /// loads of the next tile overlap the arithmetic of this one. Measured in
-    /// docs/benchmarks.md (issue 13, fifth round).
+    /// docs/benchmarks.md (issue 13, sixth round).
     #[derive(Clone, Copy)]
     struct Ahead {
         from: *const i8,
