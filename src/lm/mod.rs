@@ -18,6 +18,7 @@ mod chat;
 mod checkpoint;
 mod columns;
 mod config;
+mod cpu;
 mod device;
 mod error;
 mod exp32;
@@ -32,6 +33,7 @@ pub use cache::{AttentionPath, CacheLayout, CacheSeq, PagedKvCache, QueryMeta, S
 pub use chat::{ChatMessage, ChatTemplate, CHATML};
 pub use checkpoint::{hf_name, hf_name_for};
 pub use config::{limits, LlamaConfig, RopeStyle};
+pub use cpu::{cpu_features, KERNELS_ENV};
 pub use device::{device_name, parse_device, supported_devices};
 pub use error::{human_bytes, LmError, LmResult};
 pub use family::{parse_hf_config, Activation, ArchOptions, LayerKind, ModelType, RopeScaling};

@@ -2,7 +2,7 @@
 //! template, read from its files.
 
 use smc_steer::lm::{
-    cpu_kernels, device_name, parse_device, supported_devices, ChatMessage, GgufFile,
+    cpu_features, cpu_kernels, device_name, parse_device, supported_devices, ChatMessage, GgufFile,
     KernelOptions, TransformerKernel,
 };
 
@@ -73,6 +73,7 @@ pub fn inspect(a: InspectArgs) -> Result<(), Failure> {
         "weight_bytes": kernel.model().weight_bytes(),
         "file_matrices": matrices,
         "cpu_kernels": cpu_kernels(),
+        "cpu_features": cpu_features(),
     });
     match a.format {
         Format::Json => println!("{info}"),

@@ -26,6 +26,7 @@ use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
 use crate::lm::columns::ColumnWriter;
+use crate::lm::cpu::CpuFeatures;
 
 /// Weight rows per register tile.
 const TILE_W: usize = 3;
@@ -48,6 +49,12 @@ pub(super) trait Weight: Copy + Send + Sync {
     /// Eight values from `p` are readable, and the CPU has AVX2.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+    /// Eight consecutive weights from `p` as f32, in both halves of a 512-bit register.
+    ///
+    /// # Safety
+    /// Eight values from `p` are readable, and the CPU has AVX-512 F and DQ.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn broadcast8(p: *const Self) -> std::arch::x86_64::__m512;
 }
 
 impl Weight for f32 {
@@ -61,6 +68,14 @@ impl Weight for f32 {
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
         // SAFETY (caller): eight f32 from `p` are readable.
         unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn broadcast8(p: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY (caller): eight f32 from `p` are readable, AVX-512 F and DQ present.
+        unsafe { _mm512_broadcast_f32x8(_mm256_loadu_ps(p)) }
     }
 }
 
@@ -81,23 +96,40 @@ impl Weight for half::bf16 {
             _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
         }
     }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn broadcast8(p: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY (caller): eight bf16 (16 bytes) from `p` are readable, AVX-512 F present.
+        unsafe {
+            let h = _mm256_broadcastsi128_si256(_mm_loadu_si128(p.cast()));
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+        }
+    }
 }
 
-/// Whether this CPU runs the tiles in AVX2 and FMA intrinsics.
+/// Whether this CPU runs the tiles in intrinsics (AVX2 and FMA, or AVX-512; see
+/// [`crate::lm::cpu`]).
 pub(super) fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    CpuFeatures::in_use().avx2
 }
 
 /// `y = x Wᵀ` for `x: [n, k]` and `W: [m, k]` (row-major); `y: [n, m]`. `None` when the
 /// lengths do not match.
 pub(super) fn matmul<W: Weight>(
+    x: &[f32],
+    n: usize,
+    w: &[W],
+    k: usize,
+    m: usize,
+) -> Option<Vec<f32>> {
+    matmul_on(CpuFeatures::in_use(), x, n, w, k, m)
+}
+
+/// [`matmul`] with the instruction sets of `cpu` (which the CPU must have).
+fn matmul_on<W: Weight>(
+    cpu: CpuFeatures,
     x: &[f32],
     n: usize,
     w: &[W],
@@ -110,29 +142,55 @@ pub(super) fn matmul<W: Weight>(
     if n == 0 || m == 0 {
         return Some(vec![0.0f32; n * m]);
     }
-    if !available() {
+    if !cpu.avx2 {
         return Some(portable::matmul(x, n, w, k, m));
     }
     #[cfg(target_arch = "x86_64")]
     {
+        // Per shape: fewer than `ROW_BELOW` rows stream one weight row at a time (bound by
+        // memory, where wider registers gain nothing); tiles on 512-bit registers where
+        // the CPU has AVX-512 (twice the lanes per instruction, the same sums: measured in
+        // docs/benchmarks.md), else on 256-bit ones.
+        let wide = cpu.avx512 && n >= ROW_BELOW;
+        let pairs = if wide {
+            avx512::pair_rows(x, n, k)
+        } else {
+            Vec::new()
+        };
         // Not zeroed first: every element is written once below (zeroing 12.5 MB of logits
         // per step at 64 rows was 1.5% of an SMC step's samples).
         let mut y = ColumnWriter::new(n, m);
-        let out = y.columns();
+        let op = x86::Operands {
+            x,
+            pairs: &pairs,
+            n,
+            w,
+            k,
+            out: y.columns(),
+        };
         (0..m.div_ceil(ROWS_PER_TASK))
             .into_par_iter()
             .for_each(|t| {
                 let j0 = t * ROWS_PER_TASK;
                 let j1 = (j0 + ROWS_PER_TASK).min(m);
-                // SAFETY: `available()` (AVX2 and FMA) was checked; the task writes only
-                // columns `[j0, j1)` of `y: [n, m]`, which no other task writes.
-                unsafe { x86::task(x, n, w, k, j0, j1, out) };
+                // SAFETY: `cpu` (AVX2 and FMA, and AVX-512 for `wide`) is this CPU's; the
+                // task writes only columns `[j0, j1)` of `y: [n, m]`, which no other task
+                // writes; `pairs` holds `x` in pairs of rows when `wide`.
+                unsafe {
+                    if n < ROW_BELOW {
+                        x86::rows(op, j0, j1);
+                    } else if wide {
+                        x86::task::<W, avx512::Avx512>(op, j0, j1);
+                    } else {
+                        x86::task::<W, x86::Avx2>(op, j0, j1);
+                    }
+                }
             });
         // SAFETY: each task wrote every row of its columns `[j0, j1)`, and the tasks'
         // columns cover `[0, m)`; the parallel loop has returned.
         Some(unsafe { y.finish() })
     }
-    // (`available()` is false off x86-64: the portable tiles above ran.)
+    // (`cpu.avx2` is false off x86-64: the portable tiles above ran.)
     #[cfg(not(target_arch = "x86_64"))]
     Some(portable::matmul(x, n, w, k, m))
 }
@@ -216,60 +274,109 @@ mod portable {
 }
 
 #[cfg(target_arch = "x86_64")]
+mod avx512;
+
+#[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{Weight, ROW_BELOW, TILE_W, TILE_X};
+    use super::{Weight, TILE_W, TILE_X};
     use crate::lm::columns::Columns;
 
-    /// Columns `[j0, j1)` of `y` for every row. Up to [`ACTIVATIONS_IN_L2`] of activations,
-    /// each tile of three weight rows (3 · k weights, in L1) meets every group of four
-    /// activation rows before the next tile, and the next tile's weights are prefetched while
-    /// it does (see [`Ahead`]); above, each group of activation rows meets the task's weight
-    /// rows in turn.
+    /// The operands of one product as the tiles see them: `x: [n, k]`, `w: [m, k]` and the
+    /// output `y: [n, m]`; for the 512-bit tiles also `x` in pairs of rows
+    /// ([`super::avx512::pair_rows`]; empty otherwise).
+    #[derive(Clone, Copy)]
+    pub(super) struct Operands<'a, W> {
+        pub(super) x: &'a [f32],
+        pub(super) pairs: &'a [f32],
+        pub(super) n: usize,
+        pub(super) w: &'a [W],
+        pub(super) k: usize,
+        pub(super) out: Columns,
+    }
+
+    /// A kind of register tile: how many weight rows and activation rows one call covers.
+    pub(super) trait Tiles<W: Weight> {
+        /// Weight rows per tile (divides [`super::ROWS_PER_TASK`]).
+        const W_ROWS: usize;
+        /// Activation rows per tile.
+        const X_ROWS: usize;
+        /// Rows `[j, j + rw)` of `w` against rows `[r, r + rx)` of `x` (`rw ≤ W_ROWS`,
+        /// `rx ≤ X_ROWS`, `r` a multiple of `X_ROWS`), into `y`; meanwhile `ahead.lines`
+        /// cache lines from `ahead.from` are prefetched.
+        ///
+        /// # Safety
+        /// The CPU has the tile's instructions; the rows exist, and the outputs are the
+        /// caller's to write.
+        unsafe fn tile(op: Operands<'_, W>, rw: usize, rx: usize, j: usize, r: usize, ahead: Ahead);
+    }
+
+    /// Three weight rows × four activation rows on 256-bit registers (AVX2 and FMA).
+    pub(super) struct Avx2;
+
+    impl<W: Weight> Tiles<W> for Avx2 {
+        const W_ROWS: usize = TILE_W;
+        const X_ROWS: usize = TILE_X;
+
+        unsafe fn tile(
+            op: Operands<'_, W>,
+            rw: usize,
+            rx: usize,
+            j: usize,
+            r: usize,
+            ahead: Ahead,
+        ) {
+            // SAFETY (caller).
+            unsafe { tile_of(op, (rw, rx), (j, r), ahead) }
+        }
+    }
+
+    /// Columns `[j0, j1)` of `y` for fewer than [`super::ROW_BELOW`] rows: one weight row
+    /// at a time ([`row`]).
     ///
     /// # Safety
-    /// AVX2 and FMA present; `x: [n, k]`, `w: [m, k]`, `out` points to `y: [n, m]` whose
-    /// columns `[j0, j1)` nobody else accesses meanwhile.
-    #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn task<W: Weight>(
-        x: &[f32],
-        n: usize,
-        w: &[W],
-        k: usize,
-        j0: usize,
-        j1: usize,
-        out: Columns,
-    ) {
-        if n < ROW_BELOW {
-            for j in j0..j1 {
-                // SAFETY (caller): row j of `w` and every row of `x` exist; column j is this
-                // task's.
-                unsafe {
-                    match n {
-                        1 => row::<W, 1>(x, w, k, j, out),
-                        2 => row::<W, 2>(x, w, k, j, out),
-                        _ => row::<W, 3>(x, w, k, j, out),
-                    }
+    /// AVX2 and FMA present; `out` points to `y: [n, m]` whose columns `[j0, j1)` nobody
+    /// else accesses meanwhile.
+    pub(super) unsafe fn rows<W: Weight>(op: Operands<'_, W>, j0: usize, j1: usize) {
+        let Operands { x, w, k, out, .. } = op;
+        for j in j0..j1 {
+            // SAFETY (caller): row j of `w` and every row of `x` exist; column j is this
+            // task's.
+            unsafe {
+                match op.n {
+                    1 => row::<W, 1>(x, w, k, j, out),
+                    2 => row::<W, 2>(x, w, k, j, out),
+                    _ => row::<W, 3>(x, w, k, j, out),
                 }
             }
-            return;
         }
-        let op = Operands { x, w, k, out };
+    }
+
+    /// Columns `[j0, j1)` of `y` for every row, by tiles `T`. Up to [`ACTIVATIONS_IN_L2`]
+    /// of activations, each tile of weight rows (in L1) meets every group of activation
+    /// rows before the next tile, and the next tile's weights are prefetched while it does
+    /// (see [`Ahead`]); above, each group of activation rows meets the task's weight rows
+    /// in turn.
+    ///
+    /// # Safety
+    /// The CPU has `T`'s instructions; `out` points to `y: [n, m]` whose columns `[j0, j1)`
+    /// nobody else accesses meanwhile (and `pairs` is filled where `T` reads it).
+    pub(super) unsafe fn task<W: Weight, T: Tiles<W>>(op: Operands<'_, W>, j0: usize, j1: usize) {
+        let (n, k) = (op.n, op.k);
         if n * k * std::mem::size_of::<f32>() > ACTIVATIONS_IN_L2 {
             // Many activation rows: the task's weight rows stay in L2 while the groups of
             // activation rows pass (each group in L1); only the first group waits on
             // memory for the weights, a small share of the work at this size.
             let mut r = 0;
             while r < n {
-                let rx = (n - r).min(TILE_X);
+                let rx = (n - r).min(T::X_ROWS);
                 let mut j = j0;
                 while j < j1 {
-                    let rw = (j1 - j).min(TILE_W);
+                    let rw = (j1 - j).min(T::W_ROWS);
                     // SAFETY (caller): rows `[j, j + rw)` of `w` and `[r, r + rx)` of `x`
                     // exist, and the outputs written are columns of this task.
-                    unsafe { tile_of(op, (rw, rx), (j, r), Ahead::NONE) };
+                    unsafe { T::tile(op, rw, rx, j, r, Ahead::NONE) };
                     j += rw;
                 }
                 r += rx;
@@ -278,20 +385,20 @@ mod x86 {
         }
         // Few activation rows (all in L2): each tile of weight rows meets every group
         // before the next tile, whose weights are prefetched meanwhile.
-        let groups = n.div_ceil(TILE_X);
+        let groups = n.div_ceil(T::X_ROWS);
         let mut j = j0;
         while j < j1 {
-            let rw = (j1 - j).min(TILE_W);
+            let rw = (j1 - j).min(T::W_ROWS);
             // The next tile of this task: its rows follow this tile's in memory.
             let next = j + rw;
-            let next_rows = (j1 - next).min(TILE_W);
+            let next_rows = (j1 - next).min(T::W_ROWS);
             let lines = (next_rows * k * std::mem::size_of::<W>()).div_ceil(LINE);
             let per_group = lines.div_ceil(groups);
-            let base = w.as_ptr().wrapping_add(next * k).cast::<i8>();
+            let base = op.w.as_ptr().wrapping_add(next * k).cast::<i8>();
             let mut r = 0;
             let mut g = 0;
             while r < n {
-                let rx = (n - r).min(TILE_X);
+                let rx = (n - r).min(T::X_ROWS);
                 let first = (g * per_group).min(lines);
                 let ahead = Ahead {
                     // Only an address for `_mm_prefetch`, which never faults; it lies
@@ -300,7 +407,7 @@ mod x86 {
                     lines: ((g + 1) * per_group).min(lines) - first,
                 };
                 // SAFETY (caller): as above.
-                unsafe { tile_of(op, (rw, rx), (j, r), ahead) };
+                unsafe { T::tile(op, rw, rx, j, r, ahead) };
                 r += rx;
                 g += 1;
             }
@@ -338,18 +445,8 @@ mod x86 {
         }
     }
 
-    /// The operands of one product as the tiles see them: `x: [n, k]`, `w: [m, k]` and the
-    /// output `y: [n, m]`.
-    #[derive(Clone, Copy)]
-    struct Operands<'a, W> {
-        x: &'a [f32],
-        w: &'a [W],
-        k: usize,
-        out: Columns,
-    }
-
     /// Bytes per cache line (x86-64).
-    const LINE: usize = 64;
+    pub(super) const LINE: usize = 64;
     /// Most bytes of activations for which each weight tile meets all activation rows
     /// before the next (they must stay in L2, 256 KiB or more on x86-64 CPUs with AVX2):
     /// SmolLM2's products up to 64 rows at k = 576 and 40 at k = 1536. Above it the
@@ -364,9 +461,9 @@ mod x86 {
     /// loads of the next tile overlap the arithmetic of this one. Measured in
     /// docs/benchmarks.md (issue 13, sixth round).
     #[derive(Clone, Copy)]
-    struct Ahead {
-        from: *const i8,
-        lines: usize,
+    pub(super) struct Ahead {
+        pub(super) from: *const i8,
+        pub(super) lines: usize,
     }
 
     impl Ahead {
@@ -424,7 +521,7 @@ mod x86 {
 
     /// Horizontal sum of eight f32 lanes.
     #[target_feature(enable = "avx2,fma")]
-    fn hsum(v: __m256) -> f32 {
+    pub(super) fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_movehdup_ps(s));
@@ -445,7 +542,7 @@ mod x86 {
         r: usize,
         ahead: Ahead,
     ) {
-        let Operands { x, w, k, out } = op;
+        let Operands { x, w, k, out, .. } = op;
         debug_assert!((j + RW) * k <= w.len() && (r + RX) * k <= x.len());
         let (wp, xp) = (w.as_ptr(), x.as_ptr());
         let mut acc = [[_mm256_setzero_ps(); RX]; RW];
@@ -525,27 +622,85 @@ mod tests {
         }
     }
 
-    /// Agrees with the definition (in f64) for every tile shape: row counts that leave 1–3
-    /// activation rows and 1–2 weight rows over, `k` with and without a tail of fewer than
-    /// eight, several tasks.
+    /// The instruction sets this CPU runs, each on its own: everything detected, then
+    /// capped to AVX2, then none.
+    fn feature_sets() -> Vec<CpuFeatures> {
+        let mut v = vec![CpuFeatures::detected()];
+        for cap in ["avx2", "portable"] {
+            let c = CpuFeatures::detected().capped(cap);
+            if !v.contains(&c) {
+                v.push(c);
+            }
+        }
+        v
+    }
+
+    /// Agrees with the definition (in f64) for every tile shape and every instruction set
+    /// of this CPU: row counts that leave odd rows, partial pairs and groups, and 1–3
+    /// weight rows over, `k` with and without a tail of fewer than eight, several tasks.
     #[test]
     fn matches_the_definition() {
-        for (k, m) in [(1, 1), (7, 5), (8, 49), (37, 100), (64, 97), (300, 50)] {
-            for n in [1, 2, 3, 4, 5, 6, 7, 9, 13] {
+        for cpu in feature_sets() {
+            for (k, m) in [(1, 1), (7, 5), (8, 49), (37, 100), (64, 97), (300, 50)] {
+                for n in [1, 2, 3, 4, 5, 6, 7, 9, 13, 17] {
+                    let (x, w) = operands(n, k, m);
+                    let y = matmul_on(cpu, &x, n, &w, k, m).unwrap();
+                    assert_product(&x, &w, &y, n, k, m);
+                }
+            }
+            // Both loop orders with many groups: 130 rows at k = 300 (156 KiB of
+            // activations: tile by tile, prefetching) and 70 rows at k = 1100 (301 KiB:
+            // group by group); odd tiles at the ends of tasks and groups.
+            for (n, k, m) in [(130, 300, 50), (71, 1100, 31)] {
                 let (x, w) = operands(n, k, m);
-                let y = matmul(&x, n, &w, k, m).unwrap();
+                let y = matmul_on(cpu, &x, n, &w, k, m).unwrap();
                 assert_product(&x, &w, &y, n, k, m);
             }
         }
-        // Both loop orders with many groups: 130 rows at k = 300 (156 KiB of activations:
-        // tile by tile, prefetching) and 70 rows at k = 1100 (301 KiB: group by group);
-        // odd tiles at the ends of tasks and groups.
-        for (n, k, m) in [(130, 300, 50), (70, 1100, 31)] {
-            let (x, w) = operands(n, k, m);
-            let y = matmul(&x, n, &w, k, m).unwrap();
-            assert_product(&x, &w, &y, n, k, m);
-        }
         assert!(matmul(&[0.0; 3], 1, &[0.0f32; 4], 3, 1).is_none());
+    }
+
+    /// The 512-bit tiles give exactly the 256-bit tiles' outputs, for f32 and bf16 weights
+    /// whose sums round differently in every order (so a changed order shows): odd row
+    /// counts, partial pairs and groups, `k` with and without a tail, both loop orders.
+    /// Skipped (with a message) on a CPU without AVX-512.
+    #[test]
+    fn wide_tiles_give_the_avx2_sums() {
+        let cpu = CpuFeatures::detected();
+        if !cpu.avx512 {
+            eprintln!("skipped: this CPU has no AVX-512 (only the AVX2 tiles run here)");
+            return;
+        }
+        let avx2 = cpu.capped("avx2");
+        let shapes = [
+            (4, 7, 5),
+            (5, 8, 49),
+            (9, 37, 100),
+            (13, 64, 97),
+            (16, 300, 50),
+            (23, 576, 60),
+            (130, 300, 50),
+            (71, 1100, 31),
+        ];
+        for (n, k, m) in shapes {
+            let x: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.7371).sin()).collect();
+            let w: Vec<f32> = (0..m * k)
+                .map(|i| (i as f32 * 0.3119).cos() / 7.0)
+                .collect();
+            let wide = matmul_on(cpu, &x, n, &w, k, m).unwrap();
+            assert_eq!(
+                wide,
+                matmul_on(avx2, &x, n, &w, k, m).unwrap(),
+                "{n}x{k}x{m}"
+            );
+            assert_product(&x, &w, &wide, n, k, m);
+            let narrow: Vec<half::bf16> = w.iter().map(|&v| half::bf16::from_f32(v)).collect();
+            assert_eq!(
+                matmul_on(cpu, &x, n, &narrow, k, m),
+                matmul_on(avx2, &x, n, &narrow, k, m),
+                "bf16 {n}x{k}x{m}"
+            );
+        }
     }
 
     /// The portable tiles (what CPUs without AVX2 and FMA run) agree with the definition on
@@ -581,21 +736,28 @@ mod tests {
     /// and the same in every one-row-at-a-time product of fewer.
     #[test]
     fn each_output_is_the_same_sum_in_any_batch() {
-        let (n, k, m) = (7, 70, 130);
-        let (x, w) = operands(n, k, m);
-        let all = matmul(&x, n, &w, k, m).unwrap();
+        let (n, k, m) = (11, 70, 130);
+        let x: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.7371).sin()).collect();
+        let w: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.3119).cos()).collect();
         let one = rayon::ThreadPoolBuilder::new()
             .num_threads(1)
             .build()
             .unwrap();
-        assert_eq!(one.install(|| matmul(&x, n, &w, k, m)).unwrap(), all);
-        let rows = |from: usize, count: usize| {
-            matmul(&x[from * k..(from + count) * k], count, &w, k, m).unwrap()
-        };
-        // Tiles: rows 3..7 alone (one full tile) as within all seven (a tile of four, then
-        // one of three).
-        assert_eq!(rows(3, 4)[..], all[3 * m..]);
-        // One weight row at a time: row 2 alone, and as the last of three.
-        assert_eq!(rows(2, 1)[..], rows(0, 3)[2 * m..]);
+        for cpu in feature_sets() {
+            let all = matmul_on(cpu, &x, n, &w, k, m).unwrap();
+            assert_eq!(
+                one.install(|| matmul_on(cpu, &x, n, &w, k, m)).unwrap(),
+                all
+            );
+            let rows = |from: usize, count: usize| {
+                matmul_on(cpu, &x[from * k..(from + count) * k], count, &w, k, m).unwrap()
+            };
+            // Tiles: rows 3..11 alone as within all eleven (other groups, pairs and
+            // partial tiles), and rows 4..8 alone.
+            assert_eq!(rows(3, 8)[..], all[3 * m..]);
+            assert_eq!(rows(4, 4)[..], all[4 * m..8 * m]);
+            // One weight row at a time: row 2 alone, and as the last of three.
+            assert_eq!(rows(2, 1)[..], rows(0, 3)[2 * m..]);
+        }
     }
 }

@@ -1,14 +1,18 @@
 //! Block dot products: a quantized weight row against an int8-quantized activation row, with
-//! a portable scalar version and AVX2 versions chosen at run time.
+//! a portable scalar version and x86 versions chosen at run time (AVX2, and AVX-VNNI or
+//! AVX-512 VNNI where present).
 //!
 //! Per block the integer products are summed exactly in i32 and scaled once:
 //! `Q8`: `Σ_b d_w d_x Σ_i w_i x_i`; `Q4`: `Σ_b d_w d_x Σ_i q_i x_i + m_w · d_x Σ_i x_i`.
 //! The AVX2 kernels use `maddubs` (u8 × i8 → pairs of i16) and `madd` (→ i32), llama.cpp's
 //! approach: for `Q8`, the sign of each weight is moved onto the activation so that the
 //! unsigned operand is `|w|`; 4-bit weights are unsigned already. No i16 pair can saturate:
-//! `2 · 128 · 127 < 2^15`.
+//! `2 · 128 · 127 < 2^15`. With VNNI one `vpdpbusd` gives the same i32 sums (u8 × i8 in
+//! groups of four, no intermediate i16), so the VNNI kernels are the AVX2 kernels with that
+//! one instruction for two, and give the same bits.
 
 use super::blocks::{BlockQ4, BlockQ8, BlockX};
+use crate::lm::cpu::CpuFeatures;
 
 /// A dot product of a weight row with an activation row (same number of blocks).
 pub(crate) type DotQ8 = fn(&[BlockQ8], &[BlockX]) -> f32;
@@ -31,7 +35,7 @@ pub(crate) type DotQ4x2x4 = fn([&[BlockQ4]; 2], [&[BlockX]; 4], bool) -> [[f32; 
 /// The kernels of one instruction set.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Kernels {
-    /// Name for reports and tests (`scalar`, `avx2`).
+    /// Name for reports and tests (`scalar`, `avx2`, `avx-vnni`, `avx512-vnni`).
     pub(crate) name: &'static str,
     pub(crate) q8: DotQ8,
     pub(crate) q4: DotQ4,
@@ -51,29 +55,33 @@ pub(crate) const SCALAR: Kernels = Kernels {
     q4x2x4: |w, x, _| w.map(|w| x.map(|x| dot_q4_scalar(w, x))),
 };
 
-/// Every kernel set this CPU can run, the portable one first.
+/// Every kernel set this CPU can run, the portable one first (whatever
+/// [`crate::lm::cpu::KERNELS_ENV`] says: the tests run them all).
 pub(crate) fn available() -> Vec<Kernels> {
     #[allow(unused_mut)]
     let mut v = vec![SCALAR];
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        v.push(Kernels {
-            name: "avx2",
-            q8: x86::dot_q8,
-            q4: x86::dot_q4,
-            q8x4: x86::dot_q8x4,
-            q4x4: x86::dot_q4x4,
-            q8x2x4: x86::dot_q8x2x4,
-            q4x2x4: x86::dot_q4x2x4,
-        });
-    }
+    v.extend(x86::kernels());
     v
 }
 
-/// The fastest kernel set of this CPU (decided once, at the first call).
+/// The fastest kernel set in use on this CPU: the widest that [`CpuFeatures::in_use`]
+/// allows (decided once, at the first call).
 pub(crate) fn best() -> Kernels {
     static BEST: std::sync::OnceLock<Kernels> = std::sync::OnceLock::new();
-    *BEST.get_or_init(|| available().pop().unwrap_or(SCALAR))
+    *BEST.get_or_init(|| in_use().pop().unwrap_or(SCALAR))
+}
+
+/// The kernel sets [`CpuFeatures::in_use`] allows, the portable one first.
+pub(crate) fn in_use() -> Vec<Kernels> {
+    let cpu = CpuFeatures::in_use();
+    let mut v = available();
+    v.retain(|k| match k.name {
+        "scalar" => true,
+        "avx2" => cpu.avx2,
+        _ => cpu.vnni,
+    });
+    v
 }
 
 fn dot_q8_scalar(w: &[BlockQ8], x: &[BlockX]) -> f32 {
@@ -107,6 +115,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::super::blocks::{BlockQ4, BlockQ8, BlockX};
+    use super::Kernels;
 
     /// How far ahead of the block being multiplied the weights are prefetched. Rows are
     /// contiguous, so this runs a few rows ahead; at one activation row the loop waits on
@@ -124,8 +133,8 @@ mod x86 {
     }
 
     /// Horizontal sum of eight f32 lanes.
-    #[target_feature(enable = "avx2,fma")]
-    fn hsum(v: __m256) -> f32 {
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
         let lo = _mm256_castps256_ps128(v);
         let hi = _mm256_extractf128_ps::<1>(v);
         let s = _mm_add_ps(lo, hi);
@@ -134,65 +143,130 @@ mod x86 {
         _mm_cvtss_f32(s)
     }
 
-    /// Σ u_i · s_i over 32 bytes as eight i32 lanes (u unsigned, s signed).
-    #[target_feature(enable = "avx2,fma")]
-    fn dot_bytes(u: __m256i, s: __m256i) -> __m256i {
-        let pairs = _mm256_maddubs_epi16(u, s);
-        _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
+    /// Σ u_i · s_i over 32 bytes as eight i32 lanes (u unsigned, s signed): each lane the
+    /// exact sum of four products, whichever instructions form it.
+    pub(super) trait DotBytes {
+        /// # Safety
+        /// The CPU has the instructions of the implementation.
+        unsafe fn dot(u: __m256i, s: __m256i) -> __m256i;
     }
 
-    pub(super) fn dot_q8(w: &[BlockQ8], x: &[BlockX]) -> f32 {
-        // SAFETY: only handed out by `available()` after checking AVX2 and FMA.
-        unsafe { dot_q8_avx2(w, x) }
+    /// AVX2: `maddubs` (pairs, i16) then `madd` by ones (i32).
+    pub(super) struct Madd;
+    /// AVX-VNNI's `vpdpbusd` (VEX).
+    pub(super) struct AvxVnni;
+    /// AVX-512 VNNI's `vpdpbusd` on 256 bits (EVEX, with VL).
+    pub(super) struct Avx512Vnni;
+
+    impl DotBytes for Madd {
+        #[inline(always)]
+        unsafe fn dot(u: __m256i, s: __m256i) -> __m256i {
+            _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
+        }
     }
 
-    pub(super) fn dot_q4(w: &[BlockQ4], x: &[BlockX]) -> f32 {
-        // SAFETY: as above.
-        unsafe { dot_q4_avx2(w, x) }
+    impl DotBytes for AvxVnni {
+        #[inline(always)]
+        unsafe fn dot(u: __m256i, s: __m256i) -> __m256i {
+            _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s)
+        }
     }
 
-    pub(super) fn dot_q8x4(w: &[BlockQ8], x: [&[BlockX]; 4]) -> [f32; 4] {
-        // SAFETY: as above.
-        unsafe { dot_q8x4_avx2(w, x) }
+    impl DotBytes for Avx512Vnni {
+        #[inline(always)]
+        unsafe fn dot(u: __m256i, s: __m256i) -> __m256i {
+            _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
+        }
     }
 
-    pub(super) fn dot_q4x4(w: &[BlockQ4], x: [&[BlockX]; 4]) -> [f32; 4] {
-        // SAFETY: as above.
-        unsafe { dot_q4x4_avx2(w, x) }
+    /// One kernel set: the bodies below with the byte products of `$dot`, compiled with
+    /// `$features` (the bodies are inlined into these wrappers, so every intrinsic is
+    /// compiled for them).
+    macro_rules! kernel_set {
+        ($name:literal, $features:literal, $dot:ty) => {{
+            #[target_feature(enable = $features)]
+            unsafe fn q8(w: &[BlockQ8], x: &[BlockX]) -> f32 {
+                unsafe { dot_q8::<$dot>(w, x) }
+            }
+            #[target_feature(enable = $features)]
+            unsafe fn q4(w: &[BlockQ4], x: &[BlockX]) -> f32 {
+                unsafe { dot_q4::<$dot>(w, x) }
+            }
+            #[target_feature(enable = $features)]
+            unsafe fn q8x4(w: &[BlockQ8], x: [&[BlockX]; 4]) -> [f32; 4] {
+                unsafe { dot_q8x4::<$dot>(w, x) }
+            }
+            #[target_feature(enable = $features)]
+            unsafe fn q4x4(w: &[BlockQ4], x: [&[BlockX]; 4]) -> [f32; 4] {
+                unsafe { dot_q4x4::<$dot>(w, x) }
+            }
+            #[target_feature(enable = $features)]
+            unsafe fn q8x2x4(w: [&[BlockQ8]; 2], x: [&[BlockX]; 4], ahead: bool) -> [[f32; 4]; 2] {
+                unsafe { dot_q8x2x4::<$dot>(w, x, ahead) }
+            }
+            #[target_feature(enable = $features)]
+            unsafe fn q4x2x4(w: [&[BlockQ4]; 2], x: [&[BlockX]; 4], ahead: bool) -> [[f32; 4]; 2] {
+                unsafe { dot_q4x2x4::<$dot>(w, x, ahead) }
+            }
+            // SAFETY (all six): these functions are reachable only through the `Kernels`
+            // built here, which `kernels()` builds only after detecting `$features`.
+            Kernels {
+                name: $name,
+                q8: |w, x| unsafe { q8(w, x) },
+                q4: |w, x| unsafe { q4(w, x) },
+                q8x4: |w, x| unsafe { q8x4(w, x) },
+                q4x4: |w, x| unsafe { q4x4(w, x) },
+                q8x2x4: |w, x, ahead| unsafe { q8x2x4(w, x, ahead) },
+                q4x2x4: |w, x, ahead| unsafe { q4x2x4(w, x, ahead) },
+            }
+        }};
     }
 
-    pub(super) fn dot_q8x2x4(w: [&[BlockQ8]; 2], x: [&[BlockX]; 4], ahead: bool) -> [[f32; 4]; 2] {
-        // SAFETY: as above.
-        unsafe { dot_q8x2x4_avx2(w, x, ahead) }
+    /// The kernel sets of this CPU, narrowest first: AVX2, then the VNNI sets.
+    pub(super) fn kernels() -> Vec<Kernels> {
+        use std::arch::is_x86_feature_detected as has;
+        let mut v = Vec::new();
+        if !(has!("avx2") && has!("fma")) {
+            return v;
+        }
+        v.push(kernel_set!("avx2", "avx2,fma", Madd));
+        // Both VNNI forms where both exist (the same instruction, VEX or EVEX encoded), so
+        // that the tests run both; the last is used.
+        if has!("avx512vnni") && has!("avx512vl") {
+            v.push(kernel_set!(
+                "avx512-vnni",
+                "avx2,fma,avx512f,avx512vl,avx512vnni",
+                Avx512Vnni
+            ));
+        }
+        if has!("avxvnni") {
+            v.push(kernel_set!("avx-vnni", "avx2,fma,avxvnni", AvxVnni));
+        }
+        v
     }
 
-    pub(super) fn dot_q4x2x4(w: [&[BlockQ4]; 2], x: [&[BlockX]; 4], ahead: bool) -> [[f32; 4]; 2] {
-        // SAFETY: as above.
-        unsafe { dot_q4x2x4_avx2(w, x, ahead) }
-    }
-
-    /// [`hsum`] of each of four registers, in the kernels' own AVX2 code (an array `map`
-    /// closure is compiled without the kernels' target features and was not inlined: 2%
-    /// of a `q8_0` step's samples).
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    fn sums4(acc: &[__m256; 4]) -> [f32; 4] {
+    /// [`hsum`] of each of four registers.
+    #[inline(always)]
+    unsafe fn sums4(acc: &[__m256; 4]) -> [f32; 4] {
         let mut out = [0f32; 4];
         for (o, &a) in out.iter_mut().zip(acc) {
-            *o = hsum(a);
+            *o = unsafe { hsum(a) };
         }
         out
     }
 
     /// [`sums4`] of two rows of registers.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    fn sums2x4(acc: &[[__m256; 4]; 2]) -> [[f32; 4]; 2] {
-        [sums4(&acc[0]), sums4(&acc[1])]
+    #[inline(always)]
+    unsafe fn sums2x4(acc: &[[__m256; 4]; 2]) -> [[f32; 4]; 2] {
+        unsafe { [sums4(&acc[0]), sums4(&acc[1])] }
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn dot_q8x2x4_avx2(w: [&[BlockQ8]; 2], x: [&[BlockX]; 4], ahead: bool) -> [[f32; 4]; 2] {
+    #[inline(always)]
+    unsafe fn dot_q8x2x4<D: DotBytes>(
+        w: [&[BlockQ8]; 2],
+        x: [&[BlockX]; 4],
+        ahead: bool,
+    ) -> [[f32; 4]; 2] {
         let mut acc = [[_mm256_setzero_ps(); 4]; 2];
         for (b, (a0, a1)) in w[0].iter().zip(w[1]).enumerate() {
             // (A branch the same way for the whole row: predicted.)
@@ -212,8 +286,8 @@ mod x86 {
                 let xb = &x[r][b];
                 // SAFETY: as above.
                 let xv = unsafe { _mm256_loadu_si256(xb.qs.as_ptr().cast()) };
-                let s0 = dot_bytes(u0, _mm256_sign_epi8(xv, w0));
-                let s1 = dot_bytes(u1, _mm256_sign_epi8(xv, w1));
+                let s0 = D::dot(u0, _mm256_sign_epi8(xv, w0));
+                let s1 = D::dot(u1, _mm256_sign_epi8(xv, w1));
                 let (c0, c1) = (_mm256_set1_ps(a0.d * xb.d), _mm256_set1_ps(a1.d * xb.d));
                 acc[0][r] = _mm256_fmadd_ps(c0, _mm256_cvtepi32_ps(s0), acc[0][r]);
                 acc[1][r] = _mm256_fmadd_ps(c1, _mm256_cvtepi32_ps(s1), acc[1][r]);
@@ -222,8 +296,12 @@ mod x86 {
         sums2x4(&acc)
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn dot_q4x2x4_avx2(w: [&[BlockQ4]; 2], x: [&[BlockX]; 4], ahead: bool) -> [[f32; 4]; 2] {
+    #[inline(always)]
+    unsafe fn dot_q4x2x4<D: DotBytes>(
+        w: [&[BlockQ4]; 2],
+        x: [&[BlockX]; 4],
+        ahead: bool,
+    ) -> [[f32; 4]; 2] {
         let mut acc = [[_mm256_setzero_ps(); 4]; 2];
         let mut mins = [[0f32; 4]; 2];
         let low = _mm256_set1_epi8(0x0F);
@@ -247,7 +325,7 @@ mod x86 {
                 let xb = &x[r][b];
                 // SAFETY: `qs` are 32 bytes; unaligned load.
                 let xv = unsafe { _mm256_loadu_si256(xb.qs.as_ptr().cast()) };
-                let (s0, s1) = (dot_bytes(q0, xv), dot_bytes(q1, xv));
+                let (s0, s1) = (D::dot(q0, xv), D::dot(q1, xv));
                 let (c0, c1) = (_mm256_set1_ps(a0.d * xb.d), _mm256_set1_ps(a1.d * xb.d));
                 acc[0][r] = _mm256_fmadd_ps(c0, _mm256_cvtepi32_ps(s0), acc[0][r]);
                 acc[1][r] = _mm256_fmadd_ps(c1, _mm256_cvtepi32_ps(s1), acc[1][r]);
@@ -264,8 +342,8 @@ mod x86 {
         out
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn dot_q8x4_avx2(w: &[BlockQ8], x: [&[BlockX]; 4]) -> [f32; 4] {
+    #[inline(always)]
+    unsafe fn dot_q8x4<D: DotBytes>(w: &[BlockQ8], x: [&[BlockX]; 4]) -> [f32; 4] {
         let mut acc = [_mm256_setzero_ps(); 4];
         for (b, a) in w.iter().enumerate() {
             prefetch(a);
@@ -276,7 +354,7 @@ mod x86 {
                 let xb = &x[r][b];
                 // SAFETY: as above.
                 let xv = unsafe { _mm256_loadu_si256(xb.qs.as_ptr().cast()) };
-                let sum = dot_bytes(aw, _mm256_sign_epi8(xv, wv));
+                let sum = D::dot(aw, _mm256_sign_epi8(xv, wv));
                 let scale = _mm256_set1_ps(a.d * xb.d);
                 acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sum), acc[r]);
             }
@@ -284,8 +362,8 @@ mod x86 {
         sums4(&acc)
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn dot_q4x4_avx2(w: &[BlockQ4], x: [&[BlockX]; 4]) -> [f32; 4] {
+    #[inline(always)]
+    unsafe fn dot_q4x4<D: DotBytes>(w: &[BlockQ4], x: [&[BlockX]; 4]) -> [f32; 4] {
         let mut acc = [_mm256_setzero_ps(); 4];
         let mut mins = [0f32; 4];
         let low = _mm256_set1_epi8(0x0F);
@@ -298,7 +376,7 @@ mod x86 {
                 let xb = &x[r][b];
                 // SAFETY: `qs` are 32 bytes; unaligned load.
                 let xv = unsafe { _mm256_loadu_si256(xb.qs.as_ptr().cast()) };
-                let sum = dot_bytes(q, xv);
+                let sum = D::dot(q, xv);
                 let scale = _mm256_set1_ps(a.d * xb.d);
                 acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sum), acc[r]);
                 mins[r] += a.m * xb.sum;
@@ -311,8 +389,8 @@ mod x86 {
         out
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn dot_q8_avx2(w: &[BlockQ8], x: &[BlockX]) -> f32 {
+    #[inline(always)]
+    unsafe fn dot_q8<D: DotBytes>(w: &[BlockQ8], x: &[BlockX]) -> f32 {
         let mut acc = _mm256_setzero_ps();
         for (a, b) in w.iter().zip(x) {
             prefetch(a);
@@ -323,15 +401,15 @@ mod x86 {
                     _mm256_loadu_si256(b.qs.as_ptr().cast()),
                 )
             };
-            let sum = dot_bytes(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+            let sum = D::dot(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
             let scale = _mm256_set1_ps(a.d * b.d);
             acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sum), acc);
         }
         hsum(acc)
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn dot_q4_avx2(w: &[BlockQ4], x: &[BlockX]) -> f32 {
+    #[inline(always)]
+    unsafe fn dot_q4<D: DotBytes>(w: &[BlockQ4], x: &[BlockX]) -> f32 {
         let mut acc = _mm256_setzero_ps();
         let mut mins = 0f32;
         let low = _mm256_set1_epi8(0x0F);
@@ -347,7 +425,7 @@ mod x86 {
             // Low nibbles are elements 0..16, high nibbles 16..32.
             let both = _mm256_set_m128i(_mm_srli_epi16::<4>(packed), packed);
             let q = _mm256_and_si256(both, low);
-            let sum = dot_bytes(q, xv);
+            let sum = D::dot(q, xv);
             let scale = _mm256_set1_ps(a.d * b.d);
             acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sum), acc);
             mins += a.m * b.sum;
@@ -430,7 +508,24 @@ mod tests {
                     assert_eq!(t8, [b8, (k.q8x4)(&w8r, rows)], "{} q8x2x4", k.name);
                     assert_eq!(t4, [b4, (k.q4x4)(&w4r, rows)], "{} q4x2x4", k.name);
                 }
+                // The VNNI sets form the same i32 sums with other instructions: the AVX2
+                // set's bits in every kernel.
+                let avx2 = available().into_iter().find(|k| k.name == "avx2");
+                if let Some(a) = avx2.filter(|_| k.name != "scalar") {
+                    assert_eq!((k.q8)(&w8, &x), (a.q8)(&w8, &x), "{} q8", k.name);
+                    assert_eq!((k.q4)(&w4, &x), (a.q4)(&w4, &x), "{} q4", k.name);
+                    assert_eq!((k.q8x4)(&w8, rows), (a.q8x4)(&w8, rows), "{}", k.name);
+                    assert_eq!((k.q4x4)(&w4, rows), (a.q4x4)(&w4, rows), "{}", k.name);
+                    let (t8, t4) = (
+                        (k.q8x2x4)([&w8, &w8r], rows, true),
+                        (k.q4x2x4)([&w4, &w4r], rows, true),
+                    );
+                    assert_eq!(t8, (a.q8x2x4)([&w8, &w8r], rows, false), "{}", k.name);
+                    assert_eq!(t4, (a.q4x2x4)([&w4, &w4r], rows, false), "{}", k.name);
+                }
             }
         }
+        let names: Vec<&str> = available().iter().map(|k| k.name).collect();
+        eprintln!("kernel sets tested on this CPU: {names:?}");
     }
 }

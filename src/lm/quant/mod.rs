@@ -316,9 +316,10 @@ impl QMatrix {
     }
 }
 
-/// Names of the dot-product kernels this CPU runs, the one in use last (for reports).
+/// Names of the int8 dot-product kernels this CPU runs as capped by
+/// [`KERNELS_ENV`](crate::lm::KERNELS_ENV), the one in use last (for reports).
 pub fn cpu_kernels() -> Vec<&'static str> {
-    dot::available().iter().map(|k| k.name).collect()
+    dot::in_use().iter().map(|k| k.name).collect()
 }
 
 #[cfg(test)]

@@ -1,0 +1,123 @@
+//! The instruction sets the CPU kernels may use: detected at run time (users' CPUs differ, so
+//! nothing is decided at compile time), and capped by the environment variable
+//! [`KERNELS_ENV`] for comparisons and for CPUs where a wider set is slower.
+//!
+//! * `avx2`: AVX2 with FMA (the f32/bf16 tiles and the int8 dot products);
+//! * `vnni`: 256-bit integer dot products (`vpdpbusd`, from AVX-VNNI or AVX-512 VNNI with
+//!   VL): the int8 kernels with one instruction where AVX2 needs two;
+//! * `avx512`: AVX-512 F, DQ, BW and VL: the f32/bf16 tiles on 512-bit registers.
+//!
+//! Every wider kernel computes the same sums in the same order as the AVX2 one (tested
+//! bit-equal), so the choice changes speed, never results.
+
+/// Caps the kernels' instruction sets: `portable` (no intrinsics), `avx2` (AVX2 and FMA
+/// only), or `native` (everything detected; the default).
+pub const KERNELS_ENV: &str = "SMC_STEER_CPU_KERNELS";
+
+/// What the kernels may use on this CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct CpuFeatures {
+    /// AVX2 and FMA.
+    pub(crate) avx2: bool,
+    /// 256-bit `vpdpbusd` (AVX-VNNI, or AVX-512 VNNI with VL), with AVX2.
+    pub(crate) vnni: bool,
+    /// AVX-512 F, DQ, BW and VL, with AVX2.
+    pub(crate) avx512: bool,
+}
+
+impl CpuFeatures {
+    /// No intrinsics.
+    const PORTABLE: CpuFeatures = CpuFeatures {
+        avx2: false,
+        vnni: false,
+        avx512: false,
+    };
+
+    /// What this CPU has, uncapped (the tests run every kernel it can).
+    pub(crate) fn detected() -> CpuFeatures {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            let avx2 = has!("avx2") && has!("fma");
+            let avx512 =
+                avx2 && has!("avx512f") && has!("avx512dq") && has!("avx512bw") && has!("avx512vl");
+            let vnni = avx2 && (has!("avxvnni") || (has!("avx512vnni") && has!("avx512vl")));
+            CpuFeatures { avx2, vnni, avx512 }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        CpuFeatures::PORTABLE
+    }
+
+    /// What the kernels use: [`detected`](Self::detected), capped by [`KERNELS_ENV`]
+    /// (read once; an unknown value caps nothing).
+    pub(crate) fn in_use() -> CpuFeatures {
+        static IN_USE: std::sync::OnceLock<CpuFeatures> = std::sync::OnceLock::new();
+        *IN_USE.get_or_init(|| {
+            let cap = std::env::var(KERNELS_ENV).unwrap_or_default();
+            Self::detected().capped(&cap)
+        })
+    }
+
+    /// These features, less what `cap` (a [`KERNELS_ENV`] value) excludes.
+    pub(crate) fn capped(self, cap: &str) -> CpuFeatures {
+        match cap.trim() {
+            "portable" => CpuFeatures::PORTABLE,
+            "avx2" => CpuFeatures {
+                vnni: false,
+                avx512: false,
+                ..self
+            },
+            _ => self,
+        }
+    }
+
+    /// Names of the instruction sets in use, for reports (`portable` when none).
+    pub(crate) fn names(self) -> Vec<&'static str> {
+        let all = [
+            ("avx2", self.avx2),
+            ("vnni", self.vnni),
+            ("avx512", self.avx512),
+        ];
+        let v: Vec<&'static str> = all.iter().filter(|(_, on)| *on).map(|(n, _)| *n).collect();
+        if v.is_empty() {
+            vec!["portable"]
+        } else {
+            v
+        }
+    }
+}
+
+/// The instruction sets the CPU kernels use on this machine (`avx2`, `vnni`, `avx512`, or
+/// `portable` for none), after [`KERNELS_ENV`]: for reports.
+pub fn cpu_features() -> Vec<&'static str> {
+    CpuFeatures::in_use().names()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The cap removes exactly what it names, whatever the CPU has.
+    #[test]
+    fn the_cap_removes_what_it_names() {
+        let all = CpuFeatures {
+            avx2: true,
+            vnni: true,
+            avx512: true,
+        };
+        assert_eq!(all.capped("portable"), CpuFeatures::PORTABLE);
+        assert_eq!(
+            all.capped("avx2"),
+            CpuFeatures {
+                avx2: true,
+                vnni: false,
+                avx512: false
+            }
+        );
+        assert_eq!(all.capped("native"), all);
+        assert_eq!(all.capped(""), all);
+        assert_eq!(CpuFeatures::PORTABLE.capped("avx2"), CpuFeatures::PORTABLE);
+        assert_eq!(all.names(), ["avx2", "vnni", "avx512"]);
+        assert_eq!(CpuFeatures::PORTABLE.names(), ["portable"]);
+    }
+}
