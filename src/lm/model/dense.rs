@@ -15,12 +15,15 @@
 //! kernel is there. Measured against the previous kernels (`Wᵀ` stored, a streaming loop
 //! up to 24 rows and 6 × 16 broadcast tiles over copied strips above): docs/benchmarks.md.
 //!
-//! x86-64 with AVX2 and FMA runs the tiles in intrinsics (checked at run time). Every other
-//! CPU (ARM, older x86) has the same tiles written on arrays of eight lanes, which the
-//! compiler vectorises for the target (`portable`); the caller uses them for bf16 weights
-//! (candle's GEMM has no bf16 × f32 product, and widening a whole matrix per product is
-//! slow) and candle's GEMM for f32, which on this project's machine ran the portable tiles'
-//! shapes 1.3–2× faster (`x86` is the fastest of the three where it runs).
+//! The instructions are chosen at run time, per shape ([`crate::lm::cpu`]): x86-64 with AVX2
+//! and FMA runs the tiles in 256-bit intrinsics (`x86`); with AVX-512 too, products of four
+//! or more rows run 512-bit tiles (`avx512`) that hold two activation rows per register and
+//! give the 256-bit tiles' sums bit for bit, while fewer rows stream one weight row at a
+//! time in 256 bits (bound by memory). Every other CPU (ARM, older x86) has the same tiles
+//! written on arrays of eight lanes, which the compiler vectorises for the target
+//! (`portable`); the caller uses them for bf16 weights (candle's GEMM has no bf16 × f32
+//! product, and widening a whole matrix per product is slow) and candle's GEMM for f32,
+//! which on this project's machine ran the portable tiles' shapes 1.3–2× faster.
 
 use rayon::prelude::*;
 
@@ -35,6 +38,9 @@ const TILE_X: usize = 4;
 /// Fewer activation rows than this are multiplied one weight row at a time (`x86::row`),
 /// more by the tiles.
 const ROW_BELOW: usize = 4;
+/// Whether fewer than [`ROW_BELOW`] activation rows stream the weights on 512-bit registers
+/// where the CPU has AVX-512 (the same sums as on 256-bit ones).
+const WIDE_ROWS: bool = true;
 /// Weight rows (output columns) per parallel task: a multiple of [`TILE_W`]; 48 rows of
 /// 576 f32 weights (110 KiB) stay in L2 while every group of activation rows passes.
 const ROWS_PER_TASK: usize = 48;
@@ -55,6 +61,12 @@ pub(super) trait Weight: Copy + Send + Sync {
     /// Eight values from `p` are readable, and the CPU has AVX-512 F and DQ.
     #[cfg(target_arch = "x86_64")]
     unsafe fn broadcast8(p: *const Self) -> std::arch::x86_64::__m512;
+    /// Sixteen consecutive weights from `p` as f32 lanes.
+    ///
+    /// # Safety
+    /// Sixteen values from `p` are readable, and the CPU has AVX-512 F.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
 }
 
 impl Weight for f32 {
@@ -76,6 +88,13 @@ impl Weight for f32 {
         use std::arch::x86_64::*;
         // SAFETY (caller): eight f32 from `p` are readable, AVX-512 F and DQ present.
         unsafe { _mm512_broadcast_f32x8(_mm256_loadu_ps(p)) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        // SAFETY (caller): sixteen f32 from `p` are readable, AVX-512 F present.
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
     }
 }
 
@@ -104,6 +123,17 @@ impl Weight for half::bf16 {
         // SAFETY (caller): eight bf16 (16 bytes) from `p` are readable, AVX-512 F present.
         unsafe {
             let h = _mm256_broadcastsi128_si256(_mm_loadu_si128(p.cast()));
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY (caller): sixteen bf16 (32 bytes) from `p` are readable, AVX-512 F present.
+        unsafe {
+            let h = _mm256_loadu_si256(p.cast());
             _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
         }
     }
@@ -178,7 +208,7 @@ fn matmul_on<W: Weight>(
                 // writes; `pairs` holds `x` in pairs of rows when `wide`.
                 unsafe {
                     if n < ROW_BELOW {
-                        x86::rows(op, j0, j1);
+                        x86::rows(op, j0, j1, cpu.avx512 && WIDE_ROWS);
                     } else if wide {
                         x86::task::<W, avx512::Avx512>(op, j0, j1);
                     } else {
@@ -333,21 +363,25 @@ mod x86 {
     }
 
     /// Columns `[j0, j1)` of `y` for fewer than [`super::ROW_BELOW`] rows: one weight row
-    /// at a time ([`row`]).
+    /// at a time ([`row`], or its 512-bit form with the same sums when `wide`).
     ///
     /// # Safety
-    /// AVX2 and FMA present; `out` points to `y: [n, m]` whose columns `[j0, j1)` nobody
+    /// AVX2 and FMA present, and AVX-512 when `wide`; `out` points to `y: [n, m]` whose columns `[j0, j1)` nobody
     /// else accesses meanwhile.
-    pub(super) unsafe fn rows<W: Weight>(op: Operands<'_, W>, j0: usize, j1: usize) {
+    pub(super) unsafe fn rows<W: Weight>(op: Operands<'_, W>, j0: usize, j1: usize, wide: bool) {
+        use super::avx512::row as row512;
         let Operands { x, w, k, out, .. } = op;
         for j in j0..j1 {
             // SAFETY (caller): row j of `w` and every row of `x` exist; column j is this
-            // task's.
+            // task's; AVX-512 present when `wide`.
             unsafe {
-                match op.n {
-                    1 => row::<W, 1>(x, w, k, j, out),
-                    2 => row::<W, 2>(x, w, k, j, out),
-                    _ => row::<W, 3>(x, w, k, j, out),
+                match (op.n, wide) {
+                    (1, false) => row::<W, 1>(x, w, k, j, out),
+                    (2, false) => row::<W, 2>(x, w, k, j, out),
+                    (_, false) => row::<W, 3>(x, w, k, j, out),
+                    (1, true) => row512::<W, 1>(x, w, k, j, out),
+                    (2, true) => row512::<W, 2>(x, w, k, j, out),
+                    (_, true) => row512::<W, 3>(x, w, k, j, out),
                 }
             }
         }
@@ -660,9 +694,10 @@ mod tests {
         assert!(matmul(&[0.0; 3], 1, &[0.0f32; 4], 3, 1).is_none());
     }
 
-    /// The 512-bit tiles give exactly the 256-bit tiles' outputs, for f32 and bf16 weights
-    /// whose sums round differently in every order (so a changed order shows): odd row
-    /// counts, partial pairs and groups, `k` with and without a tail, both loop orders.
+    /// The 512-bit tiles and rows give exactly the 256-bit ones' outputs, for f32 and bf16
+    /// weights whose sums round differently in every order (so a changed order shows): one
+    /// to three rows (one weight row at a time), odd row counts, partial pairs and groups,
+    /// `k` with and without a tail, both loop orders.
     /// Skipped (with a message) on a CPU without AVX-512.
     #[test]
     fn wide_tiles_give_the_avx2_sums() {
@@ -673,6 +708,10 @@ mod tests {
         }
         let avx2 = cpu.capped("avx2");
         let shapes = [
+            (1, 7, 5),
+            (1, 1100, 31),
+            (2, 37, 100),
+            (3, 300, 50),
             (4, 7, 5),
             (5, 8, 49),
             (9, 37, 100),

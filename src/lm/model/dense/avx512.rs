@@ -17,6 +17,7 @@ use std::arch::x86_64::*;
 
 use super::x86::{hsum, Ahead, Operands, Tiles, LINE};
 use super::Weight;
+use crate::lm::columns::Columns;
 
 /// Weight rows per tile.
 const W_ROWS: usize = 4;
@@ -145,5 +146,49 @@ unsafe fn tile<W: Weight, const RW: usize, const RP: usize>(
                 unsafe { out.write(r, j + a, s) };
             }
         }
+    }
+}
+
+/// One weight row against `RX` activation rows, as the 256-bit row kernel (`x86::row`)
+/// computes it: its four accumulators of eight lanes (`k` offsets `i + 8q + l`) are here
+/// two registers of sixteen (offsets `i + 16h + l`, the first two and the last two), and
+/// they are added in that kernel's order, `(a0 + a1) + (a2 + a3)`, before the lane sum.
+///
+/// # Safety
+/// AVX-512 F and DQ present; row `j` of `w: [m, k]` and rows `[0, RX)` of `x: [RX, k]`
+/// exist, and column `j` of `y` is the caller's to write.
+#[target_feature(enable = "avx512f,avx512dq,avx2,fma")]
+pub(super) unsafe fn row<W: Weight, const RX: usize>(
+    x: &[f32],
+    w: &[W],
+    k: usize,
+    j: usize,
+    out: Columns,
+) {
+    let (wp, xp) = (w.as_ptr().wrapping_add(j * k), x.as_ptr());
+    let mut acc = [[_mm512_setzero_ps(); 2]; RX];
+    let whole = k / 32 * 32;
+    let mut i = 0;
+    while i < whole {
+        for h in 0..2 {
+            // SAFETY (caller): i + 32 ≤ k within row j of `w` and every row of `x`.
+            let wv = unsafe { W::load16(wp.add(i + 16 * h)) };
+            for (b, a) in acc.iter_mut().enumerate() {
+                // SAFETY: as above.
+                let xv = unsafe { _mm512_loadu_ps(xp.add(b * k + i + 16 * h)) };
+                a[h] = _mm512_fmadd_ps(wv, xv, a[h]);
+            }
+        }
+        i += 32;
+    }
+    for (b, a) in acc.iter().enumerate() {
+        let pair =
+            |v: __m512| _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps::<1>(v));
+        let mut s = hsum(_mm256_add_ps(pair(a[0]), pair(a[1])));
+        for i in whole..k {
+            s = w[j * k + i].widen().mul_add(x[b * k + i], s);
+        }
+        // SAFETY (caller): row b < RX, column j of `y`.
+        unsafe { out.write(b, j, s) };
     }
 }
