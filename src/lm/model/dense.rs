@@ -758,7 +758,8 @@ mod tests {
     }
 
     /// bf16 weights: the product of the widened weights, exactly as f32 weights holding the
-    /// same (bf16-representable) values give it.
+    /// same (bf16-representable) values give it, with every instruction set of this CPU,
+    /// one row at a time and in tiles.
     #[test]
     fn bf16_weights_multiply_as_their_f32_values() {
         let (n, k, m) = (5, 131, 50);
@@ -767,7 +768,14 @@ mod tests {
         let narrow: Vec<half::bf16> = wide.iter().map(|&v| half::bf16::from_f32(v)).collect();
         let rounded: Vec<f32> = narrow.iter().map(|v| v.to_f32()).collect();
         assert_ne!(rounded, wide, "the test weights must round");
-        assert_eq!(matmul(&x, n, &narrow, k, m), matmul(&x, n, &rounded, k, m));
+        for cpu in feature_sets() {
+            for n in [1, n] {
+                assert_eq!(
+                    matmul_on(cpu, &x[..n * k], n, &narrow, k, m),
+                    matmul_on(cpu, &x[..n * k], n, &rounded, k, m)
+                );
+            }
+        }
     }
 
     /// The same output whatever the thread count and whatever the other rows of the batch:
