@@ -38,9 +38,6 @@ const TILE_X: usize = 4;
 /// Fewer activation rows than this are multiplied one weight row at a time (`x86::row`),
 /// more by the tiles.
 const ROW_BELOW: usize = 4;
-/// Whether fewer than [`ROW_BELOW`] activation rows stream the weights on 512-bit registers
-/// where the CPU has AVX-512 (the same sums as on 256-bit ones).
-const WIDE_ROWS: bool = true;
 /// Weight rows (output columns) per parallel task: a multiple of [`TILE_W`]; 48 rows of
 /// 576 f32 weights (110 KiB) stay in L2 while every group of activation rows passes.
 const ROWS_PER_TASK: usize = 48;
@@ -177,10 +174,10 @@ fn matmul_on<W: Weight>(
     }
     #[cfg(target_arch = "x86_64")]
     {
-        // Per shape: fewer than `ROW_BELOW` rows stream one weight row at a time (bound by
-        // memory, where wider registers gain nothing); tiles on 512-bit registers where
-        // the CPU has AVX-512 (twice the lanes per instruction, the same sums: measured in
-        // docs/benchmarks.md), else on 256-bit ones.
+        // Per shape: fewer than `ROW_BELOW` rows stream one weight row at a time, more run
+        // tiles; both on 512-bit registers where the CPU has AVX-512 (the same sums as on
+        // 256-bit ones; at least level with them at every shape measured, faster from 32
+        // rows: docs/benchmarks.md, issue 13's seventh round).
         let wide = cpu.avx512 && n >= ROW_BELOW;
         let pairs = if wide {
             avx512::pair_rows(x, n, k)
@@ -208,7 +205,7 @@ fn matmul_on<W: Weight>(
                 // writes; `pairs` holds `x` in pairs of rows when `wide`.
                 unsafe {
                     if n < ROW_BELOW {
-                        x86::rows(op, j0, j1, cpu.avx512 && WIDE_ROWS);
+                        x86::rows(op, j0, j1, cpu.avx512);
                     } else if wide {
                         x86::task::<W, avx512::Avx512>(op, j0, j1);
                     } else {

@@ -24,7 +24,7 @@
 //! formats ([`WeightFormat::Q8_0`], [`WeightFormat::Native`], ...) multiply with int8 dot
 //! products, and [`WeightFormat::Quantized`] keeps GGUF's quantized matrices for candle's
 //! `QMatMul`. Dense matrices are kept as `W: [out, in]` (as the files store them) and
-//! multiplied by dot-product register tiles (`dense`, AVX2+FMA) or, without those
+//! multiplied by dot-product register tiles (`dense`, AVX2+FMA or AVX-512) or, without those
 //! instructions, candle's GEMM.
 
 mod activation;
