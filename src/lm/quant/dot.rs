@@ -35,7 +35,7 @@ pub(crate) type DotQ4x2x4 = fn([&[BlockQ4]; 2], [&[BlockX]; 4], bool) -> [[f32; 
 /// The kernels of one instruction set.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Kernels {
-    /// Name for reports and tests (`scalar`, `avx2`, `avx-vnni`, `avx512-vnni`).
+    /// Name for reports and tests (`scalar`, `avx2`, `avx-vnni`, `avx512-vnni`, `avx512`).
     pub(crate) name: &'static str,
     pub(crate) q8: DotQ8,
     pub(crate) q4: DotQ4,
@@ -79,6 +79,7 @@ pub(crate) fn in_use() -> Vec<Kernels> {
     v.retain(|k| match k.name {
         "scalar" => true,
         "avx2" => cpu.avx2,
+        "avx512" => cpu.avx512 && cpu.vnni,
         _ => cpu.vnni,
     });
     v
@@ -117,6 +118,8 @@ mod x86 {
     use super::super::blocks::{BlockQ4, BlockQ8, BlockX};
     use super::Kernels;
 
+    mod wide;
+
     /// How far ahead of the block being multiplied the weights are prefetched. Rows are
     /// contiguous, so this runs a few rows ahead; at one activation row the loop waits on
     /// memory and the hardware prefetcher alone lags. Measured on SmolLM2-135M `q8_0`, one
@@ -127,14 +130,14 @@ mod x86 {
     /// Ask for the weights `PREFETCH_BYTES` ahead of `p` (a hint: it never faults, so the
     /// address may lie past the end of the row or matrix).
     #[inline(always)]
-    fn prefetch<T>(p: *const T) {
+    pub(super) fn prefetch<T>(p: *const T) {
         // SAFETY: prefetching reads nothing architecturally and cannot fault.
         unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast::<i8>().wrapping_add(PREFETCH_BYTES)) }
     }
 
     /// Horizontal sum of eight f32 lanes.
     #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
+    pub(super) unsafe fn hsum(v: __m256) -> f32 {
         let lo = _mm256_castps256_ps128(v);
         let hi = _mm256_extractf128_ps::<1>(v);
         let s = _mm_add_ps(lo, hi);
@@ -222,7 +225,8 @@ mod x86 {
         }};
     }
 
-    /// The kernel sets of this CPU, narrowest first: AVX2, then the VNNI sets.
+    /// The kernel sets of this CPU, narrowest first: AVX2, the 256-bit VNNI sets, then
+    /// the 512-bit one.
     pub(super) fn kernels() -> Vec<Kernels> {
         use std::arch::is_x86_feature_detected as has;
         let mut v = Vec::new();
@@ -241,6 +245,19 @@ mod x86 {
         }
         if has!("avxvnni") {
             v.push(kernel_set!("avx-vnni", "avx2,fma,avxvnni", AvxVnni));
+        }
+        // The two-by-four kernels on 512-bit registers (the others as AVX-512 VNNI's).
+        let wide = has!("avx512f")
+            && has!("avx512bw")
+            && has!("avx512dq")
+            && has!("avx512vl")
+            && has!("avx512vnni");
+        if wide {
+            let mut k = kernel_set!("avx512", "avx2,fma,avx512f,avx512vl,avx512vnni", Avx512Vnni);
+            // SAFETY: the features of `wide::q8x2x4` were detected just above.
+            k.q8x2x4 = |w, x, ahead| unsafe { wide::q8x2x4(w, x, ahead) };
+            k.q4x2x4 = |w, x, ahead| unsafe { wide::q4x2x4(w, x, ahead) };
+            v.push(k);
         }
         v
     }
