@@ -5,7 +5,8 @@
 //! * `avx2`: AVX2 with FMA (the f32/bf16 tiles and the int8 dot products);
 //! * `vnni`: 256-bit integer dot products (`vpdpbusd`, from AVX-VNNI or AVX-512 VNNI with
 //!   VL): the int8 kernels with one instruction where AVX2 needs two;
-//! * `avx512`: AVX-512 F, DQ, BW and VL: the f32/bf16 tiles on 512-bit registers.
+//! * `avx512`: AVX-512 F, DQ, BW and VL: the f32/bf16 products on 512-bit registers, and
+//!   with VNNI the two-by-four int8 kernels too.
 //!
 //! Every wider kernel computes the same sums in the same order as the AVX2 one (tested
 //! bit-equal), so the choice changes speed, never results.

@@ -84,7 +84,7 @@ impl Linear {
 }
 
 /// `x Wᵀ` with a dense `W: [out, in]`: our tiles on the CPU (f32 only where they run in
-/// AVX2 and FMA), candle's GEMM otherwise (bf16 widened for it on other devices: the GEMM
+/// AVX2 and FMA, or AVX-512), candle's GEMM otherwise (bf16 widened for it on other devices: the GEMM
 /// has no bf16 × f32 product).
 fn dense_forward(w: &Tensor, x: &Tensor) -> candle_core::Result<Tensor> {
     if let Some(y) = cpu_dense_forward(w, x)? {
@@ -97,7 +97,7 @@ fn dense_forward(w: &Tensor, x: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 /// `x Wᵀ` by the tiles of [`dense`] on the CPU (`x: [n, in]` f32): bf16 `W` always, f32 `W`
-/// where the tiles run in AVX2 and FMA. `None` for every other case.
+/// where the tiles run in AVX2 and FMA (or AVX-512). `None` for every other case.
 fn cpu_dense_forward(w: &Tensor, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
     use candle_core::{DType, Storage};
     let (n, k) = match x.dims() {

@@ -2,7 +2,9 @@
 //! weights (llama.cpp's `Q8_0`, `Q4_0`, `Q4_1`; its `Q5_0` and `Q4_K` decode exactly into
 //! them, see `blocks.rs`), activations quantized per block of 32 to
 //! int8, integer dot products with f32 accumulation. The kernel is chosen at run time from
-//! the CPU's features (`dot.rs`): AVX2 where present, a portable scalar kernel elsewhere.
+//! the CPU's features (`dot.rs`): AVX2, VNNI (256-bit `vpdpbusd`) and AVX-512 with VNNI
+//! (512-bit two-by-four kernels) where present, all with the AVX2 kernels' sums; a portable
+//! scalar kernel elsewhere. `SMC_STEER_CPU_KERNELS` caps them (`crate::lm::cpu`).
 
 mod blocks;
 mod dot;
