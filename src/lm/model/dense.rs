@@ -18,8 +18,9 @@
 //! The instructions are chosen at run time, per shape ([`crate::lm::cpu`]): x86-64 with AVX2
 //! and FMA runs the tiles in 256-bit intrinsics (`x86`); with AVX-512 too, products of four
 //! or more rows run 512-bit tiles (`avx512`) that hold two activation rows per register and
-//! give the 256-bit tiles' sums bit for bit, while fewer rows stream one weight row at a
-//! time in 256 bits (bound by memory). Every other CPU (ARM, older x86) has the same tiles
+//! give the 256-bit tiles' sums bit for bit, and fewer rows stream one weight row at a time
+//! on 512-bit registers with the 256-bit row kernel's sums. Every other CPU (ARM, older
+//! x86) has the same tiles
 //! written on arrays of eight lanes, which the compiler vectorises for the target
 //! (`portable`); the caller uses them for bf16 weights (candle's GEMM has no bf16 × f32
 //! product, and widening a whole matrix per product is slow) and candle's GEMM for f32,
@@ -363,8 +364,8 @@ mod x86 {
     /// at a time ([`row`], or its 512-bit form with the same sums when `wide`).
     ///
     /// # Safety
-    /// AVX2 and FMA present, and AVX-512 when `wide`; `out` points to `y: [n, m]` whose columns `[j0, j1)` nobody
-    /// else accesses meanwhile.
+    /// AVX2 and FMA present, and AVX-512 when `wide`; `out` points to `y: [n, m]` whose
+    /// columns `[j0, j1)` nobody else accesses meanwhile.
     pub(super) unsafe fn rows<W: Weight>(op: Operands<'_, W>, j0: usize, j1: usize, wide: bool) {
         use super::avx512::row as row512;
         let Operands { x, w, k, out, .. } = op;

@@ -1,6 +1,7 @@
 //! Block dot products: a quantized weight row against an int8-quantized activation row, with
-//! a portable scalar version and x86 versions chosen at run time (AVX2, and AVX-VNNI or
-//! AVX-512 VNNI where present).
+//! a portable scalar version and x86 versions chosen at run time (AVX2; AVX-VNNI or AVX-512
+//! VNNI where present; with AVX-512 and VNNI, the two-by-four kernels on 512-bit registers,
+//! `dot/x86/wide.rs`).
 //!
 //! Per block the integer products are summed exactly in i32 and scaled once:
 //! `Q8`: `Σ_b d_w d_x Σ_i w_i x_i`; `Q4`: `Σ_b d_w d_x Σ_i q_i x_i + m_w · d_x Σ_i x_i`.
@@ -136,6 +137,9 @@ mod x86 {
     }
 
     /// Horizontal sum of eight f32 lanes.
+    ///
+    /// # Safety
+    /// The CPU has AVX (inlined into the kernels, which have it).
     #[inline(always)]
     pub(super) unsafe fn hsum(v: __m256) -> f32 {
         let lo = _mm256_castps256_ps128(v);
