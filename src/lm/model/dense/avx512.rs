@@ -15,9 +15,8 @@
 
 use std::arch::x86_64::*;
 
-use super::x86::{hsum, Ahead, Operands, Tiles, LINE};
+use super::x86::{hsum, row_with, tile_with, Ahead, Lanes, Operands, Rows, Tiles};
 use super::Weight;
-use crate::lm::columns::Columns;
 
 /// Weight rows per tile.
 const W_ROWS: usize = 4;
@@ -76,14 +75,63 @@ pub(super) fn pair_rows(x: &[f32], n: usize, k: usize) -> Vec<f32> {
     out
 }
 
-/// `y[2(p + q) + h][j + a] = Σ_i w[j + a][i] · x[2(p + q) + h][i]` for `a < RW`, `q < RP`,
-/// `h < 2` (rows below `n` only): eight lanes of partial sums per row over
-/// `i < k − k mod 8`, summed across lanes, then the last `k mod 8` terms in order — the
-/// 256-bit tile's sum. Meanwhile `ahead.lines` cache lines from `ahead.from` are prefetched.
+impl Lanes for __m512 {
+    const ROWS: usize = 2;
+    const PER_32: usize = 2;
+
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        // SAFETY (caller): AVX-512 F.
+        unsafe { _mm512_setzero_ps() }
+    }
+    #[inline(always)]
+    unsafe fn weights8<W: Weight>(p: *const W) -> Self {
+        // SAFETY (caller).
+        unsafe { W::broadcast8(p) }
+    }
+    #[inline(always)]
+    unsafe fn weights<W: Weight>(p: *const W) -> Self {
+        // SAFETY (caller).
+        unsafe { W::load16(p) }
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        // SAFETY (caller).
+        unsafe { _mm512_loadu_ps(p) }
+    }
+    #[inline(always)]
+    unsafe fn fma(a: Self, b: Self, c: Self) -> Self {
+        // SAFETY (caller): AVX-512 F.
+        unsafe { _mm512_fmadd_ps(a, b, c) }
+    }
+    #[inline(always)]
+    unsafe fn half_sums(self) -> [f32; 2] {
+        // SAFETY (caller): AVX-512 F and DQ.
+        unsafe {
+            [
+                hsum(_mm512_castps512_ps256(self)),
+                hsum(_mm512_extractf32x8_ps::<1>(self)),
+            ]
+        }
+    }
+    /// The two registers are the 256-bit kernel's four accumulators `a0 | a1`, `a2 | a3`.
+    #[inline(always)]
+    unsafe fn row_sum(acc: &[Self]) -> f32 {
+        // SAFETY (caller): AVX-512 F and DQ.
+        unsafe {
+            let pair = |v: __m512| {
+                _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps::<1>(v))
+            };
+            hsum(_mm256_add_ps(pair(acc[0]), pair(acc[1])))
+        }
+    }
+}
+
+/// [`tile_with`] on 512-bit registers, two activation rows per register: pairs
+/// `[p, p + RP)` of [`pair_rows`]. Each output is the 256-bit tile's sum.
 ///
 /// # Safety
-/// AVX-512 F and DQ present; rows `[j, j + RW)` of `w: [m, k]` and pairs `[p, p + RP)` of
-/// `op.pairs` exist, and the outputs are the caller's to write.
+/// As [`tile_with`], with AVX-512 F and DQ; `op.pairs` holds [`pair_rows`] of `x`.
 #[target_feature(enable = "avx512f,avx512dq,avx2,fma")]
 unsafe fn tile<W: Weight, const RW: usize, const RP: usize>(
     op: Operands<'_, W>,
@@ -91,104 +139,24 @@ unsafe fn tile<W: Weight, const RW: usize, const RP: usize>(
     p: usize,
     ahead: Ahead,
 ) {
-    let Operands {
-        x,
-        pairs,
-        n,
-        w,
-        k,
-        out,
-    } = op;
-    let whole = k / HALF * HALF;
-    let steps = whole / HALF;
-    debug_assert!((j + RW) * k <= w.len() && (p + RP) * steps * 2 * HALF <= pairs.len());
-    let (wp, xp) = (w.as_ptr(), pairs.as_ptr());
-    let mut acc = [[_mm512_setzero_ps(); RP]; RW];
-    // `ahead.lines` prefetches spread evenly over the steps (a Bresenham count).
-    let (mut next, mut credit) = (ahead.from, 0usize);
-    for c in 0..steps {
-        credit += ahead.lines;
-        while credit >= steps {
-            // Only a hint: prefetching never faults, whatever the address.
-            _mm_prefetch::<_MM_HINT_T0>(next);
-            next = next.wrapping_add(LINE);
-            credit -= steps;
-        }
-        let mut wv = [_mm512_setzero_ps(); RW];
-        for (a, v) in wv.iter_mut().enumerate() {
-            // SAFETY (caller): 8c + 8 ≤ k within row j + a of `w`.
-            *v = unsafe { W::broadcast8(wp.add((j + a) * k + c * HALF)) };
-        }
-        // Fixed trip counts over indices, which the compiler unrolls with every
-        // accumulator in a register.
-        #[allow(clippy::needless_range_loop)]
-        for q in 0..RP {
-            // SAFETY (caller): chunk c of pair p + q lies within `pairs`.
-            let xv = unsafe { _mm512_loadu_ps(xp.add(((p + q) * steps + c) * 2 * HALF)) };
-            for a in 0..RW {
-                acc[a][q] = _mm512_fmadd_ps(wv[a], xv, acc[a][q]);
-            }
-        }
-    }
-    for (a, row) in acc.iter().enumerate() {
-        for (q, &v) in row.iter().enumerate() {
-            let halves = [_mm512_castps512_ps256(v), _mm512_extractf32x8_ps::<1>(v)];
-            for (h, half) in halves.into_iter().enumerate() {
-                let r = 2 * (p + q) + h;
-                if r >= n {
-                    continue;
-                }
-                let mut s = hsum(half);
-                for i in whole..k {
-                    s = w[(j + a) * k + i].widen().mul_add(x[r * k + i], s);
-                }
-                // SAFETY (caller): row r < n, column j + a < m of `y`, the caller's.
-                unsafe { out.write(r, j + a, s) };
-            }
-        }
-    }
+    let pair = (op.k / HALF) * 2 * HALF;
+    debug_assert!((p + RP) * pair <= op.pairs.len());
+    let rows = Rows {
+        base: op.pairs.as_ptr().wrapping_add(p * pair),
+        stride: pair,
+        first: 2 * p,
+    };
+    // SAFETY (caller).
+    unsafe { tile_with::<W, __m512, RW, RP>(op, j, rows, ahead) }
 }
 
-/// One weight row against `RX` activation rows, as the 256-bit row kernel (`x86::row`)
-/// computes it: its four accumulators of eight lanes (`k` offsets `i + 8q + l`) are here
-/// two registers of sixteen (offsets `i + 16h + l`, the first two and the last two), and
-/// they are added in that kernel's order, `(a0 + a1) + (a2 + a3)`, before the lane sum.
+/// [`row_with`] on 512-bit registers: two of them stand for the 256-bit row kernel's four
+/// accumulators (the same sums).
 ///
 /// # Safety
-/// AVX-512 F and DQ present; row `j` of `w: [m, k]` and rows `[0, RX)` of `x: [RX, k]`
-/// exist, and column `j` of `y` is the caller's to write.
+/// As [`row_with`], with AVX-512 F and DQ.
 #[target_feature(enable = "avx512f,avx512dq,avx2,fma")]
-pub(super) unsafe fn row<W: Weight, const RX: usize>(
-    x: &[f32],
-    w: &[W],
-    k: usize,
-    j: usize,
-    out: Columns,
-) {
-    let (wp, xp) = (w.as_ptr().wrapping_add(j * k), x.as_ptr());
-    let mut acc = [[_mm512_setzero_ps(); 2]; RX];
-    let whole = k / 32 * 32;
-    let mut i = 0;
-    while i < whole {
-        for h in 0..2 {
-            // SAFETY (caller): i + 32 ≤ k within row j of `w` and every row of `x`.
-            let wv = unsafe { W::load16(wp.add(i + 16 * h)) };
-            for (b, a) in acc.iter_mut().enumerate() {
-                // SAFETY: as above.
-                let xv = unsafe { _mm512_loadu_ps(xp.add(b * k + i + 16 * h)) };
-                a[h] = _mm512_fmadd_ps(wv, xv, a[h]);
-            }
-        }
-        i += 32;
-    }
-    for (b, a) in acc.iter().enumerate() {
-        let pair =
-            |v: __m512| _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps::<1>(v));
-        let mut s = hsum(_mm256_add_ps(pair(a[0]), pair(a[1])));
-        for i in whole..k {
-            s = w[j * k + i].widen().mul_add(x[b * k + i], s);
-        }
-        // SAFETY (caller): row b < RX, column j of `y`.
-        unsafe { out.write(b, j, s) };
-    }
+pub(super) unsafe fn row<W: Weight, const RX: usize>(op: Operands<'_, W>, j: usize) {
+    // SAFETY (caller).
+    unsafe { row_with::<W, __m512, 2, RX>(op, j) }
 }
