@@ -12,8 +12,26 @@
 //! bit-equal), so the choice changes speed, never results.
 
 /// Caps the kernels' instruction sets: `portable` (no intrinsics), `avx2` (AVX2 and FMA
-/// only), or `native` (everything detected; the default).
+/// only), or `native` (everything detected; the default, also when unset or empty). Any
+/// other value makes loading a model fail with [`LmError::InvalidConfig`] naming it.
 pub const KERNELS_ENV: &str = "SMC_STEER_CPU_KERNELS";
+
+use super::error::{LmError, LmResult};
+
+/// `Ok` when [`KERNELS_ENV`] is unset or one of its values; the model loaders call it, so
+/// that a mistyped value is an error rather than silently no cap.
+///
+/// # Errors
+/// [`LmError::InvalidConfig`] naming the value and the accepted ones.
+pub(crate) fn check_kernels_env() -> LmResult<()> {
+    let cap = std::env::var(KERNELS_ENV).unwrap_or_default();
+    match CpuFeatures::PORTABLE.capped(&cap) {
+        Some(_) => Ok(()),
+        None => Err(LmError::InvalidConfig(format!(
+            "{KERNELS_ENV}=`{cap}` is not one of `native`, `avx2`, `portable`"
+        ))),
+    }
+}
 
 /// What the kernels may use on this CPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,25 +68,29 @@ impl CpuFeatures {
     }
 
     /// What the kernels use: [`detected`](Self::detected), capped by [`KERNELS_ENV`]
-    /// (read once; an unknown value caps nothing).
+    /// (read once; a value that is not one of the accepted ones, which the model loaders
+    /// reject with [`check_kernels_env`], caps nothing here).
     pub(crate) fn in_use() -> CpuFeatures {
         static IN_USE: std::sync::OnceLock<CpuFeatures> = std::sync::OnceLock::new();
         *IN_USE.get_or_init(|| {
             let cap = std::env::var(KERNELS_ENV).unwrap_or_default();
-            Self::detected().capped(&cap)
+            let all = Self::detected();
+            all.capped(&cap).unwrap_or(all)
         })
     }
 
-    /// These features, less what `cap` (a [`KERNELS_ENV`] value) excludes.
-    pub(crate) fn capped(self, cap: &str) -> CpuFeatures {
+    /// These features, less what `cap` (a [`KERNELS_ENV`] value) excludes; `None` for a
+    /// value that is not one of them.
+    pub(crate) fn capped(self, cap: &str) -> Option<CpuFeatures> {
         match cap.trim() {
-            "portable" => CpuFeatures::PORTABLE,
-            "avx2" => CpuFeatures {
+            "portable" => Some(CpuFeatures::PORTABLE),
+            "avx2" => Some(CpuFeatures {
                 vnni: false,
                 avx512: false,
                 ..self
-            },
-            _ => self,
+            }),
+            "native" | "" => Some(self),
+            _ => None,
         }
     }
 
@@ -98,7 +120,8 @@ pub fn cpu_features() -> Vec<&'static str> {
 mod tests {
     use super::*;
 
-    /// The cap removes exactly what it names, whatever the CPU has.
+    /// The cap removes exactly what it names, whatever the CPU has; other values are
+    /// refused.
     #[test]
     fn the_cap_removes_what_it_names() {
         let all = CpuFeatures {
@@ -106,18 +129,22 @@ mod tests {
             vnni: true,
             avx512: true,
         };
-        assert_eq!(all.capped("portable"), CpuFeatures::PORTABLE);
+        assert_eq!(all.capped("portable"), Some(CpuFeatures::PORTABLE));
         assert_eq!(
             all.capped("avx2"),
-            CpuFeatures {
+            Some(CpuFeatures {
                 avx2: true,
                 vnni: false,
                 avx512: false
-            }
+            })
         );
-        assert_eq!(all.capped("native"), all);
-        assert_eq!(all.capped(""), all);
-        assert_eq!(CpuFeatures::PORTABLE.capped("avx2"), CpuFeatures::PORTABLE);
+        assert_eq!(all.capped("native"), Some(all));
+        assert_eq!(all.capped(" "), Some(all));
+        assert_eq!(all.capped("avx-2"), None);
+        assert_eq!(
+            CpuFeatures::PORTABLE.capped("avx2"),
+            Some(CpuFeatures::PORTABLE)
+        );
         assert_eq!(all.names(), ["avx2", "vnni", "avx512"]);
         assert_eq!(CpuFeatures::PORTABLE.names(), ["portable"]);
     }

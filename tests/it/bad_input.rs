@@ -339,6 +339,8 @@ struct Case {
     expect: Expect,
     /// Redirect stdout to this file (`/dev/full`).
     stdout_file: Option<&'static str>,
+    /// Environment variables set for the run.
+    env: &'static [(&'static str, &'static str)],
 }
 
 /// Run the binary bounded in time and address space; returns (status, stdout, stderr,
@@ -346,11 +348,14 @@ struct Case {
 fn run_bounded(
     args: &[String],
     stdout_file: Option<&str>,
+    env: &[(&str, &str)],
 ) -> (std::process::ExitStatus, String, String, Duration) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_smc-steer"));
     cmd.args(args)
         .env("RUST_BACKTRACE", "1")
         .env_remove("SMC_STEER_MODEL")
+        .env_remove("SMC_STEER_CPU_KERNELS")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stderr(Stdio::piped());
     match stdout_file {
@@ -413,7 +418,7 @@ fn children_peak_rss() -> u64 {
 }
 
 fn check_case(case: &Case, out_dir: &Path) -> Result<Duration, String> {
-    let (status, stdout, stderr, wall) = run_bounded(&case.args, case.stdout_file);
+    let (status, stdout, stderr, wall) = run_bounded(&case.args, case.stdout_file, case.env);
     let ctx = || {
         format!(
             "case `{}` ({:?}): status {status:?}, stderr {stderr:?}, stdout {:?}",
@@ -488,12 +493,14 @@ fn catalogue(f: &Fixtures, out: &Path) -> Vec<Case> {
         args,
         expect,
         stdout_file: None,
+        env: &[],
     };
     let full = |name: &'static str, args: Vec<String>, expect: Expect| Case {
         name,
         args,
         expect,
         stdout_file: Some("/dev/full"),
+        env: &[],
     };
     let p = |n: &str| f.path(n);
     vec![
@@ -517,6 +524,20 @@ fn catalogue(f: &Fixtures, out: &Path) -> Vec<Case> {
             model(&p("empty-dir")),
             fail(3, "config.json"),
         ),
+        // The environment's cap on the CPU kernels: a mistyped value is a usage error
+        // naming it, not silently no cap.
+        Case {
+            env: &[("SMC_STEER_CPU_KERNELS", "avx-2")],
+            ..c(
+                "unknown CPU kernel cap",
+                run(&[]),
+                fail(2, "SMC_STEER_CPU_KERNELS=`avx-2`"),
+            )
+        },
+        Case {
+            env: &[("SMC_STEER_CPU_KERNELS", "portable")],
+            ..c("portable CPU kernels", run(&[]), Expect::Ok(""))
+        },
         c(
             "device model",
             model("/dev/zero"),
@@ -1087,7 +1108,7 @@ fn batch_lines_fail_alone_and_keep_their_ids() {
         "8G",
         &f.path("jobs.jsonl"),
     ]);
-    let (status, stdout, stderr, _) = run_bounded(&args, None);
+    let (status, stdout, stderr, _) = run_bounded(&args, None, &[]);
     assert_eq!(status.code(), Some(0), "{stderr}");
     let lines: Vec<serde_json::Value> = stdout
         .lines()
@@ -1141,7 +1162,7 @@ fn truncated_grammar_matches_are_flagged() {
         "--format",
         "json",
     ]);
-    let (status, stdout, stderr, _) = run_bounded(&args, None);
+    let (status, stdout, stderr, _) = run_bounded(&args, None, &[]);
     assert_eq!(status.code(), Some(0), "{stderr}");
     let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     let completions = v["completions"].as_array().unwrap();
@@ -1154,7 +1175,7 @@ fn truncated_grammar_matches_are_flagged() {
     // --truncation force-eos conditions on ending in time: no truncated completion.
     let mut forced = args.clone();
     forced.extend(strings(&["--truncation", "force-eos"]));
-    let (status, stdout, stderr, _) = run_bounded(&forced, None);
+    let (status, stdout, stderr, _) = run_bounded(&forced, None, &[]);
     assert_eq!(status.code(), Some(0), "{stderr}");
     let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert!(v["completions"]
@@ -1179,7 +1200,7 @@ fn record_is_written_whole_after_the_result() {
         "--record",
         &rec.display().to_string(),
     ]);
-    let (status, stdout, stderr, _) = run_bounded(&args, None);
+    let (status, stdout, stderr, _) = run_bounded(&args, None, &[]);
     assert_eq!(status.code(), Some(0), "{stderr}");
     assert!(stdout.contains("log Z"));
     let record: serde_json::Value =
@@ -1225,12 +1246,14 @@ fn real_model_requests_are_refused_before_running() {
             ]),
             expect: Expect::Fail(2, "lower --particles"),
             stdout_file: None,
+            env: &[],
         },
         Case {
             name: "steer 100k",
             args: s(&["run", "--model", &m, "--prompt", "Hi", "--steer", "100000"]),
             expect: Expect::Fail(2, "needs about"),
             stdout_file: None,
+            env: &[],
         },
         Case {
             name: "max-tokens 10^6",
@@ -1245,6 +1268,7 @@ fn real_model_requests_are_refused_before_running() {
             ]),
             expect: Expect::Fail(2, "context window of 8192"),
             stdout_file: None,
+            env: &[],
         },
     ];
     let out = dir.join("out");
@@ -1256,6 +1280,7 @@ fn real_model_requests_are_refused_before_running() {
     let (status, stdout, stderr, _) = run_bounded(
         &s(&["batch", "--model", &m, &jobs.display().to_string()]),
         None,
+        &[],
     );
     assert_eq!(status.code(), Some(0), "{stderr}");
     let lines: Vec<serde_json::Value> = stdout

@@ -631,7 +631,8 @@ impl LlamaModel {
     ///
     /// # Errors
     /// [`LmError::ModelNotFound`], [`LmError::CorruptModel`] (truncated or invalid file),
-    /// [`LmError::UnsupportedArchitecture`], [`LmError::Format`].
+    /// [`LmError::UnsupportedArchitecture`], [`LmError::Format`]; [`LmError::InvalidConfig`]
+    /// when `SMC_STEER_CPU_KERNELS` has a value other than `native`, `avx2`, `portable`.
     pub fn from_gguf(path: &Path, opts: &LoadOptions) -> LmResult<Self> {
         let mut gguf = GgufFile::open(path)?;
         Self::from_gguf_file(&mut gguf, opts)
@@ -642,6 +643,7 @@ impl LlamaModel {
     /// # Errors
     /// As [`LlamaModel::from_gguf`].
     pub fn from_gguf_file(gguf: &mut GgufFile, opts: &LoadOptions) -> LmResult<Self> {
+        crate::lm::cpu::check_kernels_env()?;
         let mut config = gguf_config(&gguf.content)?;
         config.max_seq_len = config.max_seq_len.min(limits::MAX_CONTEXT);
         config.validate()?;
@@ -700,8 +702,10 @@ impl LlamaModel {
     ///
     /// # Errors
     /// [`LmError::ModelNotFound`], [`LmError::Io`], [`LmError::CorruptModel`],
-    /// [`LmError::UnsupportedArchitecture`], [`LmError::Format`].
+    /// [`LmError::UnsupportedArchitecture`], [`LmError::Format`]; [`LmError::InvalidConfig`]
+    /// for `SMC_STEER_CPU_KERNELS` as in [`LlamaModel::from_gguf`].
     pub fn from_safetensors(dir: &Path, opts: &LoadOptions) -> LmResult<Self> {
+        crate::lm::cpu::check_kernels_env()?;
         let (mut config, arch) = hf_config_full(dir)?;
         config.max_seq_len = config.max_seq_len.min(limits::MAX_CONTEXT);
         if let Some(m) = opts.max_seq_len {

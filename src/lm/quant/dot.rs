@@ -58,12 +58,9 @@ pub(crate) const SCALAR: Kernels = Kernels {
 
 /// Every kernel set this CPU can run, the portable one first (whatever
 /// [`crate::lm::cpu::KERNELS_ENV`] says: the tests run them all).
+#[cfg(test)]
 pub(crate) fn available() -> Vec<Kernels> {
-    #[allow(unused_mut)]
-    let mut v = vec![SCALAR];
-    #[cfg(target_arch = "x86_64")]
-    v.extend(x86::kernels());
-    v
+    sets(CpuFeatures::detected())
 }
 
 /// The fastest kernel set in use on this CPU: the widest that [`CpuFeatures::in_use`]
@@ -75,14 +72,16 @@ pub(crate) fn best() -> Kernels {
 
 /// The kernel sets [`CpuFeatures::in_use`] allows, the portable one first.
 pub(crate) fn in_use() -> Vec<Kernels> {
-    let cpu = CpuFeatures::in_use();
-    let mut v = available();
-    v.retain(|k| match k.name {
-        "scalar" => true,
-        "avx2" => cpu.avx2,
-        "avx512" => cpu.avx512 && cpu.vnni,
-        _ => cpu.vnni,
-    });
+    sets(CpuFeatures::in_use())
+}
+
+/// The kernel sets of `cpu` (features this CPU has), the portable one first.
+#[allow(unused_variables)]
+fn sets(cpu: CpuFeatures) -> Vec<Kernels> {
+    #[allow(unused_mut)]
+    let mut v = vec![SCALAR];
+    #[cfg(target_arch = "x86_64")]
+    v.extend(x86::kernels(cpu));
     v
 }
 
@@ -118,6 +117,7 @@ mod x86 {
 
     use super::super::blocks::{BlockQ4, BlockQ8, BlockX};
     use super::Kernels;
+    use crate::lm::cpu::CpuFeatures;
 
     mod wide;
 
@@ -229,18 +229,24 @@ mod x86 {
         }};
     }
 
-    /// The kernel sets of this CPU, narrowest first: AVX2, the 256-bit VNNI sets, then
-    /// the 512-bit one.
-    pub(super) fn kernels() -> Vec<Kernels> {
+    /// The kernel sets `cpu` allows, narrowest first: AVX2, the 256-bit VNNI sets, then the
+    /// 512-bit one (`cpu` says which instruction families may be used; which encodings of
+    /// VNNI exist is asked of the CPU here).
+    pub(super) fn kernels(cpu: CpuFeatures) -> Vec<Kernels> {
         use std::arch::is_x86_feature_detected as has;
         let mut v = Vec::new();
-        if !(has!("avx2") && has!("fma")) {
+        // (`CpuFeatures` sets `avx2` only where AVX2 and FMA were detected.)
+        if !cpu.avx2 {
             return v;
         }
         v.push(kernel_set!("avx2", "avx2,fma", Madd));
+        if !cpu.vnni {
+            return v;
+        }
         // Both VNNI forms where both exist (the same instruction, VEX or EVEX encoded), so
         // that the tests run both; the last is used.
-        if has!("avx512vnni") && has!("avx512vl") {
+        let evex = has!("avx512f") && has!("avx512vl") && has!("avx512vnni");
+        if evex {
             v.push(kernel_set!(
                 "avx512-vnni",
                 "avx2,fma,avx512f,avx512vl,avx512vnni",
@@ -250,15 +256,11 @@ mod x86 {
         if has!("avxvnni") {
             v.push(kernel_set!("avx-vnni", "avx2,fma,avxvnni", AvxVnni));
         }
-        // The two-by-four kernels on 512-bit registers (the others as AVX-512 VNNI's).
-        let wide = has!("avx512f")
-            && has!("avx512bw")
-            && has!("avx512dq")
-            && has!("avx512vl")
-            && has!("avx512vnni");
-        if wide {
+        // The two-by-four kernels on 512-bit registers (the others as AVX-512 VNNI's);
+        // `cpu.avx512` stands for AVX-512 F, DQ, BW and VL.
+        if cpu.avx512 && evex {
             let mut k = kernel_set!("avx512", "avx2,fma,avx512f,avx512vl,avx512vnni", Avx512Vnni);
-            // SAFETY: the features of `wide::q8x2x4` were detected just above.
+            // SAFETY: the features of `wide::q8x2x4` were detected (`cpu`, `evex`).
             k.q8x2x4 = |w, x, ahead| unsafe { wide::q8x2x4(w, x, ahead) };
             k.q4x2x4 = |w, x, ahead| unsafe { wide::q4x2x4(w, x, ahead) };
             v.push(k);
